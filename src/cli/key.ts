@@ -1,0 +1,178 @@
+import { readFileSync } from 'node:fs';
+import { hostname, userInfo } from 'node:os';
+import { basename } from 'node:path';
+import type { Argv } from 'yargs';
+import { authorizedKeyLine } from '../agent-protocol/public-key.js';
+import { KeyholdError, notFound } from '../errors.js';
+import {
+  generatePrivateKey,
+  KEY_TYPES,
+  KeyPassphraseNeeded,
+  parsePrivateKeyFile,
+  type KeyKind,
+  type ParsedKeyFile,
+} from '../vault/key-material.js';
+import { checkScopeName, type AddKeyResult, type KeyRecord } from '../vault/vault.js';
+import { printJson, printLines, table, withVault, type GlobalArgs } from './common.js';
+import { promptHidden, readPassphraseFile } from './passphrase.js';
+
+/** `ssh-ed25519` → `ed25519`, `ecdsa-sha2-nistp256` → `ecdsa`: the names `--type` takes. */
+export function keyKind(sshType: string): string {
+  if (sshType === 'ssh-ed25519') return 'ed25519';
+  if (sshType === 'ssh-rsa') return 'rsa';
+  return 'ecdsa';
+}
+
+function keyJson(record: Pick<KeyRecord, 'fingerprint' | 'type' | 'bits' | 'comment' | 'scopes' | 'publicBlob'>) {
+  return {
+    fingerprint: record.fingerprint,
+    type: keyKind(record.type),
+    bits: record.bits,
+    comment: record.comment,
+    scopes: record.scopes,
+    public: authorizedKeyLine(record.publicBlob, record.comment),
+  };
+}
+
+const defaultComment = () => {
+  try {
+    return `${userInfo().username}@${hostname()}`;
+  } catch {
+    return hostname();
+  }
+};
+
+function reportAdded(args: GlobalArgs, scope: string, added: AddKeyResult, record: KeyRecord | undefined): void {
+  if (args.json) {
+    printJson({ ...keyJson(record!), created: added.created });
+    return;
+  }
+  if (!added.created) process.stderr.write(`keyhold: the vault already held ${added.fingerprint}; assigned it to ${scope}\n`);
+  process.stdout.write(authorizedKeyLine(added.publicBlob, added.comment) + '\n');
+}
+
+function readKeyFile(file: string): Buffer {
+  try {
+    return readFileSync(file);
+  } catch (err) {
+    const code = (err as NodeJS.ErrnoException).code;
+    if (code === 'ENOENT') throw notFound(`no key file ${file}`, 'check the path');
+    throw new KeyholdError(`cannot read ${file}: ${code ?? 'error'}`, 'check the path and its permissions');
+  }
+}
+
+async function parseKeyFile(file: string, passphraseFile: string | undefined): Promise<ParsedKeyFile> {
+  const bytes = readKeyFile(file);
+  const passphrase = passphraseFile ? readPassphraseFile(passphraseFile, 'key passphrase file') : undefined;
+  try {
+    return parsePrivateKeyFile(bytes, file, passphrase);
+  } catch (err) {
+    if (!(err instanceof KeyPassphraseNeeded) || passphrase || !process.stdin.isTTY) throw err;
+    const typed = await promptHidden(`Passphrase for ${file}: `);
+    try {
+      return parsePrivateKeyFile(bytes, file, typed);
+    } finally {
+      typed.fill(0);
+    }
+  } finally {
+    bytes.fill(0);
+    passphrase?.fill(0);
+  }
+}
+
+export function keyCommand(yargs: Argv<GlobalArgs>) {
+  return yargs.command('key', 'manage the keys in the vault', (y) =>
+    y
+      .command(
+        'generate <scope>',
+        'generate a key in the vault and print its public line',
+        (c) =>
+          c
+            .positional('scope', { type: 'string', demandOption: true })
+            .option('type', { choices: KEY_TYPES, default: 'ed25519' as KeyKind, describe: 'key type' })
+            .option('bits', { type: 'number', describe: 'rsa: 2048-16384 (default 3072); ecdsa: 256, 384 or 521' })
+            .option('comment', { type: 'string', describe: 'comment (default user@host)' }),
+        async (args) => {
+          const scope = checkScopeName(args.scope);
+          const key = generatePrivateKey(args.type, args.bits);
+          await withVault(args, (vault) => {
+            const added = vault.addKey(scope, key, args.comment ?? defaultComment());
+            reportAdded(args, scope, added, vault.listKeys().find((k) => k.fingerprint === added.fingerprint));
+          });
+        },
+      )
+      .command(
+        'import <scope> <file>',
+        'import a private key file (OpenSSH, PEM PKCS#1/SEC1, PKCS#8)',
+        (c) =>
+          c
+            .positional('scope', { type: 'string', demandOption: true })
+            .positional('file', { type: 'string', demandOption: true })
+            .option('comment', { type: 'string', describe: "comment (default: the file's own, else its name)" })
+            .option('key-passphrase-file', { type: 'string', describe: 'passphrase of an encrypted key file (- for stdin)' }),
+        async (args) => {
+          const scope = checkScopeName(args.scope);
+          const parsed = await parseKeyFile(args.file, args['key-passphrase-file']);
+          await withVault(args, (vault) => {
+            const added = vault.addKey(scope, parsed.key, args.comment ?? parsed.comment ?? basename(args.file));
+            reportAdded(args, scope, added, vault.listKeys().find((k) => k.fingerprint === added.fingerprint));
+          });
+        },
+      )
+      .command(
+        'list',
+        'list the keys, with their scopes',
+        (c) => c.option('scope', { type: 'string', describe: 'only keys of this scope' }),
+        async (args) => {
+          const keys = await withVault(args, (vault) => vault.listKeys(args.scope));
+          if (args.json) return printJson(keys.map(keyJson));
+          printLines(
+            table(
+              ['FINGERPRINT', 'TYPE', 'BITS', 'SCOPES', 'COMMENT'],
+              keys.map((k) => [k.fingerprint, keyKind(k.type), String(k.bits), k.scopes.join(','), k.comment]),
+            ),
+          );
+        },
+      )
+      .command(
+        'pub <scope>',
+        "print a scope's public keys as authorized_keys lines",
+        (c) => c.positional('scope', { type: 'string', demandOption: true }),
+        async (args) => {
+          const scope = checkScopeName(args.scope);
+          const keys = await withVault(args, (vault) => vault.listKeys(scope));
+          if (keys.length === 0) throw notFound(`scope ${scope} has no keys`, `generate one with \`keyhold key generate ${scope}\``);
+          if (args.json) return printJson(keys.map(keyJson));
+          printLines(keys.map((k) => authorizedKeyLine(k.publicBlob, k.comment)));
+        },
+      )
+      .command(
+        'assign <scope> <fingerprint>',
+        'offer a key of the vault in another scope too',
+        (c) => c.positional('scope', { type: 'string', demandOption: true }).positional('fingerprint', { type: 'string', demandOption: true }),
+        async (args) => {
+          await withVault(args, (vault) => vault.assign(args.scope, args.fingerprint));
+          if (args.json) printJson({ scope: args.scope, fingerprint: args.fingerprint, assigned: true });
+        },
+      )
+      .command(
+        'unassign <scope> <fingerprint>',
+        'stop offering a key in a scope (the key stays in the vault)',
+        (c) => c.positional('scope', { type: 'string', demandOption: true }).positional('fingerprint', { type: 'string', demandOption: true }),
+        async (args) => {
+          await withVault(args, (vault) => vault.unassign(args.scope, args.fingerprint));
+          if (args.json) printJson({ scope: args.scope, fingerprint: args.fingerprint, assigned: false });
+        },
+      )
+      .command(
+        'rm <fingerprint>',
+        'delete a key from the vault and every scope',
+        (c) => c.positional('fingerprint', { type: 'string', demandOption: true }),
+        async (args) => {
+          await withVault(args, (vault) => vault.removeKey(args.fingerprint));
+          if (args.json) printJson({ fingerprint: args.fingerprint, removed: true });
+        },
+      )
+      .demandCommand(1, 'name a key command: generate, import, list, pub, assign, unassign, rm'),
+  );
+}

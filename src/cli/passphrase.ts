@@ -1,0 +1,113 @@
+// Where a vault passphrase comes from, first that applies (see PRODUCT.md, "Passphrase sources").
+import { existsSync, readFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { EXIT, KeyholdError, usageError } from '../errors.js';
+
+export interface PassphraseRequest {
+  /** `--passphrase-file`; `-` reads standard input. */
+  file?: string | undefined;
+  env?: NodeJS.ProcessEnv;
+  /** Ask twice on a terminal (when choosing a new passphrase). */
+  confirm?: boolean;
+  /** Extra sources to name when none applies (e.g. init's --generate-passphrase). */
+  alternatives?: string[];
+  warn?: (message: string) => void;
+}
+
+/** Strips one trailing newline, as editors and `echo` add one. */
+function trimNewline(bytes: Buffer): Buffer {
+  let end = bytes.length;
+  if (end > 0 && bytes[end - 1] === 0x0a) end--;
+  if (end > 0 && bytes[end - 1] === 0x0d) end--;
+  return bytes.subarray(0, end);
+}
+
+function readSecretFile(path: string, what: string): Buffer {
+  try {
+    return path === '-' ? readFileSync(0) : readFileSync(path);
+  } catch (err) {
+    throw new KeyholdError(`cannot read ${what} ${path}: ${(err as NodeJS.ErrnoException).code ?? 'error'}`, 'check the path');
+  }
+}
+
+function nonEmpty(passphrase: Buffer): Buffer {
+  if (passphrase.length === 0) throw usageError('empty passphrase refused', 'use a non-empty passphrase');
+  return passphrase;
+}
+
+/** Reads a secret from a file (`-` = stdin), without its trailing newline. */
+export function readPassphraseFile(path: string, what = 'passphrase file'): Buffer {
+  return nonEmpty(Buffer.from(trimNewline(readSecretFile(path, what))));
+}
+
+export async function readPassphrase(request: PassphraseRequest): Promise<Buffer> {
+  const env = request.env ?? process.env;
+  const file = request.file ?? env.KEYHOLD_PASSPHRASE_FILE;
+  if (file) return readPassphraseFile(file);
+  if (env.CREDENTIALS_DIRECTORY) {
+    const credential = join(env.CREDENTIALS_DIRECTORY, 'keyhold-passphrase');
+    if (existsSync(credential)) return readPassphraseFile(credential, 'systemd credential');
+  }
+  if (env.KEYHOLD_PASSPHRASE !== undefined) {
+    (request.warn ?? ((m) => process.stderr.write(`keyhold: warning: ${m}\n`)))(
+      'KEYHOLD_PASSPHRASE exposes the passphrase to every process that can read this environment; prefer --passphrase-file',
+    );
+    return nonEmpty(Buffer.from(env.KEYHOLD_PASSPHRASE, 'utf8'));
+  }
+  if (process.stdin.isTTY) {
+    const first = nonEmpty(await promptHidden('Vault passphrase: '));
+    if (!request.confirm) return first;
+    const second = await promptHidden('Repeat passphrase: ');
+    const same = first.equals(second);
+    second.fill(0);
+    if (!same) {
+      first.fill(0);
+      throw usageError('the passphrases differ', 'try again');
+    }
+    return first;
+  }
+  const sources = [
+    '--passphrase-file F (- for stdin)',
+    'KEYHOLD_PASSPHRASE_FILE',
+    '$CREDENTIALS_DIRECTORY/keyhold-passphrase',
+    'KEYHOLD_PASSPHRASE',
+    'a terminal to prompt on',
+    ...(request.alternatives ?? []),
+  ];
+  throw new KeyholdError('no passphrase source', `use one of: ${sources.join(', ')}`, EXIT.LOCKED);
+}
+
+/** Reads a line from the terminal with echo off; the bytes stay in a Buffer the caller can zero. */
+export function promptHidden(prompt: string): Promise<Buffer> {
+  const stdin = process.stdin;
+  return new Promise((resolve, reject) => {
+    const bytes: number[] = [];
+    const finish = (err?: Error) => {
+      stdin.off('data', onData);
+      stdin.setRawMode(false);
+      stdin.pause();
+      process.stderr.write('\n');
+      const result = Buffer.from(bytes);
+      bytes.fill(0);
+      if (err) {
+        result.fill(0);
+        reject(err);
+      } else resolve(result);
+    };
+    const onData = (chunk: Buffer) => {
+      for (const byte of chunk) {
+        if (byte === 0x0d || byte === 0x0a) return finish();
+        if (byte === 0x03 || (byte === 0x04 && bytes.length === 0)) {
+          return finish(new KeyholdError('cancelled', 'nothing was changed'));
+        }
+        if (byte === 0x7f || byte === 0x08) bytes.pop();
+        else bytes.push(byte);
+      }
+      chunk.fill(0);
+    };
+    process.stderr.write(prompt);
+    stdin.setRawMode(true);
+    stdin.resume();
+    stdin.on('data', onData);
+  });
+}

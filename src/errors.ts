@@ -1,0 +1,32 @@
+// One error type for everything a user can see: a message, what to do about it, and the exit code.
+
+export const EXIT = {
+  OK: 0,
+  ERROR: 1,
+  USAGE: 2,
+  LOCKED: 3,
+  DENIED: 4,
+  NOT_FOUND: 5,
+} as const;
+
+export type ExitCode = (typeof EXIT)[keyof typeof EXIT];
+
+export class KeyholdError extends Error {
+  override name = 'KeyholdError';
+
+  constructor(
+    message: string,
+    readonly hint?: string,
+    readonly exitCode: ExitCode = EXIT.ERROR,
+  ) {
+    super(message);
+  }
+}
+
+export const usageError = (message: string, hint?: string) => new KeyholdError(message, hint, EXIT.USAGE);
+export const notFound = (message: string, hint?: string) => new KeyholdError(message, hint, EXIT.NOT_FOUND);
+
+/** `keyhold: <what went wrong> (<what to do>)` */
+export function formatError(err: KeyholdError): string {
+  return `keyhold: ${err.message}${err.hint ? ` (${err.hint})` : ''}`;
+}

@@ -1,0 +1,158 @@
+// The per-connection agent loop: frames in, one response per request out, in order.
+import type { Socket } from 'node:net';
+import type { Logger } from 'pino';
+import { frame, FrameError, FrameReader } from '../agent-protocol/framing.js';
+import {
+  encodeQueryContents,
+  encodeResponse,
+  EXT_QUERY,
+  EXT_SESSION_BIND,
+  parseRequest,
+  parseSessionBind,
+  type AgentResponse,
+} from '../agent-protocol/messages.js';
+import { fingerprint } from '../agent-protocol/public-key.js';
+import { verifySsh } from '../agent-protocol/signature.js';
+import type { AgentBackend, Peer, RequestContext, SessionBinding } from './backend.js';
+
+export const SUPPORTED_EXTENSIONS = [EXT_QUERY, EXT_SESSION_BIND] as const;
+
+/** As OpenSSH's agent: a session id longer than this is not a real one. */
+const MAX_SESSION_ID = 128;
+/** As OpenSSH's agent: bindings recorded per connection (one per hop of a forwarding chain). */
+const MAX_BINDINGS = 16;
+
+export interface ConnectionOptions {
+  peer: Peer;
+  log: Logger;
+  /** Closed after this long without a byte from the client. */
+  idleTimeoutMs: number;
+  /** Reading pauses while more than this many response bytes wait for the client to read them. */
+  maxPendingWrite: number;
+  /** Called before each request; false closes the connection without an answer (e.g. a revoked token). */
+  admit?: () => boolean;
+}
+
+const FAILURE = frame(encodeResponse({ type: 'failure' }));
+const SUCCESS = frame(encodeResponse({ type: 'success' }));
+const EXTENSION_FAILURE = frame(encodeResponse({ type: 'extension-failure' }));
+
+export function serveConnection(socket: Socket, backend: AgentBackend, options: ConnectionOptions): void {
+  const { log, peer } = options;
+  const debug = log.isLevelEnabled('debug');
+  const reader = new FrameReader();
+  const bindings: SessionBinding[] = [];
+  const context: RequestContext = { peer, bindings };
+  let closed = false;
+
+  const close = (reason: string, pending: Buffer[] = []) => {
+    if (closed) return;
+    closed = true;
+    if (debug) log.debug({ peer, reason }, 'closing agent connection');
+    if (pending.length > 0) socket.end(Buffer.concat(pending));
+    else socket.destroy();
+  };
+
+  const respond = (payload: Buffer): Buffer => {
+    let request;
+    try {
+      request = parseRequest(payload);
+    } catch {
+      if (debug) log.debug({ peer, type: payload[0] }, 'malformed request');
+      return FAILURE;
+    }
+    switch (request.type) {
+      case 'request-identities':
+        return frame(encodeResponse({ type: 'identities', identities: [...backend.identities(context)] }));
+      case 'sign': {
+        const result = backend.sign(request.keyBlob, request.data, request.flags, context);
+        if (!result.ok) {
+          if (debug) log.debug({ peer, reason: result.reason, fingerprint: result.fingerprint }, 'sign refused');
+          return FAILURE;
+        }
+        if (debug) log.debug({ peer, fingerprint: result.fingerprint, algorithm: result.algorithm }, 'signed');
+        return frame(encodeResponse({ type: 'signature', signature: result.signature }));
+      }
+      case 'extension':
+        return extension(request.name, request.contents);
+      case 'unsupported':
+        if (debug) log.debug({ peer, type: request.code }, 'unsupported request type');
+        return FAILURE;
+    }
+  };
+
+  const extension = (name: string, contents: Buffer): Buffer => {
+    if (name === EXT_QUERY) {
+      const response: AgentResponse = {
+        type: 'extension-response',
+        name: EXT_QUERY,
+        contents: encodeQueryContents(SUPPORTED_EXTENSIONS),
+      };
+      return frame(encodeResponse(response));
+    }
+    if (name === EXT_SESSION_BIND) return sessionBind(contents) ? SUCCESS : EXTENSION_FAILURE;
+    if (debug) log.debug({ peer, extension: name.slice(0, 64) }, 'unknown extension');
+    return FAILURE;
+  };
+
+  /** Verifies the host's signature over the session id and records the binding (OpenSSH's rules). */
+  const sessionBind = (contents: Buffer): boolean => {
+    let bind;
+    try {
+      bind = parseSessionBind(contents);
+    } catch {
+      return false;
+    }
+    if (bind.sessionId.length === 0 || bind.sessionId.length > MAX_SESSION_ID) return false;
+    // ssh signs the exchange hash with whatever host-key algorithm the key exchange negotiated.
+    if (!verifySsh(bind.hostKey, bind.signature, bind.sessionId, true)) return false;
+    // A connection bound for authentication must not be rebound (it is the last hop).
+    if (bindings.some((b) => !b.isForwarding)) return false;
+    const same = bindings.find((b) => b.sessionId.equals(bind.sessionId));
+    if (same) return same.hostKey.equals(bind.hostKey);
+    if (bindings.length >= MAX_BINDINGS) return false;
+    // Copies: the parsed fields are views into a socket chunk.
+    bindings.push({ hostKey: Buffer.from(bind.hostKey), sessionId: Buffer.from(bind.sessionId), isForwarding: bind.isForwarding });
+    if (debug) {
+      log.debug({ peer, hostKey: fingerprint(bind.hostKey), forwarding: bind.isForwarding }, 'session bound');
+    }
+    return true;
+  };
+
+  socket.setTimeout(options.idleTimeoutMs, () => close('idle timeout'));
+  socket.on('error', (err) => {
+    if (debug) log.debug({ peer, err: err.message }, 'agent connection error');
+  });
+  socket.on('data', (chunk: Buffer) => {
+    if (closed) return;
+    const responses: Buffer[] = [];
+    try {
+      reader.push(chunk, (payload) => {
+        if (closed) return;
+        if (options.admit && !options.admit()) {
+          close('no longer admitted');
+          return;
+        }
+        try {
+          responses.push(respond(payload));
+        } catch (err) {
+          log.error({ peer, err: (err as Error).message }, 'request failed');
+          responses.push(FAILURE);
+        }
+      });
+    } catch (err) {
+      if (err instanceof FrameError) {
+        log.info({ peer, reason: err.message }, 'protocol error; closing agent connection');
+        close(err.message, responses);
+        return;
+      }
+      throw err;
+    }
+    if (closed || responses.length === 0) return;
+    socket.write(responses.length === 1 ? responses[0]! : Buffer.concat(responses));
+    if (socket.writableLength > options.maxPendingWrite) {
+      socket.pause();
+      socket.once('drain', () => socket.resume());
+    }
+  });
+}

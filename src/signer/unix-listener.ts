@@ -1,0 +1,90 @@
+// Unix-socket listeners: a 0600 socket at a path we own, peers checked with SO_PEERCRED.
+import { chmodSync, lstatSync, unlinkSync } from 'node:fs';
+import { createServer, type Server, type Socket } from 'node:net';
+import type { Logger } from 'pino';
+import { peerCredentials, type PeerCredentials } from '../libc.js';
+import type { Peer } from './backend.js';
+
+/** A cap on open connections shared by every listener of one daemon. */
+export class ConnectionLimit {
+  private open = 0;
+
+  constructor(readonly max: number) {}
+
+  tryAcquire(socket: Socket): boolean {
+    if (this.open >= this.max) return false;
+    this.open++;
+    socket.once('close', () => this.open--);
+    return true;
+  }
+
+  get count(): number {
+    return this.open;
+  }
+}
+
+/** Only the daemon's own uid, or root, may talk to a host socket. */
+export function sameUserOrRoot(cred: PeerCredentials): boolean {
+  return cred.uid === process.getuid!() || cred.uid === 0;
+}
+
+export class SocketPathError extends Error {
+  override name = 'SocketPathError';
+}
+
+/**
+ * Makes `path` free for a new socket: a socket left there by a dead daemon is removed (the caller
+ * holds the runtime dir's pid lock, so no live daemon owns it); anything else is refused.
+ */
+export function clearStaleSocket(path: string): void {
+  let stat;
+  try {
+    stat = lstatSync(path);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return;
+    throw err;
+  }
+  if (!stat.isSocket()) throw new SocketPathError(`${path} exists and is not a socket; refusing to replace it`);
+  unlinkSync(path);
+}
+
+export interface UnixListenerOptions {
+  path: string;
+  log: Logger;
+  limit: ConnectionLimit;
+  allowPeer: (cred: PeerCredentials) => boolean;
+  onConnection: (socket: Socket, peer: Peer & { kind: 'unix' }) => void;
+}
+
+export function listenUnix(options: UnixListenerOptions): Promise<Server> {
+  const { path, log } = options;
+  clearStaleSocket(path);
+  const server = createServer({ pauseOnConnect: false }, (socket) => {
+    const fd = (socket as unknown as { _handle?: { fd?: number } })._handle?.fd;
+    const cred = typeof fd === 'number' && fd >= 0 ? peerCredentials(fd) : null;
+    if (!cred || !options.allowPeer(cred)) {
+      log.warn({ path, peer: cred }, 'refused connection from another user');
+      socket.destroy();
+      return;
+    }
+    if (!options.limit.tryAcquire(socket)) {
+      log.warn({ path, limit: options.limit.max }, 'connection limit reached; refusing connection');
+      socket.destroy();
+      return;
+    }
+    options.onConnection(socket, { kind: 'unix', ...cred });
+  });
+  return new Promise((resolve, reject) => {
+    server.once('error', reject);
+    server.listen(path, () => {
+      server.off('error', reject);
+      server.on('error', (err) => log.error({ path, err: err.message }, 'listener error'));
+      chmodSync(path, 0o600);
+      resolve(server);
+    });
+  });
+}
+
+export function closeServer(server: Server): Promise<void> {
+  return new Promise((resolve) => server.close(() => resolve()));
+}

@@ -1,0 +1,115 @@
+// The encrypted SQLite file: SQLCipher 4 format keyed with the raw 256-bit master key, WAL,
+// foreign keys, and forward-only schema migrations tracked in PRAGMA user_version.
+import Database from 'better-sqlite3-multiple-ciphers';
+import { chmodSync } from 'node:fs';
+import { KeyholdError } from '../errors.js';
+
+export type Db = Database.Database;
+
+interface Migration {
+  version: number;
+  up(db: Db): void;
+}
+
+const MIGRATIONS: readonly Migration[] = [
+  {
+    version: 1,
+    up(db) {
+      db.exec(`
+        CREATE TABLE meta (
+          name TEXT PRIMARY KEY,
+          value ANY
+        ) STRICT;
+        INSERT INTO meta (name, value) VALUES ('version', 0);
+
+        CREATE TABLE keys (
+          id INTEGER PRIMARY KEY,
+          fingerprint TEXT NOT NULL UNIQUE,
+          type TEXT NOT NULL,
+          bits INTEGER NOT NULL,
+          public_blob BLOB NOT NULL,
+          private_pkcs8 BLOB NOT NULL,
+          comment TEXT NOT NULL DEFAULT '',
+          created_at TEXT NOT NULL
+        ) STRICT;
+
+        CREATE TABLE key_scopes (
+          scope TEXT NOT NULL,
+          key_id INTEGER NOT NULL REFERENCES keys(id) ON DELETE CASCADE,
+          assigned_at TEXT NOT NULL,
+          PRIMARY KEY (scope, key_id)
+        ) STRICT, WITHOUT ROWID;
+        CREATE INDEX key_scopes_by_key ON key_scopes(key_id);
+      `);
+    },
+  },
+];
+
+export const SCHEMA_VERSION = MIGRATIONS[MIGRATIONS.length - 1]!.version;
+
+function keyPragma(masterKey: Buffer): string {
+  // A raw key (x'…') skips SQLCipher's own PBKDF2: the master key is already uniformly random.
+  return `key = "x'${masterKey.toString('hex')}'"`;
+}
+
+/**
+ * Opens (or, with `create`, creates) the vault database. A wrong key or a file that is not a
+ * keyhold vault is reported without a stack trace and without touching the file.
+ */
+export function openDatabase(path: string, masterKey: Buffer, options: { create?: boolean } = {}): Db {
+  let db: Db;
+  try {
+    db = new Database(path, { fileMustExist: !options.create });
+  } catch (err) {
+    if ((err as { code?: string }).code === 'SQLITE_CANTOPEN') {
+      throw new KeyholdError(`no vault database at ${path}`, 'create a vault with `keyhold init`, or pass --vault');
+    }
+    throw new KeyholdError(`cannot open ${path}: ${(err as Error).message}`);
+  }
+  try {
+    db.pragma(`cipher = 'sqlcipher'`);
+    db.pragma('legacy = 4');
+    db.pragma(keyPragma(masterKey));
+    db.prepare('SELECT count(*) FROM sqlite_master').get();
+  } catch {
+    db.close();
+    throw new KeyholdError(
+      `${path} is not a keyhold vault or does not match its key file`,
+      'check --vault, or restore vault.db and vault.db.keys together from a backup',
+    );
+  }
+  try {
+    db.pragma('journal_mode = WAL');
+    db.pragma('synchronous = FULL');
+    db.pragma('foreign_keys = ON');
+    db.pragma('busy_timeout = 10000');
+    db.pragma('secure_delete = ON');
+    if (options.create) chmodSync(path, 0o600);
+    migrate(db);
+  } catch (err) {
+    db.close();
+    if (err instanceof KeyholdError) throw err;
+    throw new KeyholdError(`cannot prepare vault ${path}: ${(err as Error).message}`);
+  }
+  return db;
+}
+
+function migrate(db: Db): void {
+  const current = db.pragma('user_version', { simple: true }) as number;
+  if (current > SCHEMA_VERSION) {
+    throw new KeyholdError(
+      `vault schema version ${current} is newer than this keyhold understands (${SCHEMA_VERSION})`,
+      'upgrade keyhold',
+    );
+  }
+  if (current === SCHEMA_VERSION) return;
+  db.transaction(() => {
+    // Re-read inside the write lock: another process may have migrated meanwhile.
+    const start = db.pragma('user_version', { simple: true }) as number;
+    for (const migration of MIGRATIONS) {
+      if (migration.version <= start) continue;
+      migration.up(db);
+      db.pragma(`user_version = ${migration.version}`);
+    }
+  }).immediate();
+}

@@ -1,0 +1,147 @@
+// Private keys in and out of the vault: generation, import of the usual file formats, and the
+// PKCS#8 DER the vault stores. Everything ends up as a node:crypto KeyObject.
+import { createPrivateKey, generateKeyPairSync, type KeyObject } from 'node:crypto';
+import sshpk from 'sshpk';
+import { describeKey, type PublicKeyInfo } from '../agent-protocol/public-key.js';
+import { EXIT, KeyholdError, usageError } from '../errors.js';
+
+export const KEY_TYPES = ['ed25519', 'rsa', 'ecdsa'] as const;
+export type KeyKind = (typeof KEY_TYPES)[number];
+
+export const RSA_BITS = { min: 2048, max: 16384, default: 3072 } as const;
+export const ECDSA_BITS = [256, 384, 521] as const;
+
+export function generatePrivateKey(kind: KeyKind, bits?: number): KeyObject {
+  switch (kind) {
+    case 'ed25519':
+      if (bits !== undefined && bits !== 256) throw usageError('ed25519 keys have a fixed size', 'drop --bits');
+      return generateKeyPairSync('ed25519').privateKey;
+    case 'rsa': {
+      const modulusLength = bits ?? RSA_BITS.default;
+      if (!Number.isInteger(modulusLength) || modulusLength < RSA_BITS.min || modulusLength > RSA_BITS.max || modulusLength % 8 !== 0) {
+        throw usageError(`RSA keys must be ${RSA_BITS.min} to ${RSA_BITS.max} bits, a multiple of 8`, 'e.g. --bits 3072');
+      }
+      return generateKeyPairSync('rsa', { modulusLength, publicExponent: 0x10001 }).privateKey;
+    }
+    case 'ecdsa': {
+      const size = bits ?? 256;
+      const namedCurve = ({ 256: 'P-256', 384: 'P-384', 521: 'P-521' } as Record<number, string>)[size];
+      if (!namedCurve) throw usageError('ECDSA keys are 256, 384 or 521 bits', 'e.g. --bits 256');
+      return generateKeyPairSync('ec', { namedCurve }).privateKey;
+    }
+  }
+}
+
+/** Checks that keyhold can serve the key and returns its public description. */
+export function describeSupportedKey(key: KeyObject): PublicKeyInfo {
+  let info: PublicKeyInfo;
+  try {
+    info = describeKey(key);
+  } catch {
+    throw new KeyholdError(
+      `unsupported key type ${String(key.asymmetricKeyType)}`,
+      'keyhold holds ed25519, rsa and ecdsa (nistp256/384/521) keys',
+    );
+  }
+  if (info.type === 'ssh-rsa' && (info.bits < RSA_BITS.min || info.bits > RSA_BITS.max)) {
+    throw new KeyholdError(
+      `RSA key of ${info.bits} bits refused`,
+      `RSA keys must be ${RSA_BITS.min} to ${RSA_BITS.max} bits; generate a new key`,
+    );
+  }
+  return info;
+}
+
+export function toPkcs8(key: KeyObject): Buffer {
+  return key.export({ format: 'der', type: 'pkcs8' });
+}
+
+export function fromPkcs8(der: Buffer): KeyObject {
+  return createPrivateKey({ key: der, format: 'der', type: 'pkcs8' });
+}
+
+export interface ParsedKeyFile {
+  key: KeyObject;
+  /** The comment stored in the file (OpenSSH format only). */
+  comment?: string;
+}
+
+/** Raised when a key file is encrypted and no passphrase was given, so the caller may ask for one. */
+export class KeyPassphraseNeeded extends KeyholdError {
+  constructor(file: string) {
+    super(`${file} is encrypted`, 'pass its passphrase with --key-passphrase-file F', EXIT.USAGE);
+  }
+}
+
+const wrongKeyPassphrase = (file: string) =>
+  new KeyholdError(`wrong passphrase for ${file}`, 'check --key-passphrase-file', EXIT.DENIED);
+
+const unreadable = (file: string) =>
+  new KeyholdError(
+    `${file} is not a private key keyhold can read`,
+    'use an OpenSSH, PEM (PKCS#1, SEC1) or PKCS#8 private key file',
+  );
+
+/**
+ * Parses a private key file: OpenSSH (encrypted too, via sshpk), PEM PKCS#1 / SEC1 / PKCS#8
+ * (encrypted too) and DER PKCS#8 (via node:crypto). `name` is only used in messages.
+ */
+export function parsePrivateKeyFile(bytes: Buffer, name: string, passphrase?: Buffer): ParsedKeyFile {
+  const text = bytes.toString('latin1');
+  if (text.includes('-----BEGIN OPENSSH PRIVATE KEY-----')) return parseOpenSsh(bytes, name, passphrase);
+  if (/^(ssh-|ecdsa-sha2-)\S+ [A-Za-z0-9+/=]+/.test(text.trimStart()) || text.includes('-----BEGIN PUBLIC KEY-----')) {
+    throw new KeyholdError(`${name} holds a public key`, 'import the private key file instead');
+  }
+  if (text.includes('-----BEGIN')) {
+    try {
+      return { key: createPrivateKey({ key: bytes, format: 'pem', passphrase }) };
+    } catch (err) {
+      const code = (err as { code?: string }).code;
+      if (code === 'ERR_MISSING_PASSPHRASE') throw new KeyPassphraseNeeded(name);
+      if (passphrase && /bad decrypt|BAD_DECRYPT/i.test(`${code} ${(err as Error).message}`)) throw wrongKeyPassphrase(name);
+      throw unreadable(name);
+    }
+  }
+  try {
+    return { key: createPrivateKey({ key: bytes, format: 'der', type: 'pkcs8' }) };
+  } catch {
+    throw unreadable(name);
+  }
+}
+
+function parseOpenSsh(bytes: Buffer, name: string, passphrase?: Buffer): ParsedKeyFile {
+  let parsed: sshpk.PrivateKey;
+  try {
+    parsed = sshpk.parsePrivateKey(bytes, 'openssh', passphrase ? { passphrase } : undefined);
+  } catch (err) {
+    const errName = (err as Error).name;
+    if (errName === 'KeyEncryptedError') throw new KeyPassphraseNeeded(name);
+    if (/passphrase/i.test((err as Error).message)) throw wrongKeyPassphrase(name);
+    throw unreadable(name);
+  }
+  const comment = parsed.comment && parsed.comment !== '(unnamed)' ? parsed.comment : undefined;
+  let key: KeyObject;
+  try {
+    if (parsed.type === 'ed25519') {
+      // sshpk's PKCS#8 output for ed25519 is not what OpenSSL reads; build the key from its parts.
+      const parts = parsed.part as unknown as Record<string, { data: Buffer }>;
+      key = createPrivateKey({
+        key: {
+          kty: 'OKP',
+          crv: 'Ed25519',
+          d: parts.k!.data.subarray(0, 32).toString('base64url'),
+          x: parts.A!.data.toString('base64url'),
+        },
+        format: 'jwk',
+      });
+    } else if (parsed.type === 'rsa' || parsed.type === 'ecdsa') {
+      key = createPrivateKey({ key: parsed.toBuffer('pkcs8'), format: 'pem' });
+    } else {
+      throw new KeyholdError(`unsupported key type ${parsed.type} in ${name}`, 'keyhold holds ed25519, rsa and ecdsa keys');
+    }
+  } catch (err) {
+    if (err instanceof KeyholdError) throw err;
+    throw unreadable(name);
+  }
+  return comment === undefined ? { key } : { key, comment };
+}

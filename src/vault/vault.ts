@@ -1,0 +1,282 @@
+// The unlocked vault: keys, scope assignments and the version counter that lets a running daemon
+// notice any change (its own or another process's) with one cheap check.
+import { existsSync, mkdirSync, unlinkSync } from 'node:fs';
+import { dirname } from 'node:path';
+import { randomBytes } from 'node:crypto';
+import type { KeyObject } from 'node:crypto';
+import { fingerprint } from '../agent-protocol/public-key.js';
+import { KeyholdError, notFound, usageError } from '../errors.js';
+import { openDatabase, type Db } from './database.js';
+import { describeSupportedKey, toPkcs8 } from './key-material.js';
+import {
+  MASTER_KEY_BYTES,
+  newVaultId,
+  passphraseFactor,
+  readKeyring,
+  unwrapWithPassphrase,
+  writeKeyring,
+  type Keyring,
+} from './keyring.js';
+import type { VaultPaths } from './paths.js';
+
+export const SCOPE_PATTERN = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
+
+export function checkScopeName(scope: string): string {
+  if (!SCOPE_PATTERN.test(scope)) {
+    throw usageError(
+      `invalid scope name ${JSON.stringify(scope.slice(0, 80))}`,
+      'a scope is 1-64 characters of A-Z a-z 0-9 . _ -, starting with a letter or digit',
+    );
+  }
+  return scope;
+}
+
+export interface KeyRecord {
+  fingerprint: string;
+  type: string;
+  bits: number;
+  comment: string;
+  scopes: string[];
+  publicBlob: Buffer;
+}
+
+export interface ScopeKeyRow {
+  scope: string;
+  fingerprint: string;
+  type: string;
+  comment: string;
+  publicBlob: Buffer;
+  privatePkcs8: Buffer;
+}
+
+export interface ScopeSummary {
+  name: string;
+  keys: number;
+  secrets: number;
+  tokens: number;
+}
+
+export interface AddKeyResult {
+  fingerprint: string;
+  /** False when the vault already held the key; it was then only assigned to the scope. */
+  created: boolean;
+  publicBlob: Buffer;
+  comment: string;
+}
+
+const now = () => new Date().toISOString();
+
+export class Vault {
+  private readonly statements;
+  private lastDataVersion: number;
+  private lastSeenVersion: number;
+
+  private constructor(
+    readonly paths: VaultPaths,
+    readonly keyring: Keyring,
+    private readonly db: Db,
+  ) {
+    this.statements = {
+      dataVersion: db.prepare('PRAGMA data_version').pluck(),
+      version: db.prepare(`SELECT value FROM meta WHERE name = 'version'`).pluck(),
+      bump: db.prepare(`UPDATE meta SET value = value + 1 WHERE name = 'version'`),
+    };
+    this.lastDataVersion = this.statements.dataVersion.get() as number;
+    this.lastSeenVersion = this.version();
+  }
+
+  /** Creates a new vault with one passphrase factor. Refuses to overwrite anything. */
+  static async create(paths: VaultPaths, passphrase: Buffer): Promise<Vault> {
+    for (const file of [paths.db, paths.keys]) {
+      if (existsSync(file)) {
+        throw new KeyholdError(`${file} already exists`, 'pass another --vault, or remove the old vault first');
+      }
+    }
+    mkdirSync(dirname(paths.db), { recursive: true, mode: 0o700 });
+    const masterKey = randomBytes(MASTER_KEY_BYTES);
+    const vaultId = newVaultId();
+    const factor = await passphraseFactor(vaultId, masterKey, passphrase);
+    const keyring: Keyring = { format: 'keyhold-keys', version: 1, vault_id: vaultId, policy: 'any', factors: [factor] };
+    // The key file first: a crash then leaves a key file without a database, which `init`
+    // reports, rather than a database nobody can open.
+    writeKeyring(paths.keys, keyring);
+    try {
+      const db = openDatabase(paths.db, masterKey, { create: true });
+      db.prepare(`INSERT INTO meta (name, value) VALUES ('vault_id', ?)`).run(vaultId);
+      return new Vault(paths, keyring, db);
+    } catch (err) {
+      for (const file of [paths.db, `${paths.db}-wal`, `${paths.db}-shm`, paths.keys]) {
+        try {
+          unlinkSync(file);
+        } catch {
+          /* already gone */
+        }
+      }
+      throw err;
+    } finally {
+      masterKey.fill(0);
+    }
+  }
+
+  /**
+   * Opens an existing vault. The passphrase is asked for only once the vault files are known to
+   * exist; a wrong one exits 4 and nothing is written.
+   */
+  static async open(paths: VaultPaths, getPassphrase: () => Promise<Buffer>): Promise<Vault> {
+    const keyring = readKeyring(paths.keys);
+    if (!existsSync(paths.db)) {
+      throw new KeyholdError(`no vault database at ${paths.db}`, 'create a vault with `keyhold init`, or pass --vault');
+    }
+    const passphrase = await getPassphrase();
+    let masterKey: Buffer;
+    try {
+      masterKey = await unwrapWithPassphrase(keyring, passphrase);
+    } finally {
+      passphrase.fill(0);
+    }
+    try {
+      return Vault.openWithMasterKey(paths, keyring, masterKey);
+    } finally {
+      masterKey.fill(0);
+    }
+  }
+
+  static openWithMasterKey(paths: VaultPaths, keyring: Keyring, masterKey: Buffer): Vault {
+    const db = openDatabase(paths.db, masterKey);
+    const storedId = db.prepare(`SELECT value FROM meta WHERE name = 'vault_id'`).pluck().get();
+    if (storedId !== keyring.vault_id) {
+      db.close();
+      throw new KeyholdError(
+        `${paths.db} belongs to another key file`,
+        'restore vault.db and vault.db.keys together from a backup',
+      );
+    }
+    return new Vault(paths, keyring, db);
+  }
+
+  close(): void {
+    if (this.db.open) this.db.close();
+  }
+
+  /** The version counter: advanced by every change to keys, assignments or tokens. */
+  version(): number {
+    return this.statements.version.get() as number;
+  }
+
+  /**
+   * The version counter as of now, cheaply: one `PRAGMA data_version` (a shared-memory read, no
+   * page read) tells whether another connection committed; only then is the counter re-read.
+   */
+  observedVersion(): number {
+    const dataVersion = this.statements.dataVersion.get() as number;
+    if (dataVersion !== this.lastDataVersion) {
+      this.lastDataVersion = dataVersion;
+      this.lastSeenVersion = this.version();
+    }
+    return this.lastSeenVersion;
+  }
+
+  private write<T>(fn: () => T): T {
+    const result = this.db
+      .transaction(() => {
+        const value = fn();
+        this.statements.bump.run();
+        return value;
+      })
+      .immediate();
+    // Our own commits do not move data_version for this connection.
+    this.lastSeenVersion = this.version();
+    return result;
+  }
+
+  addKey(scope: string, key: KeyObject, comment: string): AddKeyResult {
+    checkScopeName(scope);
+    const info = describeSupportedKey(key);
+    const fp = fingerprint(info.blob);
+    return this.write(() => {
+      const existing = this.db.prepare('SELECT id, comment FROM keys WHERE fingerprint = ?').get(fp) as
+        | { id: number; comment: string }
+        | undefined;
+      let id: number;
+      if (existing) {
+        id = existing.id;
+      } else {
+        const row = this.db
+          .prepare(
+            `INSERT INTO keys (fingerprint, type, bits, public_blob, private_pkcs8, comment, created_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?)`,
+          )
+          .run(fp, info.type, info.bits, info.blob, toPkcs8(key), comment, now());
+        id = Number(row.lastInsertRowid);
+      }
+      this.db
+        .prepare('INSERT OR IGNORE INTO key_scopes (scope, key_id, assigned_at) VALUES (?, ?, ?)')
+        .run(scope, id, now());
+      return { fingerprint: fp, created: !existing, publicBlob: info.blob, comment: existing ? existing.comment : comment };
+    });
+  }
+
+  listKeys(scope?: string): KeyRecord[] {
+    if (scope !== undefined) checkScopeName(scope);
+    const rows = this.db
+      .prepare(
+        `SELECT k.fingerprint, k.type, k.bits, k.comment, k.public_blob AS publicBlob,
+                (SELECT group_concat(scope, char(10)) FROM (SELECT scope FROM key_scopes s WHERE s.key_id = k.id ORDER BY scope)) AS scopes
+         FROM keys k
+         WHERE ? IS NULL OR EXISTS (SELECT 1 FROM key_scopes s WHERE s.key_id = k.id AND s.scope = ?)
+         ORDER BY k.id`,
+      )
+      .all(scope ?? null, scope ?? null) as (Omit<KeyRecord, 'scopes'> & { scopes: string | null })[];
+    return rows.map((r) => ({ ...r, scopes: r.scopes ? r.scopes.split('\n') : [] }));
+  }
+
+  /** Every (scope, key) pair with the private key, for the key cache. */
+  scopeKeys(): ScopeKeyRow[] {
+    return this.db
+      .prepare(
+        `SELECT s.scope, k.fingerprint, k.type, k.comment, k.public_blob AS publicBlob, k.private_pkcs8 AS privatePkcs8
+         FROM key_scopes s JOIN keys k ON k.id = s.key_id
+         ORDER BY s.scope, s.assigned_at, k.id`,
+      )
+      .all() as ScopeKeyRow[];
+  }
+
+  /** Accepts a full `SHA256:…` fingerprint or the part after `SHA256:`. */
+  private keyId(fp: string): number {
+    const full = fp.startsWith('SHA256:') ? fp : `SHA256:${fp}`;
+    const row = this.db.prepare('SELECT id FROM keys WHERE fingerprint = ?').get(full) as { id: number } | undefined;
+    if (!row) throw notFound(`no key ${fp} in the vault`, 'see `keyhold key list`');
+    return row.id;
+  }
+
+  assign(scope: string, fp: string): void {
+    checkScopeName(scope);
+    this.write(() => {
+      this.db
+        .prepare('INSERT OR IGNORE INTO key_scopes (scope, key_id, assigned_at) VALUES (?, ?, ?)')
+        .run(scope, this.keyId(fp), now());
+    });
+  }
+
+  unassign(scope: string, fp: string): void {
+    checkScopeName(scope);
+    this.write(() => {
+      const result = this.db.prepare('DELETE FROM key_scopes WHERE scope = ? AND key_id = ?').run(scope, this.keyId(fp));
+      if (result.changes === 0) throw notFound(`key ${fp} is not assigned to scope ${scope}`, 'see `keyhold key list`');
+    });
+  }
+
+  removeKey(fp: string): void {
+    this.write(() => {
+      this.db.prepare('DELETE FROM keys WHERE id = ?').run(this.keyId(fp));
+    });
+  }
+
+  /** Scopes that hold anything. A scope exists while something is assigned to it. */
+  scopes(): ScopeSummary[] {
+    const rows = this.db
+      .prepare('SELECT scope AS name, count(*) AS keys FROM key_scopes GROUP BY scope ORDER BY scope')
+      .all() as { name: string; keys: number }[];
+    return rows.map((r) => ({ ...r, secrets: 0, tokens: 0 }));
+  }
+}
