@@ -4,7 +4,7 @@ import { existsSync, readFileSync } from 'node:fs';
 import { mkdtemp, rm } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
-import { startSshd, stopAllSshd, sshdAvailable, type SshdHandle } from './sshd.js';
+import { startSshd, stopAllSshd, type SshdHandle } from './sshd.js';
 
 interface RunResult {
   code: number | null;
@@ -32,7 +32,7 @@ async function waitFor(cond: () => boolean, timeoutMs: number, what: string): Pr
   }
 }
 
-describe.skipIf(!sshdAvailable())('sshd harness', () => {
+describe('sshd harness', () => {
   let tmp: string;
   let agent: ChildProcess | undefined;
   let agentEnv: NodeJS.ProcessEnv;

@@ -1,0 +1,192 @@
+// Runs the real keyhold CLI and daemon (bin/keyhold, built dist/) in throwaway directories.
+import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { connect, type Socket } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join, resolve } from 'node:path';
+
+export const REPO = resolve(import.meta.dirname, '..', '..');
+export const KEYHOLD_BIN = join(REPO, 'bin', 'keyhold');
+
+export interface KeyholdEnv {
+  dir: string;
+  vault: string;
+  runtime: string;
+  passFile: string;
+  passphrase: string;
+  env: NodeJS.ProcessEnv;
+  cleanup(): void;
+}
+
+/** A fresh vault location, runtime dir and passphrase file; nothing created yet. */
+export function makeKeyholdEnv(prefix = 'keyhold-test-'): KeyholdEnv {
+  const dir = mkdtempSync(join(tmpdir(), prefix));
+  const passphrase = `test-pass-${Math.random().toString(36).slice(2)}`;
+  const passFile = join(dir, 'pass');
+  writeFileSync(passFile, passphrase + '\n', { mode: 0o600 });
+  const env: NodeJS.ProcessEnv = { ...process.env };
+  for (const name of Object.keys(env)) if (name.startsWith('KEYHOLD_') || name === 'SSH_AUTH_SOCK') delete env[name];
+  Object.assign(env, {
+    KEYHOLD_VAULT: join(dir, 'data', 'vault.db'),
+    KEYHOLD_RUNTIME_DIR: join(dir, 'run'),
+    KEYHOLD_PASSPHRASE_FILE: passFile,
+    // Tests open the vault hundreds of times; the production scrypt cost would dominate the run.
+    KEYHOLD_KDF_LOG2N: '14',
+  });
+  return {
+    dir,
+    vault: env.KEYHOLD_VAULT!,
+    runtime: env.KEYHOLD_RUNTIME_DIR!,
+    passFile,
+    passphrase,
+    env,
+    cleanup: () => rmSync(dir, { recursive: true, force: true }),
+  };
+}
+
+export interface RunResult {
+  status: number | null;
+  stdout: string;
+  stderr: string;
+}
+
+export function keyhold(k: KeyholdEnv, args: string[], options: { input?: string | Buffer; env?: NodeJS.ProcessEnv } = {}): RunResult {
+  const result = spawnSync(process.execPath, [KEYHOLD_BIN, ...args], {
+    env: { ...k.env, ...options.env },
+    input: options.input ?? '',
+    encoding: 'utf8',
+    timeout: 30_000,
+  });
+  return { status: result.status, stdout: result.stdout, stderr: result.stderr };
+}
+
+/** Runs keyhold and fails the test with its stderr unless it exits 0. */
+export function keyholdOk(k: KeyholdEnv, args: string[], options?: { input?: string | Buffer }): string {
+  const result = keyhold(k, args, options);
+  if (result.status !== 0) throw new Error(`keyhold ${args.join(' ')} exited ${result.status}: ${result.stderr}`);
+  return result.stdout;
+}
+
+export async function waitFor(check: () => boolean, timeoutMs = 10_000, what = 'condition'): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!check()) {
+    if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 25));
+  }
+}
+
+export interface ServeHandle {
+  proc: ChildProcess;
+  stderr(): string;
+  socket(scope: string): string;
+  stop(): Promise<number | null>;
+}
+
+const running = new Set<ServeHandle>();
+
+/** Starts `keyhold serve` and waits until it reports ready. */
+export async function startServe(k: KeyholdEnv, args: string[] = [], env: NodeJS.ProcessEnv = {}): Promise<ServeHandle> {
+  const proc = spawn(process.execPath, [KEYHOLD_BIN, 'serve', ...args], {
+    env: { ...k.env, ...env },
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  let stderr = '';
+  proc.stderr!.on('data', (d: Buffer) => (stderr += d.toString()));
+  proc.stdout!.resume();
+  const exited = new Promise<number | null>((res) => proc.once('exit', (code) => res(code)));
+  const handle: ServeHandle = {
+    proc,
+    stderr: () => stderr,
+    socket: (scope) => join(k.runtime, 'scopes', `${scope}.sock`),
+    async stop() {
+      running.delete(handle);
+      if (proc.exitCode === null && proc.signalCode === null) {
+        proc.kill('SIGTERM');
+        const timer = setTimeout(() => proc.kill('SIGKILL'), 5000);
+        const code = await exited;
+        clearTimeout(timer);
+        return code;
+      }
+      return proc.exitCode;
+    },
+  };
+  running.add(handle);
+  try {
+    await waitFor(() => stderr.includes('keyhold daemon ready') || proc.exitCode !== null, 15_000, 'keyhold serve');
+  } catch (err) {
+    await handle.stop();
+    throw new Error(`${(err as Error).message}\n${stderr}`);
+  }
+  if (proc.exitCode !== null) throw new Error(`keyhold serve exited ${proc.exitCode}: ${stderr}`);
+  return handle;
+}
+
+export async function stopAllServes(): Promise<void> {
+  await Promise.all([...running].map((h) => h.stop()));
+}
+
+/** A vault with an initialised passphrase factor. */
+export function initVault(k: KeyholdEnv): void {
+  keyholdOk(k, ['init']);
+}
+
+export function fileContains(path: string, needle: Buffer | string): boolean {
+  return existsSync(path) && readFileSync(path).includes(needle);
+}
+
+/** A raw agent connection: send bytes, read framed replies, see whether the daemon closed it. */
+export class RawAgentClient {
+  private buffer = Buffer.alloc(0);
+  closed = false;
+
+  private constructor(readonly socket: Socket) {
+    socket.on('data', (d: Buffer) => (this.buffer = Buffer.concat([this.buffer, d])));
+    socket.on('close', () => (this.closed = true));
+    socket.on('error', () => {});
+  }
+
+  static connect(path: string): Promise<RawAgentClient> {
+    return new Promise((res, rej) => {
+      const socket = connect(path);
+      socket.once('connect', () => res(new RawAgentClient(socket)));
+      socket.once('error', rej);
+    });
+  }
+
+  send(bytes: Buffer): void {
+    this.socket.write(bytes);
+  }
+
+  /** Next reply payload (type byte + body), or throws after the timeout. */
+  async reply(timeoutMs = 5000): Promise<Buffer> {
+    await waitFor(
+      () => (this.buffer.length >= 4 && this.buffer.length >= 4 + this.buffer.readUInt32BE(0)) || this.closed,
+      timeoutMs,
+      'agent reply',
+    );
+    if (this.buffer.length < 4 || this.buffer.length < 4 + this.buffer.readUInt32BE(0)) throw new Error('connection closed');
+    const length = this.buffer.readUInt32BE(0);
+    const payload = this.buffer.subarray(4, 4 + length);
+    this.buffer = this.buffer.subarray(4 + length);
+    return payload;
+  }
+
+  get pendingBytes(): number {
+    return this.buffer.length;
+  }
+
+  async waitClosed(timeoutMs = 5000): Promise<void> {
+    await waitFor(() => this.closed, timeoutMs, 'connection close');
+  }
+
+  close(): void {
+    this.socket.destroy();
+  }
+}
+
+/** uint32 length + payload */
+export function frameBytes(payload: Buffer): Buffer {
+  const header = Buffer.alloc(4);
+  header.writeUInt32BE(payload.length);
+  return Buffer.concat([header, payload]);
+}
