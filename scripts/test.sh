@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The whole test suite from a fresh clone: OS packages, npm dependencies, build, every test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/lib.sh
+ensure_os_packages sshd:openssh-server ssh:openssh-client ssh-agent:openssh-client git:git openssl:openssl socat:socat unshare:util-linux
+ensure_node_deps
+build
+npx --no-install vitest run "$@"
