@@ -61,6 +61,7 @@ export class ScopeSockets {
       if (this.servers.has(scope) || this.refused.has(scope)) continue;
       const path = scopeSocketPath(dir, scope);
       const backend = this.options.backendFor(scope);
+      const scopeLog = log.child({ scope });
       try {
         const server = await listenUnix({
           path,
@@ -68,10 +69,10 @@ export class ScopeSockets {
           limit: this.options.limit,
           allowPeer: sameUserOrRoot,
           onConnection: (socket, peer) => {
-            if (log.isLevelEnabled('debug')) log.debug({ scope, peer }, 'agent connection');
+            if (scopeLog.isLevelEnabled('debug')) scopeLog.debug({ peer }, 'agent connection');
             serveConnection(socket, backend, {
               peer,
-              log,
+              log: scopeLog,
               idleTimeoutMs: this.options.idleTimeoutMs,
               maxPendingWrite: this.options.maxPendingWrite,
             });

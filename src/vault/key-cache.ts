@@ -21,8 +21,7 @@ export interface ScopeKeys {
 const EMPTY_SCOPE: ScopeKeys = { identities: [], byBlob: new Map() };
 
 export class KeyCache {
-  /** The vault version the cache was built from; -1 before the first build. */
-  version = -1;
+  private builtFrom = -1;
   private scopes = new Map<string, ScopeKeys>();
   private parsed = new Map<string, CachedKey>();
 
@@ -31,7 +30,7 @@ export class KeyCache {
   /** Rebuilds when the vault changed; returns true if it did. */
   refresh(): boolean {
     const version = this.vault.observedVersion();
-    if (version === this.version) return false;
+    if (version === this.builtFrom) return false;
     const rows = this.vault.scopeKeys();
     const scopes = new Map<string, ScopeKeys>();
     const parsed = new Map<string, CachedKey>();
@@ -50,8 +49,13 @@ export class KeyCache {
     }
     this.scopes = scopes;
     this.parsed = parsed;
-    this.version = version;
+    this.builtFrom = version;
     return true;
+  }
+
+  /** The vault version the cache was built from; -1 before the first build. */
+  get version(): number {
+    return this.builtFrom;
   }
 
   scope(name: string): ScopeKeys {
@@ -65,6 +69,6 @@ export class KeyCache {
   clear(): void {
     this.scopes = new Map();
     this.parsed = new Map();
-    this.version = -1;
+    this.builtFrom = -1;
   }
 }
