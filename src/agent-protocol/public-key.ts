@@ -2,6 +2,9 @@
 import { createHash, createPublicKey, type KeyObject } from 'node:crypto';
 import { WireFormatError, WireReader, WireWriter } from './wire.js';
 
+/** As OpenSSH (SSH_RSA_MINIMUM_MODULUS_SIZE): smaller RSA keys are not accepted for verification. */
+export const MIN_RSA_VERIFY_BITS = 1024;
+
 export type SshKeyType =
   | 'ssh-ed25519'
   | 'ssh-rsa'
@@ -109,7 +112,7 @@ export function publicKeyFromBlob(blob: Buffer): KeyObject {
     const e = r.mpintUnsigned();
     const n = r.mpintUnsigned();
     r.end();
-    if (e.length === 0 || n.length === 0) throw new WireFormatError('bad rsa public key');
+    if (e.length === 0 || bitLength(n) < MIN_RSA_VERIFY_BITS) throw new WireFormatError('bad or too small rsa public key');
     key = createPublicKey({
       key: { kty: 'RSA', e: e.toString('base64url'), n: n.toString('base64url') },
       format: 'jwk',

@@ -7,12 +7,26 @@ import { initCommand } from './init.js';
 import { keyCommand } from './key.js';
 import { scopeCommand } from './scope.js';
 import { serveCommand } from './serve.js';
+import { tokenCommand } from './token.js';
+import { bridgeCommand } from './bridge.js';
+
+/** Options whose value may be `-` (stdin), which yargs would otherwise take for an argument. */
+const FILE_OPTIONS = new Set(['--passphrase-file', '--key-passphrase-file', '--token-file', '--value-file', '--new-passphrase-file']);
+
+function joinStdinValues(argv: string[]): string[] {
+  const out: string[] = [];
+  for (let i = 0; i < argv.length; i++) {
+    if (FILE_OPTIONS.has(argv[i]!) && argv[i + 1] === '-') out.push(`${argv[i++]}=-`);
+    else out.push(argv[i]!);
+  }
+  return out;
+}
 
 export async function main(argv: string[]): Promise<number> {
   // Everything keyhold creates (vault, key file, sockets, runtime dir) is private to the user.
   process.umask(0o077);
-  const parser: Argv<GlobalArgs> = globalOptions(yargs(argv).scriptName('keyhold'));
-  for (const register of [initCommand, keyCommand, scopeCommand, serveCommand]) register(parser);
+  const parser: Argv<GlobalArgs> = globalOptions(yargs(joinStdinValues(argv)).scriptName('keyhold'));
+  for (const register of [initCommand, keyCommand, scopeCommand, tokenCommand, serveCommand, bridgeCommand]) register(parser);
   try {
     await parser
       .strict()
@@ -23,7 +37,8 @@ export async function main(argv: string[]): Promise<number> {
       .version()
       .wrap(Math.min(100, process.stdout.columns || 100))
       .fail((message, err) => {
-        throw err ?? usageError(message ?? 'invalid arguments', 'see `keyhold --help`');
+        const oneLine = (message ?? 'invalid arguments').split('\n').map((l) => l.trim()).filter(Boolean).join(' ');
+        throw err ?? usageError(oneLine, 'see `keyhold --help`');
       })
       .parseAsync();
     return EXIT.OK;

@@ -2,6 +2,8 @@ import type { Argv } from 'yargs';
 import { startDaemon } from '../daemon/daemon.js';
 import { createLogger } from '../log.js';
 import { runtimeDir } from '../runtime-dir.js';
+import { usageError } from '../errors.js';
+import { parseListenAddress } from '../signer/token-listener.js';
 import { openVault, type GlobalArgs } from './common.js';
 
 export function serveCommand(yargs: Argv<GlobalArgs>) {
@@ -11,8 +13,19 @@ export function serveCommand(yargs: Argv<GlobalArgs>) {
     (c) =>
       c
         .option('scope-sockets', { type: 'boolean', default: true, describe: 'serve a socket per scope (--no-scope-sockets to disable)' })
+        .option('listen', {
+          type: 'string',
+          array: true,
+          default: [] as string[],
+          describe: 'token-gated signer for containers: unix:PATH or tcp:HOST:PORT (repeatable)',
+        })
         .option('allow-sha1', { type: 'boolean', default: false, describe: 'sign SHA-1 ssh-rsa requests (refused by default)' }),
     async (args) => {
+      const listen = args.listen.map((text) => {
+        const address = parseListenAddress(text);
+        if (!address) throw usageError(`invalid --listen ${JSON.stringify(text)}`, 'use unix:PATH or tcp:HOST:PORT');
+        return address;
+      });
       const log = createLogger();
       const vault = await openVault(args);
       const daemon = await startDaemon({
@@ -20,6 +33,7 @@ export function serveCommand(yargs: Argv<GlobalArgs>) {
         runtimeDir: runtimeDir(),
         log,
         scopeSockets: args['scope-sockets'],
+        listen,
         allowSha1: args['allow-sha1'],
       }).catch((err) => {
         vault.close();

@@ -59,7 +59,7 @@ export interface UnixListenerOptions {
 export function listenUnix(options: UnixListenerOptions): Promise<Server> {
   const { path, log } = options;
   clearStaleSocket(path);
-  const server = createServer({ pauseOnConnect: false }, (socket) => {
+  const server = trackConnections(createServer((socket) => {
     const fd = (socket as unknown as { _handle?: { fd?: number } })._handle?.fd;
     const cred = typeof fd === 'number' && fd >= 0 ? peerCredentials(fd) : null;
     if (!cred || !options.allowPeer(cred)) {
@@ -73,7 +73,7 @@ export function listenUnix(options: UnixListenerOptions): Promise<Server> {
       return;
     }
     options.onConnection(socket, { kind: 'unix', ...cred });
-  });
+  }));
   return new Promise((resolve, reject) => {
     server.once('error', reject);
     server.listen(path, () => {
@@ -85,6 +85,26 @@ export function listenUnix(options: UnixListenerOptions): Promise<Server> {
   });
 }
 
+const connections = new WeakMap<Server, Set<Socket>>();
+
+/** Remembers a listener's open connections so that `closeServer` can end them. */
+export function trackConnections(server: Server): Server {
+  const open = new Set<Socket>();
+  connections.set(server, open);
+  server.on('connection', (socket: Socket) => {
+    open.add(socket);
+    socket.once('close', () => open.delete(socket));
+  });
+  return server;
+}
+
+/**
+ * Stops listening and ends the listener's open connections: node's own close waits for every
+ * client to hang up, which an idle agent client may never do.
+ */
 export function closeServer(server: Server): Promise<void> {
-  return new Promise((resolve) => server.close(() => resolve()));
+  return new Promise((resolve) => {
+    server.close(() => resolve());
+    for (const socket of connections.get(server) ?? []) socket.destroy();
+  });
 }

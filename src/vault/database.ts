@@ -43,6 +43,25 @@ const MIGRATIONS: readonly Migration[] = [
       `);
     },
   },
+  {
+    version: 2,
+    up(db) {
+      // Only the token's SHA-256 is kept; `prefix` is its first 8 characters, for listings.
+      db.exec(`
+        CREATE TABLE tokens (
+          id TEXT PRIMARY KEY,
+          hash BLOB NOT NULL UNIQUE,
+          prefix TEXT NOT NULL,
+          scope TEXT NOT NULL,
+          subject TEXT NOT NULL,
+          created_at TEXT NOT NULL,
+          expires_at TEXT,
+          revoked_at TEXT
+        ) STRICT;
+        CREATE INDEX tokens_by_scope ON tokens(scope, subject);
+      `);
+    },
+  },
 ];
 
 export const SCHEMA_VERSION = MIGRATIONS[MIGRATIONS.length - 1]!.version;

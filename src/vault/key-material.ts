@@ -97,7 +97,11 @@ export function parsePrivateKeyFile(bytes: Buffer, name: string, passphrase?: Bu
       return { key: createPrivateKey({ key: bytes, format: 'pem', passphrase }) };
     } catch (err) {
       const code = (err as { code?: string }).code;
-      if (code === 'ERR_MISSING_PASSPHRASE') throw new KeyPassphraseNeeded(name);
+      // Node reports a missing passphrase as ERR_MISSING_PASSPHRASE or, with OpenSSL 3, as an
+      // interrupted password callback.
+      if (!passphrase && (code === 'ERR_MISSING_PASSPHRASE' || code === 'ERR_OSSL_CRYPTO_INTERRUPTED_OR_CANCELLED')) {
+        throw new KeyPassphraseNeeded(name);
+      }
       if (passphrase && /bad decrypt|BAD_DECRYPT/i.test(`${code} ${(err as Error).message}`)) throw wrongKeyPassphrase(name);
       throw unreadable(name);
     }

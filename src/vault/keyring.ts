@@ -162,10 +162,12 @@ function malformed(detail: string): KeyholdError {
 }
 
 const isObject = (v: unknown): v is Record<string, unknown> => typeof v === 'object' && v !== null && !Array.isArray(v);
-const isB64 = (v: unknown, bytes?: number): v is string =>
-  typeof v === 'string' &&
-  /^[A-Za-z0-9+/]*={0,2}$/.test(v) &&
-  (bytes === undefined || Buffer.from(v, 'base64').length === bytes);
+/** Canonical base64 only: a spelling that decodes to the same bytes is still an edit. */
+const isB64 = (v: unknown, bytes?: number): v is string => {
+  if (typeof v !== 'string') return false;
+  const decoded = Buffer.from(v, 'base64');
+  return decoded.toString('base64') === v && (bytes === undefined || decoded.length === bytes);
+};
 
 function parseWrap(v: unknown): Wrap {
   if (!isObject(v) || v.alg !== 'A256GCM' || !isB64(v.nonce, 12) || !isB64(v.ciphertext, MASTER_KEY_BYTES) || !isB64(v.tag, 16)) {

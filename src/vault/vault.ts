@@ -18,6 +18,7 @@ import {
   type Keyring,
 } from './keyring.js';
 import type { VaultPaths } from './paths.js';
+import { mintToken, newTokenId, TOKEN_SHOWN_CHARS, tokenHash, type TokenRecord } from '../tokens/tokens.js';
 
 export const SCOPE_PATTERN = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
 
@@ -272,11 +273,77 @@ export class Vault {
     });
   }
 
-  /** Scopes that hold anything. A scope exists while something is assigned to it. */
+  /** Scopes that hold anything. A scope exists while a key or a live token belongs to it. */
   scopes(): ScopeSummary[] {
-    const rows = this.db
-      .prepare('SELECT scope AS name, count(*) AS keys FROM key_scopes GROUP BY scope ORDER BY scope')
-      .all() as { name: string; keys: number }[];
-    return rows.map((r) => ({ ...r, secrets: 0, tokens: 0 }));
+    return this.db
+      .prepare(
+        `SELECT name, sum(keys) AS keys, 0 AS secrets, sum(tokens) AS tokens FROM (
+           SELECT scope AS name, count(*) AS keys, 0 AS tokens FROM key_scopes GROUP BY scope
+           UNION ALL
+           SELECT scope, 0, count(*) FROM tokens WHERE revoked_at IS NULL GROUP BY scope
+         ) GROUP BY name ORDER BY name`,
+      )
+      .all() as ScopeSummary[];
+  }
+
+  /** Issues a token; the token itself is returned once and stored only as its hash. */
+  issueToken(scope: string, subject: string, ttlMs: number | null): { token: string; record: TokenRecord } {
+    checkScopeName(scope);
+    const token = mintToken();
+    const record: TokenRecord = {
+      id: newTokenId(),
+      scope,
+      subject,
+      created: now(),
+      expires: ttlMs === null ? null : new Date(Date.now() + ttlMs).toISOString(),
+      revoked: null,
+      prefix: token.slice(0, TOKEN_SHOWN_CHARS),
+    };
+    this.write(() => {
+      this.db
+        .prepare(
+          `INSERT INTO tokens (id, hash, prefix, scope, subject, created_at, expires_at, revoked_at)
+           VALUES (?, ?, ?, ?, ?, ?, ?, NULL)`,
+        )
+        .run(record.id, tokenHash(token), record.prefix, scope, subject, record.created, record.expires);
+    });
+    return { token, record };
+  }
+
+  private static readonly TOKEN_COLUMNS = `id, scope, subject, created_at AS created, expires_at AS expires,
+    revoked_at AS revoked, prefix`;
+
+  listTokens(scope?: string): TokenRecord[] {
+    if (scope !== undefined) checkScopeName(scope);
+    return this.db
+      .prepare(`SELECT ${Vault.TOKEN_COLUMNS} FROM tokens WHERE ? IS NULL OR scope = ? ORDER BY created_at, id`)
+      .all(scope ?? null, scope ?? null) as TokenRecord[];
+  }
+
+  /** Unrevoked tokens with their hashes (expiry is checked at use), for the daemon's cache. */
+  activeTokens(): (TokenRecord & { hash: Buffer })[] {
+    return this.db
+      .prepare(`SELECT ${Vault.TOKEN_COLUMNS}, hash FROM tokens WHERE revoked_at IS NULL`)
+      .all() as (TokenRecord & { hash: Buffer })[];
+  }
+
+  revokeToken(id: string): TokenRecord {
+    const select = this.db.prepare(`SELECT ${Vault.TOKEN_COLUMNS} FROM tokens WHERE id = ?`);
+    return this.write(() => {
+      if (!select.get(id)) throw notFound(`no token ${id}`, 'see `keyhold token list`');
+      this.db.prepare('UPDATE tokens SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL').run(now(), id);
+      return select.get(id) as TokenRecord;
+    });
+  }
+
+  /** Revokes every live token of a scope (and subject); returns how many. */
+  revokeTokens(scope: string, subject?: string): number {
+    checkScopeName(scope);
+    return this.write(
+      () =>
+        this.db
+          .prepare('UPDATE tokens SET revoked_at = ? WHERE scope = ? AND (? IS NULL OR subject = ?) AND revoked_at IS NULL')
+          .run(now(), scope, subject ?? null, subject ?? null).changes,
+    );
   }
 }

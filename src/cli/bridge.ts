@@ -1,0 +1,117 @@
+// `keyhold bridge` (container side): a plain agent socket in, the token handshake out.
+import { chmodSync, readFileSync } from 'node:fs';
+import { connect, createServer, type Socket } from 'node:net';
+import type { Argv } from 'yargs';
+import { KeyholdError, usageError, EXIT } from '../errors.js';
+import { createLogger } from '../log.js';
+import { clearStaleSocket } from '../signer/unix-listener.js';
+import { MAX_TOKEN_BYTES, parseListenAddress, type ListenAddress } from '../signer/token-listener.js';
+import type { GlobalArgs } from './common.js';
+
+const DIAL_RETRY_MS = 10_000;
+
+function readToken(file: string | undefined): Buffer {
+  let raw: Buffer;
+  if (file) {
+    try {
+      raw = readFileSync(file === '-' ? 0 : file);
+    } catch (err) {
+      throw new KeyholdError(`cannot read token file ${file}: ${(err as NodeJS.ErrnoException).code ?? 'error'}`, 'check the path');
+    }
+  } else if (process.env.KEYHOLD_TOKEN) {
+    raw = Buffer.from(process.env.KEYHOLD_TOKEN);
+  } else {
+    throw new KeyholdError('no token', 'pass --token-file F or set KEYHOLD_TOKEN', EXIT.USAGE);
+  }
+  const token = Buffer.from(raw.toString('utf8').trim());
+  if (token.length < 1 || token.length > MAX_TOKEN_BYTES) {
+    throw usageError(`the token must be 1 to ${MAX_TOKEN_BYTES} bytes`, 'use the token `keyhold token issue` printed');
+  }
+  return token;
+}
+
+/** Dials the signer, retrying while it is not up yet (refused / no socket) for a bounded time. */
+function dial(address: ListenAddress): Promise<Socket> {
+  const deadline = Date.now() + DIAL_RETRY_MS;
+  return new Promise((resolve, reject) => {
+    let delay = 50;
+    const attempt = () => {
+      const socket = address.kind === 'unix' ? connect(address.path) : connect({ host: address.host, port: address.port });
+      socket.once('connect', () => {
+        socket.removeAllListeners('error');
+        resolve(socket);
+      });
+      socket.once('error', (err: NodeJS.ErrnoException) => {
+        socket.destroy();
+        const retryable = ['ECONNREFUSED', 'ENOENT', 'EAGAIN', 'ECONNRESET'].includes(err.code ?? '');
+        if (!retryable || Date.now() + delay > deadline) return reject(err);
+        setTimeout(attempt, delay);
+        delay = Math.min(delay * 2, 1000);
+      });
+    };
+    attempt();
+  });
+}
+
+export function bridgeCommand(yargs: Argv<GlobalArgs>) {
+  return yargs.command(
+    'bridge',
+    'container side: serve a plain agent socket that forwards to the token-gated signer',
+    (c) =>
+      c
+        .option('connect', { type: 'string', demandOption: true, describe: 'the signer: unix:PATH or tcp:HOST:PORT' })
+        .option('listen', { type: 'string', demandOption: true, describe: 'agent socket to create (for SSH_AUTH_SOCK)' })
+        .option('token-file', { type: 'string', describe: 'file holding the token (- for stdin); else $KEYHOLD_TOKEN' })
+        .option('token', { type: 'string', hidden: true }),
+    async (args) => {
+      if (args.token !== undefined) {
+        throw usageError('--token is not accepted: a token in argv is visible to every process', 'use --token-file F or KEYHOLD_TOKEN');
+      }
+      const upstream = parseListenAddress(args.connect);
+      if (!upstream) throw usageError(`invalid --connect ${JSON.stringify(args.connect)}`, 'use unix:PATH or tcp:HOST:PORT');
+      const token = readToken(args['token-file']);
+      const handshake = Buffer.alloc(4 + token.length);
+      handshake.writeUInt32BE(token.length, 0);
+      token.copy(handshake, 4);
+      token.fill(0);
+      const log = createLogger();
+      const listenPath = args.listen;
+      try {
+        clearStaleSocket(listenPath);
+      } catch (err) {
+        throw new KeyholdError((err as Error).message, 'pick another --listen path');
+      }
+      const server = createServer((client) => {
+        client.pause();
+        client.on('error', () => {});
+        dial(upstream).then(
+          (signer) => {
+            signer.on('error', () => client.destroy());
+            client.on('close', () => signer.destroy());
+            signer.on('close', () => client.destroy());
+            signer.write(handshake);
+            client.pipe(signer);
+            signer.pipe(client);
+            client.resume();
+          },
+          (err: Error) => {
+            log.error({ connect: args.connect, err: err.message }, 'cannot reach the signer');
+            client.destroy();
+          },
+        );
+      });
+      await new Promise<void>((resolve, reject) => {
+        server.once('error', (err) => reject(new KeyholdError(`cannot listen on ${listenPath}: ${err.message}`, 'pick another --listen path')));
+        server.listen(listenPath, () => resolve());
+      });
+      chmodSync(listenPath, 0o600);
+      process.stdout.write(`SSH_AUTH_SOCK=${listenPath}\n`);
+      log.info({ listen: listenPath, connect: args.connect }, 'bridge ready');
+      await new Promise<void>((resolve) => {
+        for (const signal of ['SIGTERM', 'SIGINT', 'SIGHUP'] as const) {
+          process.once(signal, () => server.close(() => resolve()));
+        }
+      });
+    },
+  );
+}

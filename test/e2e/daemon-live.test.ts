@@ -1,0 +1,222 @@
+// A running `keyhold serve` follows changes made by other processes (the CLI) without a restart:
+// new scopes get sockets, removed/unassigned keys vanish from open connections, empty scopes
+// lose their socket.
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { createPublicKey, verify } from 'node:crypto';
+import { existsSync } from 'node:fs';
+import {
+  frameBytes,
+  initVault,
+  keyhold,
+  keyholdOk,
+  makeKeyholdEnv,
+  RawAgentClient,
+  startServe,
+  stopAllServes,
+  type KeyholdEnv,
+  type ServeHandle,
+} from '../helpers/keyhold.js';
+
+// --- a minimal, independent agent-protocol client codec -------------------------------------
+
+const u32 = (n: number) => {
+  const b = Buffer.alloc(4);
+  b.writeUInt32BE(n);
+  return b;
+};
+const sshString = (b: Buffer | string) => {
+  const bytes = typeof b === 'string' ? Buffer.from(b) : b;
+  return Buffer.concat([u32(bytes.length), bytes]);
+};
+const REQUEST_IDENTITIES = frameBytes(Buffer.of(11));
+const signRequest = (blob: Buffer, data: Buffer, flags = 0) =>
+  frameBytes(Buffer.concat([Buffer.of(13), sshString(blob), sshString(data), u32(flags)]));
+
+function readString(buf: Buffer, offset: number): [Buffer, number] {
+  const len = buf.readUInt32BE(offset);
+  if (offset + 4 + len > buf.length) throw new Error('truncated string in reply');
+  return [buf.subarray(offset + 4, offset + 4 + len), offset + 4 + len];
+}
+
+function parseIdentities(payload: Buffer): { blob: Buffer; comment: string }[] {
+  expect(payload[0], 'IDENTITIES_ANSWER').toBe(12);
+  const count = payload.readUInt32BE(1);
+  let off = 5;
+  const out: { blob: Buffer; comment: string }[] = [];
+  for (let i = 0; i < count; i++) {
+    const [blob, o1] = readString(payload, off);
+    const [comment, o2] = readString(payload, o1);
+    out.push({ blob: Buffer.from(blob), comment: comment.toString() });
+    off = o2;
+  }
+  expect(off).toBe(payload.length);
+  return out;
+}
+
+const blobOfLine = (line: string) => Buffer.from(line.trim().split(' ')[1]!, 'base64');
+
+function verifyEd25519(blob: Buffer, data: Buffer, reply: Buffer): boolean {
+  expect(reply[0], 'SIGN_RESPONSE').toBe(14);
+  const [sigBlob] = readString(reply, 1);
+  const [alg, o] = readString(sigBlob, 0);
+  expect(alg.toString()).toBe('ssh-ed25519');
+  const [sig] = readString(sigBlob, o);
+  const [, ko] = readString(blob, 0);
+  const [raw] = readString(blob, ko);
+  const key = createPublicKey({ key: { kty: 'OKP', crv: 'Ed25519', x: raw.toString('base64url') }, format: 'jwk' });
+  return verify(null, data, key, sig);
+}
+
+async function identities(client: RawAgentClient) {
+  client.send(REQUEST_IDENTITIES);
+  return parseIdentities(await client.reply());
+}
+
+/** Polls (bounded) until `check` holds; returns the elapsed milliseconds. */
+async function within(ms: number, check: () => boolean, what: string): Promise<number> {
+  const start = Date.now();
+  while (!check()) {
+    if (Date.now() - start > ms) throw new Error(`${what}: not within ${ms} ms`);
+    await new Promise((r) => setTimeout(r, 20));
+  }
+  return Date.now() - start;
+}
+
+function fingerprintOf(k: KeyholdEnv, line: string): string {
+  const keys = JSON.parse(keyholdOk(k, ['key', 'list', '--json'])) as { fingerprint: string; public: string }[];
+  const found = keys.find((key) => key.public.split(' ')[1] === line.trim().split(' ')[1]);
+  if (!found) throw new Error(`key ${line} not listed`);
+  return found.fingerprint;
+}
+
+describe('daemon follows vault changes live', () => {
+  let k: KeyholdEnv;
+  let serve: ServeHandle;
+  const clients: RawAgentClient[] = [];
+  const open = async (scope: string) => {
+    const c = await RawAgentClient.connect(serve.socket(scope));
+    clients.push(c);
+    return c;
+  };
+
+  beforeAll(async () => {
+    k = makeKeyholdEnv('keyhold-daemon-live-');
+    initVault(k);
+    keyholdOk(k, ['key', 'generate', 'web', '--comment', 'web-keep']);
+    serve = await startServe(k);
+  });
+
+  afterAll(async () => {
+    for (const c of clients) c.close();
+    await stopAllServes();
+    k?.cleanup();
+  });
+
+  it('a key generated in a new scope gets a socket within 1 s that offers that key', async () => {
+    const sock = serve.socket('newscope');
+    expect(existsSync(sock)).toBe(false);
+    const line = keyholdOk(k, ['key', 'generate', 'newscope', '--comment', 'fresh-scope-key']);
+    await within(1000, () => existsSync(sock), 'newscope.sock appears');
+    const c = await open('newscope');
+    const ids = await identities(c);
+    expect(ids.map((i) => i.comment)).toEqual(['fresh-scope-key']);
+    expect(ids[0]!.blob.equals(blobOfLine(line))).toBe(true);
+    // and it signs with it
+    const data = Buffer.from('live data');
+    c.send(signRequest(ids[0]!.blob, data));
+    expect(verifyEd25519(ids[0]!.blob, data, await c.reply())).toBe(true);
+  });
+
+  it('`key rm` by another process takes the key off an already-open connection', async () => {
+    const line = keyholdOk(k, ['key', 'generate', 'web', '--comment', 'web-doomed']);
+    const blob = blobOfLine(line);
+    const fp = fingerprintOf(k, line);
+    const c = await open('web');
+    const before = await identities(c);
+    expect(before.map((i) => i.comment).sort()).toEqual(['web-doomed', 'web-keep']);
+    const data = Buffer.from('before rm');
+    c.send(signRequest(blob, data));
+    expect(verifyEd25519(blob, data, await c.reply())).toBe(true);
+
+    keyholdOk(k, ['key', 'rm', fp]);
+
+    const after = await identities(c);
+    expect(after.map((i) => i.comment)).toEqual(['web-keep']);
+    expect(after.some((i) => i.blob.equals(blob))).toBe(false);
+    c.send(signRequest(blob, Buffer.from('after rm')));
+    expect([...(await c.reply())]).toEqual([5]);
+    expect(c.closed).toBe(false);
+  });
+
+  it('`key unassign` takes the key off that scope only, on an open connection', async () => {
+    const line = keyholdOk(k, ['key', 'generate', 'web', '--comment', 'web-shared']);
+    const blob = blobOfLine(line);
+    const fp = fingerprintOf(k, line);
+    keyholdOk(k, ['key', 'assign', 'shared', fp]);
+    await within(1000, () => existsSync(serve.socket('shared')), 'shared.sock appears');
+    const c = await open('web');
+    expect((await identities(c)).some((i) => i.blob.equals(blob))).toBe(true);
+
+    keyholdOk(k, ['key', 'unassign', 'web', fp]);
+
+    expect((await identities(c)).some((i) => i.blob.equals(blob))).toBe(false);
+    c.send(signRequest(blob, Buffer.from('after unassign')));
+    expect([...(await c.reply())]).toEqual([5]);
+    // still offered and usable in the other scope
+    const s = await open('shared');
+    const ids = await identities(s);
+    expect(ids.map((i) => i.comment)).toEqual(['web-shared']);
+    const data = Buffer.from('shared scope');
+    s.send(signRequest(blob, data));
+    expect(verifyEd25519(blob, data, await s.reply())).toBe(true);
+  });
+
+  it('a scope that loses its last key loses its socket within ~1 s (no client connected)', async () => {
+    const line = keyholdOk(k, ['key', 'generate', 'lonely', '--comment', 'lonely-key']);
+    const fp = fingerprintOf(k, line);
+    const sock = serve.socket('lonely');
+    await within(1000, () => existsSync(sock), 'lonely.sock appears');
+    const c = await open('lonely');
+    expect((await identities(c)).length).toBe(1);
+    c.close();
+    await c.waitClosed();
+
+    keyholdOk(k, ['key', 'unassign', 'lonely', fp]);
+    await within(1200, () => !existsSync(sock), 'lonely.sock removed after unassign');
+    await expect(RawAgentClient.connect(sock)).rejects.toThrow();
+
+    // assigned again it comes back; deleting its only key (`key rm`) removes it again
+    keyholdOk(k, ['key', 'assign', 'lonely', fp]);
+    await within(1200, () => existsSync(sock), 'lonely.sock back after assign');
+    keyholdOk(k, ['key', 'rm', fp]);
+    await within(1200, () => !existsSync(sock), 'lonely.sock removed after rm');
+    expect(keyhold(k, ['key', 'pub', 'lonely']).status).toBe(5);
+    // the other scopes are untouched
+    const w = await open('web');
+    expect((await identities(w)).map((i) => i.comment)).toContain('web-keep');
+  });
+
+  it('removing a scope while a client holds a connection to it does not stall later changes', async () => {
+    const line = keyholdOk(k, ['key', 'generate', 'held', '--comment', 'held-key']);
+    const fp = fingerprintOf(k, line);
+    const sock = serve.socket('held');
+    await within(1000, () => existsSync(sock), 'held.sock appears');
+    const c = await open('held'); // an idle client (e.g. a long-running ssh) keeps this open
+    expect((await identities(c)).length).toBe(1);
+
+    keyholdOk(k, ['key', 'rm', fp]);
+    await within(1200, () => !existsSync(sock), 'held.sock removed');
+    // the open connection no longer offers the deleted key
+    if (!c.closed) {
+      c.send(REQUEST_IDENTITIES);
+      const reply = await c.reply().catch(() => null);
+      if (reply) expect(parseIdentities(reply)).toEqual([]);
+    }
+
+    // a later change must still be picked up while that connection stays open
+    const later = keyholdOk(k, ['key', 'generate', 'afterheld', '--comment', 'after-held']);
+    await within(1200, () => existsSync(serve.socket('afterheld')), 'afterheld.sock appears while a client of a removed scope is connected');
+    const a = await open('afterheld');
+    expect((await identities(a))[0]!.blob.equals(blobOfLine(later))).toBe(true);
+  });
+});
