@@ -13,7 +13,6 @@ import {
   KEYHOLD_BIN,
   keyholdOk,
   makeKeyholdEnv,
-  REPO,
   startServe,
   stopAllServes,
   waitFor,
@@ -386,8 +385,11 @@ wait $bp
 echo "bridge-exit=$?"
 `,
     );
-    const r = await run('unshare', ['--net', 'sh', script], {
-      env: cleanEnv({
+    // Its own process group, so a hang cannot leave the bridge started inside running.
+    const inside = spawnTracked(
+      'unshare',
+      ['--net', 'sh', script],
+      cleanEnv({
         NODE: process.execPath,
         KEYHOLD: KEYHOLD_BIN,
         SIGNER: signerPath,
@@ -397,9 +399,19 @@ echo "bridge-exit=$?"
         PROBE: probe,
         KEYHOLD_TOKEN: webToken,
       }),
-      cwd: REPO,
-      timeoutMs: 30_000,
-    });
+    );
+    let r: Run;
+    try {
+      await waitFor(() => inside.proc.exitCode !== null || inside.proc.signalCode !== null, 30_000, 'the namespace script');
+      // Let the pipes drain.
+      await Promise.race([
+        new Promise<void>((resolve) => (inside.proc.stdout!.readableEnded ? resolve() : inside.proc.stdout!.once('end', () => resolve()))),
+        sleep(2000),
+      ]);
+      r = { code: inside.proc.exitCode, stdout: inside.stdout(), stderr: inside.stderr() };
+    } finally {
+      await inside.stop();
+    }
     const bridgeErr = existsSync(join(dir, 'bridge.err')) ? readFileSync(join(dir, 'bridge.err'), 'utf8') : '';
     const why = `${diagnostics(r)}\n--- bridge (inside) stderr ---\n${bridgeErr}`;
     expect(r.code, why).toBe(0);

@@ -111,8 +111,9 @@ describe('token issue', () => {
   });
 
   it('an invalid scope name is a usage error (exit 2)', () => {
-    const r = keyhold(k, ['token', 'issue', '-bad/scope']);
+    const r = keyhold(k, ['token', 'issue', 'bad/scope']);
     expect(r.status, r.stderr).toBe(2);
+    expect(r.stderr).toMatch(/^keyhold: invalid scope/);
     expect(r.stdout).toBe('');
   });
 });
