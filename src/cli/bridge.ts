@@ -4,7 +4,7 @@ import { connect, createServer, type Socket } from 'node:net';
 import type { Argv } from 'yargs';
 import { KeyholdError, usageError, EXIT } from '../errors.js';
 import { createLogger } from '../log.js';
-import { clearStaleSocket } from '../signer/unix-listener.js';
+import { clearStaleSocket, closeServer, trackConnections } from '../signer/unix-listener.js';
 import { MAX_TOKEN_BYTES, parseListenAddress, type ListenAddress } from '../signer/token-listener.js';
 import type { GlobalArgs } from './common.js';
 
@@ -81,7 +81,7 @@ export function bridgeCommand(yargs: Argv<GlobalArgs>) {
       } catch (err) {
         throw new KeyholdError((err as Error).message, 'pick another --listen path');
       }
-      const server = createServer((client) => {
+      const server = trackConnections(createServer((client) => {
         client.pause();
         client.on('error', () => {});
         dial(upstream).then(
@@ -99,7 +99,7 @@ export function bridgeCommand(yargs: Argv<GlobalArgs>) {
             client.destroy();
           },
         );
-      });
+      }));
       await new Promise<void>((resolve, reject) => {
         server.once('error', (err) => reject(new KeyholdError(`cannot listen on ${listenPath}: ${err.message}`, 'pick another --listen path')));
         server.listen(listenPath, () => resolve());
@@ -109,7 +109,7 @@ export function bridgeCommand(yargs: Argv<GlobalArgs>) {
       log.info({ listen: listenPath, connect: args.connect }, 'bridge ready');
       await new Promise<void>((resolve) => {
         for (const signal of ['SIGTERM', 'SIGINT', 'SIGHUP'] as const) {
-          process.once(signal, () => server.close(() => resolve()));
+          process.once(signal, () => void closeServer(server).then(resolve));
         }
       });
     },
