@@ -30,3 +30,12 @@ export const notFound = (message: string, hint?: string) => new KeyholdError(mes
 export function formatError(err: KeyholdError): string {
   return `keyhold: ${err.message}${err.hint ? ` (${err.hint})` : ''}`;
 }
+
+/** Ends a command with an exit code and no message (e.g. `status` when locked: 3). */
+export class QuietExit extends Error {
+  override name = 'QuietExit';
+
+  constructor(readonly exitCode: ExitCode) {
+    super(`exit ${exitCode}`);
+  }
+}

@@ -1,8 +1,14 @@
 // What every command shares: global options, opening the vault, printing results.
 import type { Argv } from 'yargs';
+import { daemonFor } from '../control/client.js';
+import { remoteVaultApi } from '../control/remote-vault.js';
+import { runtimeDir } from '../runtime-dir.js';
+import { localVaultApi, type VaultApi } from '../vault/api.js';
+import { readKeyring } from '../vault/keyring.js';
 import { vaultPaths } from '../vault/paths.js';
 import { Vault } from '../vault/vault.js';
-import { readPassphrase } from './passphrase.js';
+import { hasExplicitPassphrase } from './passphrase.js';
+import { collectKeks, type UnlockRequest } from './unlock-sources.js';
 
 export interface GlobalArgs {
   vault?: string | undefined;
@@ -17,17 +23,42 @@ export function globalOptions<T>(yargs: Argv<T>) {
     .option('passphrase-file', { type: 'string', describe: 'read the vault passphrase from this file (- for stdin)', global: true });
 }
 
-export async function openVault(args: GlobalArgs): Promise<Vault> {
-  return Vault.open(vaultPaths(args.vault), () => readPassphrase({ file: args['passphrase-file'] }));
+/** Opens the vault in this process with what the CLI can prove (passphrase sources, SSH agent). */
+export async function openVault(args: GlobalArgs, request: Partial<UnlockRequest> = {}): Promise<Vault> {
+  return Vault.openWithKeks(vaultPaths(args.vault), (keyring) =>
+    collectKeks(keyring, { file: args['passphrase-file'], alternatives: [DAEMON_SOURCE], ...request }),
+  );
 }
 
-/** Runs `fn` with an open vault and closes it afterwards, whatever happens. */
-export async function withVault<T>(args: GlobalArgs, fn: (vault: Vault) => T | Promise<T>): Promise<T> {
+const DAEMON_SOURCE = 'a running, unlocked daemon (`keyhold unlock`)';
+
+/**
+ * The vault's operations, by the contract's order of sources: an explicit passphrase (file,
+ * credential) opens the vault here; else a running, unlocked daemon for this vault does the work
+ * (no passphrase at all); else the SSH agent, KEYHOLD_PASSPHRASE or a prompt open it here.
+ */
+export async function openVaultApi(args: GlobalArgs): Promise<{ api: VaultApi; close(): void }> {
+  const paths = vaultPaths(args.vault);
+  const keyring = readKeyring(paths.keys);
+  const explicit = hasExplicitPassphrase({ file: args['passphrase-file'] });
+  if (!(explicit && keyring.policy === 'any')) {
+    const daemon = await daemonFor(runtimeDir(), keyring.vault_id);
+    if (daemon && !daemon.status.locked) {
+      return { api: remoteVaultApi(daemon.client, keyring.vault_id), close: () => daemon.client.close() };
+    }
+    daemon?.client.close();
+  }
   const vault = await openVault(args);
+  return { api: localVaultApi(vault), close: () => vault.close() };
+}
+
+/** Runs `fn` with the vault's operations and closes what it opened, whatever happens. */
+export async function withVault<T>(args: GlobalArgs, fn: (api: VaultApi) => T | Promise<T>): Promise<T> {
+  const { api, close } = await openVaultApi(args);
   try {
-    return await fn(vault);
+    return await fn(api);
   } finally {
-    vault.close();
+    close();
   }
 }
 

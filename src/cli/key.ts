@@ -3,10 +3,11 @@ import { hostname, userInfo } from 'node:os';
 import { basename } from 'node:path';
 import type { Argv } from 'yargs';
 import { authorizedKeyLine } from '../agent-protocol/public-key.js';
-import { KeyholdError, notFound } from '../errors.js';
+import { KeyholdError, notFound, usageError } from '../errors.js';
 import {
-  generatePrivateKey,
+  describeSupportedKey,
   KEY_TYPES,
+  toPkcs8,
   KeyPassphraseNeeded,
   parsePrivateKeyFile,
   type KeyKind,
@@ -42,9 +43,9 @@ const defaultComment = () => {
   }
 };
 
-function reportAdded(args: GlobalArgs, scope: string, added: AddKeyResult, record: KeyRecord | undefined): void {
+function reportAdded(args: GlobalArgs, scope: string, added: AddKeyResult, record: KeyRecord): void {
   if (args.json) {
-    printJson({ ...keyJson(record!), created: added.created });
+    printJson({ ...keyJson(record), created: added.created });
     return;
   }
   if (!added.created) process.stderr.write(`keyhold: the vault already held ${added.fingerprint}; assigned it to ${scope}\n`);
@@ -94,11 +95,9 @@ export function keyCommand(yargs: Argv<GlobalArgs>) {
             .option('comment', { type: 'string', describe: 'comment (default user@host)' }),
         async (args) => {
           const scope = checkScopeName(args.scope);
-          const key = generatePrivateKey(args.type, args.bits);
-          await withVault(args, (vault) => {
-            const added = vault.addKey(scope, key, args.comment ?? defaultComment());
-            reportAdded(args, scope, added, vault.listKeys().find((k) => k.fingerprint === added.fingerprint));
-          });
+          if (args.bits !== undefined && !Number.isInteger(args.bits)) throw usageError('--bits takes a whole number');
+          const { added, record } = await withVault(args, (api) => api.generateKey(scope, args.type, args.bits, args.comment ?? defaultComment()));
+          reportAdded(args, scope, added, record);
         },
       )
       .command(
@@ -113,10 +112,10 @@ export function keyCommand(yargs: Argv<GlobalArgs>) {
         async (args) => {
           const scope = checkScopeName(args.scope);
           const parsed = await parseKeyFile(args.file, args['key-passphrase-file']);
-          await withVault(args, (vault) => {
-            const added = vault.addKey(scope, parsed.key, args.comment ?? parsed.comment ?? basename(args.file));
-            reportAdded(args, scope, added, vault.listKeys().find((k) => k.fingerprint === added.fingerprint));
-          });
+          const comment = args.comment ?? parsed.comment ?? basename(args.file);
+          describeSupportedKey(parsed.key);
+          const { added, record } = await withVault(args, (api) => api.importKey(scope, toPkcs8(parsed.key), comment));
+          reportAdded(args, scope, added, record);
         },
       )
       .command(
@@ -124,7 +123,7 @@ export function keyCommand(yargs: Argv<GlobalArgs>) {
         'list the keys, with their scopes',
         (c) => c.option('scope', { type: 'string', describe: 'only keys of this scope' }),
         async (args) => {
-          const keys = await withVault(args, (vault) => vault.listKeys(args.scope));
+          const keys = await withVault(args, (api) => api.listKeys(args.scope));
           if (args.json) return printJson(keys.map(keyJson));
           printLines(
             table(
@@ -140,7 +139,7 @@ export function keyCommand(yargs: Argv<GlobalArgs>) {
         (c) => c.positional('scope', { type: 'string', demandOption: true }),
         async (args) => {
           const scope = checkScopeName(args.scope);
-          const keys = await withVault(args, (vault) => vault.listKeys(scope));
+          const keys = await withVault(args, (api) => api.listKeys(scope));
           if (keys.length === 0) throw notFound(`scope ${scope} has no keys`, `generate one with \`keyhold key generate ${scope}\``);
           if (args.json) return printJson(keys.map(keyJson));
           printLines(keys.map((k) => authorizedKeyLine(k.publicBlob, k.comment)));
@@ -151,7 +150,7 @@ export function keyCommand(yargs: Argv<GlobalArgs>) {
         'offer a key of the vault in another scope too',
         (c) => c.positional('scope', { type: 'string', demandOption: true }).positional('fingerprint', { type: 'string', demandOption: true }),
         async (args) => {
-          await withVault(args, (vault) => vault.assign(args.scope, args.fingerprint));
+          await withVault(args, (api) => api.assign(args.scope, args.fingerprint));
           if (args.json) printJson({ scope: args.scope, fingerprint: args.fingerprint, assigned: true });
         },
       )
@@ -160,7 +159,7 @@ export function keyCommand(yargs: Argv<GlobalArgs>) {
         'stop offering a key in a scope (the key stays in the vault)',
         (c) => c.positional('scope', { type: 'string', demandOption: true }).positional('fingerprint', { type: 'string', demandOption: true }),
         async (args) => {
-          await withVault(args, (vault) => vault.unassign(args.scope, args.fingerprint));
+          await withVault(args, (api) => api.unassign(args.scope, args.fingerprint));
           if (args.json) printJson({ scope: args.scope, fingerprint: args.fingerprint, assigned: false });
         },
       )
@@ -169,7 +168,7 @@ export function keyCommand(yargs: Argv<GlobalArgs>) {
         'delete a key from the vault and every scope',
         (c) => c.positional('fingerprint', { type: 'string', demandOption: true }),
         async (args) => {
-          await withVault(args, (vault) => vault.removeKey(args.fingerprint));
+          await withVault(args, (api) => api.removeKey(args.fingerprint));
           if (args.json) printJson({ fingerprint: args.fingerprint, removed: true });
         },
       )

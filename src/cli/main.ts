@@ -1,7 +1,7 @@
 // keyhold's command line: parse, dispatch, and turn every failure into `keyhold: … (…)` + exit code.
 import yargs, { type Argv } from 'yargs';
 import { hideBin } from 'yargs/helpers';
-import { EXIT, formatError, KeyholdError, usageError } from '../errors.js';
+import { EXIT, formatError, KeyholdError, QuietExit, usageError } from '../errors.js';
 import { globalOptions, type GlobalArgs } from './common.js';
 import { initCommand } from './init.js';
 import { keyCommand } from './key.js';
@@ -9,6 +9,8 @@ import { scopeCommand } from './scope.js';
 import { serveCommand } from './serve.js';
 import { tokenCommand } from './token.js';
 import { bridgeCommand } from './bridge.js';
+import { lockCommand, statusCommand, unlockCommand } from './unlock.js';
+import { factorCommand, passphraseCommand } from './factor.js';
 
 /** Options whose value may be `-` (stdin), which yargs would otherwise take for an argument. */
 const FILE_OPTIONS = new Set(['--passphrase-file', '--key-passphrase-file', '--token-file', '--value-file', '--new-passphrase-file']);
@@ -26,7 +28,19 @@ export async function main(argv: string[]): Promise<number> {
   // Everything keyhold creates (vault, key file, sockets, runtime dir) is private to the user.
   process.umask(0o077);
   const parser: Argv<GlobalArgs> = globalOptions(yargs(joinStdinValues(argv)).scriptName('keyhold'));
-  for (const register of [initCommand, keyCommand, scopeCommand, tokenCommand, serveCommand, bridgeCommand]) register(parser);
+  for (const register of [
+    initCommand,
+    keyCommand,
+    scopeCommand,
+    tokenCommand,
+    serveCommand,
+    bridgeCommand,
+    unlockCommand,
+    lockCommand,
+    statusCommand,
+    factorCommand,
+    passphraseCommand,
+  ]) register(parser);
   try {
     await parser
       .strict()
@@ -43,6 +57,7 @@ export async function main(argv: string[]): Promise<number> {
       .parseAsync();
     return EXIT.OK;
   } catch (err) {
+    if (err instanceof QuietExit) return err.exitCode;
     if (err instanceof KeyholdError) {
       process.stderr.write(formatError(err) + '\n');
       return err.exitCode;

@@ -12,6 +12,7 @@ export interface PassphraseRequest {
   /** Extra sources to name when none applies (e.g. init's --generate-passphrase). */
   alternatives?: string[];
   warn?: (message: string) => void;
+  prompt?: string;
 }
 
 /** Strips one trailing newline, as editors and `echo` add one. */
@@ -40,7 +41,8 @@ export function readPassphraseFile(path: string, what = 'passphrase file'): Buff
   return nonEmpty(Buffer.from(trimNewline(readSecretFile(path, what))));
 }
 
-export async function readPassphrase(request: PassphraseRequest): Promise<Buffer> {
+/** The tiers that name a passphrase explicitly: a file (or `-`), or a systemd credential. */
+export function explicitPassphrase(request: PassphraseRequest): Buffer | null {
   const env = request.env ?? process.env;
   const file = request.file ?? env.KEYHOLD_PASSPHRASE_FILE;
   if (file) return readPassphraseFile(file);
@@ -48,6 +50,18 @@ export async function readPassphrase(request: PassphraseRequest): Promise<Buffer
     const credential = join(env.CREDENTIALS_DIRECTORY, 'keyhold-passphrase');
     if (existsSync(credential)) return readPassphraseFile(credential, 'systemd credential');
   }
+  return null;
+}
+
+export function hasExplicitPassphrase(request: PassphraseRequest): boolean {
+  const env = request.env ?? process.env;
+  if (request.file ?? env.KEYHOLD_PASSPHRASE_FILE) return true;
+  return Boolean(env.CREDENTIALS_DIRECTORY && existsSync(join(env.CREDENTIALS_DIRECTORY, 'keyhold-passphrase')));
+}
+
+/** The last tiers: KEYHOLD_PASSPHRASE (with a warning), then a prompt when stdin is a terminal. */
+export async function fallbackPassphrase(request: PassphraseRequest): Promise<Buffer | null> {
+  const env = request.env ?? process.env;
   if (env.KEYHOLD_PASSPHRASE !== undefined) {
     (request.warn ?? ((m) => process.stderr.write(`keyhold: warning: ${m}\n`)))(
       'KEYHOLD_PASSPHRASE exposes the passphrase to every process that can read this environment; prefer --passphrase-file',
@@ -55,7 +69,7 @@ export async function readPassphrase(request: PassphraseRequest): Promise<Buffer
     return nonEmpty(Buffer.from(env.KEYHOLD_PASSPHRASE, 'utf8'));
   }
   if (process.stdin.isTTY) {
-    const first = nonEmpty(await promptHidden('Vault passphrase: '));
+    const first = nonEmpty(await promptHidden(request.prompt ?? 'Vault passphrase: '));
     if (!request.confirm) return first;
     const second = await promptHidden('Repeat passphrase: ');
     const same = first.equals(second);
@@ -66,15 +80,27 @@ export async function readPassphrase(request: PassphraseRequest): Promise<Buffer
     }
     return first;
   }
+  return null;
+}
+
+/** Exit 3, naming every source that could have applied. */
+export function noPassphraseSource(alternatives: string[] = [], what = 'no passphrase source'): KeyholdError {
   const sources = [
     '--passphrase-file F (- for stdin)',
     'KEYHOLD_PASSPHRASE_FILE',
     '$CREDENTIALS_DIRECTORY/keyhold-passphrase',
+    ...alternatives,
     'KEYHOLD_PASSPHRASE',
     'a terminal to prompt on',
-    ...(request.alternatives ?? []),
   ];
-  throw new KeyholdError('no passphrase source', `use one of: ${sources.join(', ')}`, EXIT.LOCKED);
+  return new KeyholdError(what, `use one of: ${sources.join(', ')}`, EXIT.LOCKED);
+}
+
+/** Every passphrase tier in the contract's order, except the daemon (see openVaultApi). */
+export async function readPassphrase(request: PassphraseRequest): Promise<Buffer> {
+  const passphrase = explicitPassphrase(request) ?? (await fallbackPassphrase(request));
+  if (passphrase) return passphrase;
+  throw noPassphraseSource(request.alternatives);
 }
 
 /** Reads a line from the terminal with echo off; the bytes stay in a Buffer the caller can zero. */

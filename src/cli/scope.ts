@@ -13,7 +13,7 @@ export function scopeCommand(yargs: Argv<GlobalArgs>) {
           'scopes with their key, secret and token counts',
           (c) => c,
           async (args) => {
-            const scopes = await withVault(args, (vault) => vault.scopes());
+            const scopes = await withVault(args, (api) => api.scopes());
             if (args.json) return printJson(scopes);
             printLines(
               table(

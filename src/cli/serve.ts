@@ -1,15 +1,23 @@
 import type { Argv } from 'yargs';
 import { startDaemon } from '../daemon/daemon.js';
+import { parseDuration } from '../duration.js';
+import { EXIT, KeyholdError, usageError } from '../errors.js';
 import { createLogger } from '../log.js';
 import { runtimeDir } from '../runtime-dir.js';
-import { usageError } from '../errors.js';
 import { parseListenAddress } from '../signer/token-listener.js';
-import { openVault, type GlobalArgs } from './common.js';
+import { readKeyring } from '../vault/keyring.js';
+import { vaultPaths } from '../vault/paths.js';
+import { existsSync } from 'node:fs';
+import type { GlobalArgs } from './common.js';
+import { collectKeks } from './unlock-sources.js';
+
+export const optionalDuration = (text: string | undefined, flag: string): number | null =>
+  text === undefined ? null : parseDuration(text, flag);
 
 export function serveCommand(yargs: Argv<GlobalArgs>) {
   return yargs.command(
     'serve',
-    'run the daemon in the foreground: one agent socket per scope',
+    'run the daemon in the foreground: one agent socket per scope, the control socket, token listeners',
     (c) =>
       c
         .option('scope-sockets', { type: 'boolean', default: true, describe: 'serve a socket per scope (--no-scope-sockets to disable)' })
@@ -19,6 +27,9 @@ export function serveCommand(yargs: Argv<GlobalArgs>) {
           default: [] as string[],
           describe: 'token-gated signer for containers: unix:PATH or tcp:HOST:PORT (repeatable)',
         })
+        .option('idle-lock', { type: 'string', describe: 'lock after this long without requests (90s, 30m, 8h, 7d)' })
+        .option('lock-after', { type: 'string', describe: 'lock this long after each unlock, whatever the activity' })
+        .option('locked', { type: 'boolean', default: false, describe: 'start locked; unlock later with `keyhold unlock`' })
         .option('allow-sha1', { type: 'boolean', default: false, describe: 'sign SHA-1 ssh-rsa requests (refused by default)' }),
     async (args) => {
       const listen = args.listen.map((text) => {
@@ -26,18 +37,36 @@ export function serveCommand(yargs: Argv<GlobalArgs>) {
         if (!address) throw usageError(`invalid --listen ${JSON.stringify(text)}`, 'use unix:PATH or tcp:HOST:PORT');
         return address;
       });
+      const lockTimers = { idleMs: optionalDuration(args['idle-lock'], '--idle-lock'), ttlMs: optionalDuration(args['lock-after'], '--lock-after') };
+      const paths = vaultPaths(args.vault);
+      const keyring = readKeyring(paths.keys);
+      if (!existsSync(paths.db)) {
+        throw new KeyholdError(`no vault database at ${paths.db}`, 'create a vault with `keyhold init`, or pass --vault');
+      }
       const log = createLogger();
-      const vault = await openVault(args);
       const daemon = await startDaemon({
-        vault,
+        paths,
+        vaultId: keyring.vault_id,
+        lockTimers,
+        // Unlock at start with what applies (passphrase sources, SSH agent); with none, start
+        // locked and wait for `keyhold unlock`. A wrong passphrase is still an error (exit 4).
+        unlockWith: async () => {
+          if (args.locked) return null;
+          try {
+            return await collectKeks(keyring, { file: args['passphrase-file'] });
+          } catch (err) {
+            if (err instanceof KeyholdError && err.exitCode === EXIT.LOCKED) {
+              log.info('no unlock source: starting locked; unlock with `keyhold unlock`');
+              return null;
+            }
+            throw err;
+          }
+        },
         runtimeDir: runtimeDir(),
         log,
         scopeSockets: args['scope-sockets'],
         listen,
         allowSha1: args['allow-sha1'],
-      }).catch((err) => {
-        vault.close();
-        throw err;
       });
       await new Promise<void>((resolve) => {
         const stop = (signal: string) => {

@@ -39,7 +39,7 @@ export function tokenCommand(yargs: Argv<GlobalArgs>) {
             throw usageError('invalid subject', 'up to 128 printable characters');
           }
           const ttl = args.ttl === undefined ? null : parseDuration(args.ttl, '--ttl');
-          const { token, record } = await withVault(args, (vault) => vault.issueToken(scope, args.subject, ttl));
+          const { token, record } = await withVault(args, (api) => api.issueToken(scope, args.subject, ttl));
           if (args.json) {
             printJson({ id: record.id, token, scope: record.scope, subject: record.subject, expires: record.expires });
           } else {
@@ -52,7 +52,7 @@ export function tokenCommand(yargs: Argv<GlobalArgs>) {
         'list tokens (never the token itself)',
         (c) => c.option('scope', { type: 'string', describe: 'only tokens of this scope' }),
         async (args) => {
-          const tokens = await withVault(args, (vault) => vault.listTokens(args.scope));
+          const tokens = await withVault(args, (api) => api.listTokens(args.scope));
           if (args.json) return printJson(tokens.map(tokenJson));
           printLines(
             table(
@@ -76,11 +76,11 @@ export function tokenCommand(yargs: Argv<GlobalArgs>) {
           }
           if (args.subject !== undefined && args.scope === undefined) throw usageError('--subject goes with --scope');
           if (args.id !== undefined) {
-            const record = await withVault(args, (vault) => vault.revokeToken(args.id!));
+            const record = await withVault(args, (api) => api.revokeToken(args.id!));
             if (args.json) printJson(tokenJson(record));
             return;
           }
-          const count = await withVault(args, (vault) => vault.revokeTokens(checkScopeName(args.scope!), args.subject));
+          const count = await withVault(args, (api) => api.revokeTokens(checkScopeName(args.scope!), args.subject));
           if (args.json) printJson({ scope: args.scope, subject: args.subject ?? null, revoked: count });
           else process.stderr.write(`keyhold: revoked ${count} token${count === 1 ? '' : 's'}\n`);
         },

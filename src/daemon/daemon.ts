@@ -1,23 +1,35 @@
-// `keyhold serve`: holds the unlocked vault and serves one agent socket per scope.
+// `keyhold serve`: holds the vault (locked or unlocked), serves one agent socket per scope, the
+// token-gated listeners for containers, and the control socket for the CLI.
 import type { Logger } from 'pino';
-import { KeyholdError } from '../errors.js';
-import { hardenProcess } from '../libc.js';
-import { acquirePidLock, ensurePrivateDir, pidFilePath, scopesDir, type PidLock } from '../runtime-dir.js';
 import { isIP } from 'node:net';
 import { unlinkSync } from 'node:fs';
 import type { Server } from 'node:net';
+import { KeyholdError } from '../errors.js';
+import { hardenProcess } from '../libc.js';
+import { acquirePidLock, ensurePrivateDir, pidFilePath, scopesDir, type PidLock } from '../runtime-dir.js';
+import { controlSocketPath, type ControlRequest, type LockTimers } from '../control/protocol.js';
+import { listenControl } from '../control/server.js';
 import { HandshakeGuard } from '../signer/handshake-guard.js';
 import { ScopeSockets } from '../signer/scope-sockets.js';
 import { listenToken, type ListenAddress } from '../signer/token-listener.js';
 import { closeServer, ConnectionLimit } from '../signer/unix-listener.js';
 import type { AgentBackend } from '../signer/backend.js';
-import { TokenCache } from '../tokens/token-cache.js';
-import { KeyCache } from '../vault/key-cache.js';
-import type { Vault } from '../vault/vault.js';
+import type { VaultApi } from '../vault/api.js';
+import { zeroKeks, type FactorKeks } from '../vault/keyring.js';
+import type { VaultPaths } from '../vault/paths.js';
 import { scopeBackend } from './scope-backend.js';
+import { VaultSession } from './vault-session.js';
 
 export interface DaemonOptions {
-  vault: Vault;
+  paths: VaultPaths;
+  vaultId: string;
+  /**
+   * Asked once the daemon holds its pid lock (so a second daemon fails before any prompt): the
+   * KEKs to unlock with at start, or null to start locked. Zeroed once used.
+   */
+  unlockWith?: () => Promise<FactorKeks | null>;
+  /** Defaults for every unlock: --idle-lock and --lock-after. */
+  lockTimers?: LockTimers;
   runtimeDir: string;
   log: Logger;
   scopeSockets: boolean;
@@ -31,25 +43,46 @@ export interface DaemonOptions {
 }
 
 export interface Daemon {
+  session: VaultSession;
   socketPaths(): string[];
   stop(): Promise<void>;
 }
 
 export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
-  const { vault, runtimeDir, log } = options;
+  const { runtimeDir, log } = options;
   const hardening = hardenProcess();
   if (!hardening.dumpable || !hardening.coreLimit) log.warn(hardening, 'could not fully disable core dumps and ptrace');
   ensurePrivateDir(runtimeDir);
   const lock: PidLock = acquirePidLock(pidFilePath(runtimeDir));
+  const session = new VaultSession(options.paths, options.vaultId, log, options.lockTimers ?? { idleMs: null, ttlMs: null });
+  const servers: { server: Server; unlinkPath?: string }[] = [];
+  const closeServers = async () => {
+    for (const { server, unlinkPath } of servers.splice(0)) {
+      await closeServer(server);
+      if (unlinkPath) {
+        try {
+          unlinkSync(unlinkPath);
+        } catch {
+          /* already gone */
+        }
+      }
+    }
+  };
   try {
     ensurePrivateDir(scopesDir(runtimeDir));
-    const cache = new KeyCache(vault);
-    cache.refresh();
-    const tokens = new TokenCache(vault);
+    const initial = await options.unlockWith?.();
+    if (initial) {
+      try {
+        await session.unlock(initial);
+      } finally {
+        zeroKeks(initial);
+      }
+    }
     const backends = new Map<string, AgentBackend>();
+    const keys = () => session.keys();
     const backendFor = (scope: string) => {
       let backend = backends.get(scope);
-      if (!backend) backends.set(scope, (backend = scopeBackend(cache, scope, { allowSha1: options.allowSha1 ?? false })));
+      if (!backend) backends.set(scope, (backend = scopeBackend(keys, scope, { allowSha1: options.allowSha1 ?? false })));
       return backend;
     };
     const limit = new ConnectionLimit(options.maxConnections ?? 16384);
@@ -59,78 +92,108 @@ export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
     const guard = new HandshakeGuard();
     const guardSweep = setInterval(() => guard.sweep(), 60_000);
     guardSweep.unref();
-    const tokenServers: { address: ListenAddress; server: Server }[] = [];
-    const closeTokenServers = async () => {
-      for (const { address, server } of tokenServers.splice(0)) {
-        await closeServer(server);
-        if (address.kind === 'unix') {
-          try {
-            unlinkSync(address.path);
-          } catch {
-            /* already gone */
-          }
-        }
+
+    for (const address of options.listen ?? []) {
+      const where = address.kind === 'unix' ? `unix:${address.path}` : `tcp:${address.host}:${address.port}`;
+      const server = await listenToken(address, {
+        log: log.child({ listener: address.kind === 'unix' ? address.path : `${address.host}:${address.port}` }),
+        limit,
+        guard,
+        idleTimeoutMs,
+        maxPendingWrite,
+        authenticate(token) {
+          const tokens = session.tokens();
+          if (!tokens) return 'locked';
+          const record = tokens.lookup(token);
+          if (!record) return null;
+          return {
+            scope: record.scope,
+            tokenId: record.id,
+            backend: backendFor(record.scope),
+            stillValid: () => session.tokens()?.usable(record.id) ?? false,
+          };
+        },
+        onHandshakeFailure(peer, reason) {
+          log.info({ peer, reason }, 'token handshake failed');
+        },
+      }).catch((err: Error) => {
+        throw new KeyholdError(`cannot listen on ${where}: ${err.message}`, 'pick another address or stop what holds it');
+      });
+      servers.push({ server, ...(address.kind === 'unix' ? { unlinkPath: address.path } : {}) });
+      if (address.kind === 'tcp' && !isLoopback(address.host)) {
+        log.warn({ host: address.host, port: address.port }, 'token listener on a non-loopback address: tokens cross the network in the clear');
       }
-    };
-    try {
-      for (const address of options.listen ?? []) {
-        const where = address.kind === 'unix' ? `unix:${address.path}` : `tcp:${address.host}:${address.port}`;
-        const server = await listenToken(address, {
-          log: log.child({ listener: address.kind === 'unix' ? address.path : `${address.host}:${address.port}` }),
-          limit,
-          guard,
-          idleTimeoutMs,
-          maxPendingWrite,
-          authenticate(token) {
-            const record = tokens.lookup(token);
-            if (!record) return null;
-            return {
-              scope: record.scope,
-              tokenId: record.id,
-              backend: backendFor(record.scope),
-              stillValid: () => tokens.usable(record.id),
-            };
-          },
-          onHandshakeFailure(peer, reason) {
-            log.info({ peer, reason }, 'token handshake failed');
-          },
-        }).catch((err: Error) => {
-          throw new KeyholdError(`cannot listen on ${where}: ${err.message}`, 'pick another address or stop what holds it');
-        });
-        tokenServers.push({ address, server });
-        if (address.kind === 'tcp' && !isLoopback(address.host)) {
-          log.warn({ host: address.host, port: address.port }, 'token listener on a non-loopback address: tokens cross the network in the clear');
-        }
-        log.info({ listen: address }, 'token listener ready');
-      }
-    } catch (err) {
-      await closeTokenServers();
-      throw err;
+      log.info({ listen: address }, 'token listener ready');
     }
+
+    // Scope sockets follow the vault while it is unlocked, and stay as they are while it is locked.
     let syncedVersion = -1;
     const syncScopes = async () => {
       if (!options.scopeSockets) return;
-      cache.refresh();
-      if (cache.version === syncedVersion) return;
+      const cache = session.keys();
+      if (!cache || cache.version === syncedVersion) return;
       syncedVersion = cache.version;
       await sockets.sync(cache.scopeNames());
     };
+    session.onChange(() => {
+      syncedVersion = -1;
+    });
     await syncScopes();
     const timer = setInterval(() => {
       syncScopes().catch((err: Error) => log.error({ err: err.message }, 'scope sync failed'));
     }, options.pollIntervalMs ?? 250);
-    log.info({ vault: vault.paths.db, runtimeDir, sockets: sockets.paths() }, 'keyhold daemon ready');
+
+    const handle = async (request: ControlRequest): Promise<unknown> => {
+      switch (request.op) {
+        case 'status':
+          return session.status(sockets.paths());
+        case 'lock':
+          session.lock('keyhold lock');
+          return session.status(sockets.paths());
+        case 'unlock': {
+          checkVault(request.vaultId);
+          const keks: FactorKeks = new Map(Object.entries(request.keks));
+          try {
+            await session.unlock(keks, { idleMs: request.idleMs ?? null, ttlMs: request.ttlMs ?? null });
+          } catch (err) {
+            log.warn({ err: (err as Error).message }, 'unlock refused');
+            throw err;
+          } finally {
+            for (const kek of keks.values()) kek.fill(0);
+          }
+          await syncScopes();
+          return session.status(sockets.paths());
+        }
+        case 'call': {
+          checkVault(request.vaultId);
+          const api = session.api();
+          const method = api[request.method as keyof VaultApi] as (...args: unknown[]) => Promise<unknown>;
+          const result = await method(...request.args);
+          await syncScopes();
+          return result;
+        }
+      }
+    };
+    const checkVault = (vaultId: string) => {
+      if (vaultId !== options.vaultId) {
+        throw new KeyholdError(`this daemon serves another vault (${options.paths.db})`, 'stop it, or use another KEYHOLD_RUNTIME_DIR');
+      }
+    };
+    const controlPath = controlSocketPath(runtimeDir);
+    servers.push({ server: await listenControl(controlPath, { log, limit, handle }), unlinkPath: controlPath });
+
+    log.info({ vault: options.paths.db, runtimeDir, locked: !session.unlocked, sockets: sockets.paths() }, 'keyhold daemon ready');
     let stopping: Promise<void> | null = null;
     return {
+      session,
       socketPaths: () => sockets.paths(),
       stop() {
         stopping ??= (async () => {
           clearInterval(timer);
           clearInterval(guardSweep);
-          await closeTokenServers();
+          await closeServers();
           await sockets.close();
-          cache.clear();
-          vault.close();
+          session.close();
           lock.release();
           log.info('keyhold daemon stopped');
         })();
@@ -138,6 +201,8 @@ export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
       },
     };
   } catch (err) {
+    await closeServers();
+    session.close();
     lock.release();
     throw err;
   }

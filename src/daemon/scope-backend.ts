@@ -1,4 +1,5 @@
-// The agent backend for one scope: the vault's key cache, re-checked on every request.
+// The agent backend for one scope: the vault's key cache, re-checked on every request. While the
+// vault is locked there is no cache: no identities, and every signature is refused.
 import { signatureAlgorithmFor, signSsh } from '../agent-protocol/signature.js';
 import type { AgentBackend, SignResult } from '../signer/backend.js';
 import type { KeyCache } from '../vault/key-cache.js';
@@ -8,14 +9,14 @@ export interface ScopeBackendOptions {
   allowSha1: boolean;
 }
 
-export function scopeBackend(cache: KeyCache, scope: string, options: ScopeBackendOptions): AgentBackend {
+export function scopeBackend(keys: () => KeyCache | null, scope: string, options: ScopeBackendOptions): AgentBackend {
   return {
     identities() {
-      cache.refresh();
-      return cache.scope(scope).identities;
+      return keys()?.scope(scope).identities ?? [];
     },
     sign(keyBlob, data, flags): SignResult {
-      cache.refresh();
+      const cache = keys();
+      if (!cache) return { ok: false, reason: 'locked' };
       const entry = cache.scope(scope).byBlob.get(keyBlob.toString('latin1'));
       if (!entry) return { ok: false, reason: 'unknown-key' };
       const algorithm = signatureAlgorithmFor(entry.type, flags);

@@ -28,8 +28,11 @@ export interface TokenListenerOptions {
   guard: HandshakeGuard;
   idleTimeoutMs: number;
   maxPendingWrite: number;
-  /** Looks a presented token up; null when it is unknown, revoked or expired. */
-  authenticate(token: Buffer): TokenSession | null;
+  /**
+   * Looks a presented token up; null when it is unknown, revoked or expired; 'locked' when the
+   * vault is locked and no token can be checked (closed, but not counted against the source).
+   */
+  authenticate(token: Buffer): TokenSession | null | 'locked';
   onHandshakeFailure?(peer: Peer, reason: string): void;
 }
 
@@ -96,6 +99,13 @@ function handleConnection(socket: Socket, kind: 'tcp' | 'unix', options: TokenLi
     const rest = received.subarray(4 + length);
     const session = options.authenticate(token);
     received = Buffer.alloc(0);
+    if (session === 'locked') {
+      done = true;
+      clearTimeout(timer);
+      guard.finish(source, true);
+      options.onHandshakeFailure?.(peer, 'vault locked');
+      return void socket.destroy();
+    }
     if (!session) return fail('invalid token');
     done = true;
     clearTimeout(timer);

@@ -1,6 +1,7 @@
 // Private keys in and out of the vault: generation, import of the usual file formats, and the
 // PKCS#8 DER the vault stores. Everything ends up as a node:crypto KeyObject.
-import { createPrivateKey, generateKeyPairSync, type KeyObject } from 'node:crypto';
+import { createPrivateKey, generateKeyPair, type KeyObject } from 'node:crypto';
+import { promisify } from 'node:util';
 import sshpk from 'sshpk';
 import { describeKey, type PublicKeyInfo } from '../agent-protocol/public-key.js';
 import { EXIT, KeyholdError, usageError } from '../errors.js';
@@ -11,24 +12,29 @@ export type KeyKind = (typeof KEY_TYPES)[number];
 export const RSA_BITS = { min: 2048, max: 16384, default: 3072 } as const;
 export const ECDSA_BITS = [256, 384, 521] as const;
 
-export function generatePrivateKey(kind: KeyKind, bits?: number): KeyObject {
+const generateKeyPairAsync = promisify(generateKeyPair);
+
+/** Generates a key off the event loop (RSA-16384 takes seconds; a daemon must keep serving meanwhile). */
+export async function generatePrivateKey(kind: KeyKind, bits?: number): Promise<KeyObject> {
   switch (kind) {
     case 'ed25519':
       if (bits !== undefined && bits !== 256) throw usageError('ed25519 keys have a fixed size', 'drop --bits');
-      return generateKeyPairSync('ed25519').privateKey;
+      return (await generateKeyPairAsync('ed25519')).privateKey;
     case 'rsa': {
       const modulusLength = bits ?? RSA_BITS.default;
       if (!Number.isInteger(modulusLength) || modulusLength < RSA_BITS.min || modulusLength > RSA_BITS.max || modulusLength % 8 !== 0) {
         throw usageError(`RSA keys must be ${RSA_BITS.min} to ${RSA_BITS.max} bits, a multiple of 8`, 'e.g. --bits 3072');
       }
-      return generateKeyPairSync('rsa', { modulusLength, publicExponent: 0x10001 }).privateKey;
+      return (await generateKeyPairAsync('rsa', { modulusLength, publicExponent: 0x10001 })).privateKey;
     }
     case 'ecdsa': {
       const size = bits ?? 256;
       const namedCurve = ({ 256: 'P-256', 384: 'P-384', 521: 'P-521' } as Record<number, string>)[size];
       if (!namedCurve) throw usageError('ECDSA keys are 256, 384 or 521 bits', 'e.g. --bits 256');
-      return generateKeyPairSync('ec', { namedCurve }).privateKey;
+      return (await generateKeyPairAsync('ec', { namedCurve })).privateKey;
     }
+    default:
+      throw usageError(`unknown key type ${JSON.stringify(String(kind).slice(0, 20))}`, `use one of ${KEY_TYPES.join(', ')}`);
   }
 }
 
@@ -58,6 +64,15 @@ export function toPkcs8(key: KeyObject): Buffer {
 
 export function fromPkcs8(der: Buffer): KeyObject {
   return createPrivateKey({ key: der, format: 'der', type: 'pkcs8' });
+}
+
+/** fromPkcs8 for bytes from outside: a clear error instead of OpenSSL's. */
+export function parsePkcs8(der: Buffer): KeyObject {
+  try {
+    return fromPkcs8(der);
+  } catch {
+    throw usageError('not a PKCS#8 private key');
+  }
 }
 
 export interface ParsedKeyFile {

@@ -1,14 +1,20 @@
-// `vault.db.keys`: the vault's master key, wrapped once per unlock factor. Nothing in it is secret
-// in the clear: a wrap is AES-256-GCM under a key-encryption key (KEK) derived from the factor,
-// with the vault id and factor id bound as associated data so a wrap cannot be moved elsewhere.
-import { createCipheriv, createDecipheriv, randomBytes, scrypt as scryptCb, type ScryptOptions } from 'node:crypto';
+// `vault.db.keys`: the vault's master key, wrapped by its unlock factors. Nothing in it is secret
+// in the clear: a wrap is AES-256-GCM under a key-encryption key (KEK) derived from a factor, with
+// the vault id and the factor id(s) bound as associated data so a wrap cannot be moved elsewhere.
+//
+// Policy `any`: every factor wraps the master key on its own; any one of them unlocks.
+// Policy `all`: one wrap under a KEK derived from every factor's KEK together; all are needed.
+// Changing factors rewraps the master key; the database is never re-encrypted.
+import { createCipheriv, createDecipheriv, hkdfSync, randomBytes, scrypt as scryptCb, type ScryptOptions } from 'node:crypto';
 import { readFileSync } from 'node:fs';
-import { EXIT, KeyholdError } from '../errors.js';
+import { EXIT, KeyholdError, usageError } from '../errors.js';
 import { writeFileAtomic } from './atomic-file.js';
 
 export const KEYRING_FORMAT = 'keyhold-keys';
 export const KEYRING_VERSION = 1;
 export const MASTER_KEY_BYTES = 32;
+export const POLICIES = ['any', 'all'] as const;
+export type Policy = (typeof POLICIES)[number];
 
 export interface ScryptParams {
   name: 'scrypt';
@@ -30,18 +36,55 @@ export interface PassphraseFactor {
   type: 'passphrase';
   created: string;
   kdf: ScryptParams;
-  wrap: Wrap;
+  /** Present under policy `any`. */
+  wrap?: Wrap;
 }
 
-export type Factor = PassphraseFactor;
+/** The SSH key a factor asks the agent to sign with. */
+export interface AgentKeyRef {
+  type: 'ssh-ed25519' | 'ssh-rsa';
+  fingerprint: string;
+  /** The public key blob, base64. */
+  blob: string;
+}
+
+export interface SshAgentFactor {
+  id: string;
+  type: 'ssh-agent';
+  created: string;
+  key: AgentKeyRef;
+  /** Random bytes (base64) that go into the message the agent signs. */
+  challenge: string;
+  kdf: { name: 'hkdf-sha256'; info: typeof SSH_AGENT_KDF_INFO };
+  wrap?: Wrap;
+}
+
+export type Factor = PassphraseFactor | SshAgentFactor;
+export type FactorType = Factor['type'];
+export const FACTOR_TYPES: readonly FactorType[] = ['passphrase', 'ssh-agent'];
 
 export interface Keyring {
   format: typeof KEYRING_FORMAT;
   version: number;
   vault_id: string;
-  policy: 'any';
+  policy: Policy;
   factors: Factor[];
+  /** Policy `all`: the master key under the KEK combined from every factor. */
+  wrap?: Wrap;
 }
+
+/** A factor before it is sealed into a keyring, with the KEK its secret derives. */
+export interface EnrolledFactor {
+  factor: Factor;
+  kek: Buffer;
+}
+
+/** KEKs by factor id: what a caller proves to unlock. */
+export type FactorKeks = Map<string, Buffer>;
+
+export const SSH_AGENT_KDF_INFO = 'keyhold-ssh-agent-factor-v1';
+const SSH_AGENT_MESSAGE_PREFIX = 'keyhold-unlock-v1';
+const ALL_POLICY_INFO = 'keyhold-all-factors-v1';
 
 /**
  * scrypt cost bounds, enforced on every file we read: a tampered file must not make us spend
@@ -91,8 +134,12 @@ function deriveScrypt(secret: Buffer, params: ScryptParams): Promise<Buffer> {
   );
 }
 
-function associatedData(vaultId: string, factorId: string): Buffer {
+function factorAad(vaultId: string, factorId: string): Buffer {
   return Buffer.from(`keyhold-keys-v1\0${vaultId}\0${factorId}`);
+}
+
+function allAad(vaultId: string, factorIds: string[]): Buffer {
+  return Buffer.from(`keyhold-keys-v1\0${vaultId}\0all\0${factorIds.join(',')}`);
 }
 
 function wrapKey(kek: Buffer, masterKey: Buffer, aad: Buffer): Wrap {
@@ -121,41 +168,230 @@ function unwrapKey(kek: Buffer, wrap: Wrap, aad: Buffer): Buffer | null {
   }
 }
 
+/** Policy `all`: one KEK from every factor's KEK, in the keyring's factor order. */
+function combinedKek(vaultId: string, factors: Factor[], keks: FactorKeks): Buffer {
+  const parts = factors.map((f) => {
+    const kek = keks.get(f.id);
+    if (!kek) throw new Error(`missing KEK for factor ${f.id}`);
+    return kek;
+  });
+  const ikm = Buffer.concat(parts);
+  try {
+    const info = `${ALL_POLICY_INFO}\0${factors.map((f) => f.id).join(',')}`;
+    return Buffer.from(hkdfSync('sha256', ikm, Buffer.from(vaultId), info, 32));
+  } finally {
+    ikm.fill(0);
+  }
+}
+
 export function newVaultId(): string {
   return randomBytes(16).toString('base64url');
 }
 
-export async function passphraseFactor(
-  vaultId: string,
-  masterKey: Buffer,
-  passphrase: Buffer,
-  cost = defaultScryptCost(),
-): Promise<PassphraseFactor> {
-  const id = `pp-${randomBytes(4).toString('hex')}`;
+export function newFactorId(type: FactorType): string {
+  return `${type === 'passphrase' ? 'pp' : 'sa'}-${randomBytes(4).toString('hex')}`;
+}
+
+/** A new passphrase factor (not yet sealed) and its KEK. */
+export async function enrollPassphrase(passphrase: Buffer, cost = defaultScryptCost(), id = newFactorId('passphrase')): Promise<EnrolledFactor> {
   const kdf: ScryptParams = { name: 'scrypt', ...cost, salt: randomBytes(16).toString('base64') };
   checkScrypt(kdf);
-  const kek = await deriveScrypt(passphrase, kdf);
+  return { factor: { id, type: 'passphrase', created: new Date().toISOString(), kdf }, kek: await deriveScrypt(passphrase, kdf) };
+}
+
+/** The KEK a passphrase gives for one passphrase factor (right or wrong: the unwrap tells). */
+export function passphraseKek(factor: PassphraseFactor, passphrase: Buffer): Promise<Buffer> {
+  return deriveScrypt(passphrase, factor.kdf);
+}
+
+/**
+ * What the agent signs for an ssh-agent factor: domain-separated, so it is neither an SSH
+ * userauth request nor an SSHSIG blob, and bound to this vault and factor.
+ */
+export function sshAgentMessage(vaultId: string, factorId: string, challenge: string): Buffer {
+  return Buffer.concat([
+    Buffer.from(`${SSH_AGENT_MESSAGE_PREFIX}\0${vaultId}\0${factorId}\0`),
+    Buffer.from(challenge, 'base64'),
+  ]);
+}
+
+/** KEK = HKDF-SHA256(signature, salt = vault id, info = versioned label + factor id). */
+export function sshAgentKek(vaultId: string, factorId: string, signature: Buffer): Buffer {
+  return Buffer.from(hkdfSync('sha256', signature, Buffer.from(vaultId), `${SSH_AGENT_KDF_INFO}\0${factorId}`, 32));
+}
+
+/** A new ssh-agent factor's public part; its KEK comes from the agent's signature over the challenge. */
+export function newSshAgentFactor(key: AgentKeyRef, id = newFactorId('ssh-agent')): SshAgentFactor {
+  return {
+    id,
+    type: 'ssh-agent',
+    created: new Date().toISOString(),
+    key,
+    challenge: randomBytes(32).toString('base64'),
+    kdf: { name: 'hkdf-sha256', info: SSH_AGENT_KDF_INFO },
+  };
+}
+
+/** Builds a keyring around a new master key's wraps. Every factor's KEK is needed. */
+export function sealKeyring(vaultId: string, policy: Policy, enrolled: EnrolledFactor[], masterKey: Buffer): Keyring {
+  checkFactorSet(policy, enrolled.map((e) => e.factor));
+  const keks: FactorKeks = new Map(enrolled.map((e) => [e.factor.id, e.kek]));
+  const base = { format: KEYRING_FORMAT, version: KEYRING_VERSION, vault_id: vaultId, policy } as const;
+  if (policy === 'any') {
+    const factors = enrolled.map(({ factor, kek }) => ({ ...stripWrap(factor), wrap: wrapKey(kek, masterKey, factorAad(vaultId, factor.id)) }));
+    return { ...base, factors };
+  }
+  const factors = enrolled.map((e) => stripWrap(e.factor));
+  return { ...base, factors, wrap: sealAll(vaultId, factors, keks, masterKey) };
+}
+
+function sealAll(vaultId: string, factors: Factor[], keks: FactorKeks, masterKey: Buffer): Wrap {
+  const kek = combinedKek(vaultId, factors, keks);
   try {
-    return { id, type: 'passphrase', created: new Date().toISOString(), kdf, wrap: wrapKey(kek, masterKey, associatedData(vaultId, id)) };
+    return wrapKey(kek, masterKey, allAad(vaultId, factors.map((f) => f.id)));
   } finally {
     kek.fill(0);
   }
 }
 
-/** Tries every passphrase factor; exit 4 when none accepts the passphrase. */
-export async function unwrapWithPassphrase(keyring: Keyring, passphrase: Buffer): Promise<Buffer> {
-  const factors = keyring.factors.filter((f) => f.type === 'passphrase');
-  if (factors.length === 0) {
-    throw new KeyholdError('this vault has no passphrase factor', 'unlock it with another factor', EXIT.DENIED);
+function stripWrap<F extends Factor>(factor: F): F {
+  const { wrap: _unused, ...rest } = factor;
+  return rest as F;
+}
+
+function checkFactorSet(policy: Policy, factors: Factor[]): void {
+  if (factors.length === 0) throw usageError('a vault needs at least one unlock factor');
+  if (new Set(factors.map((f) => f.id)).size !== factors.length) throw new Error('duplicate factor id');
+  if (policy === 'all' && factors.filter((f) => f.type === 'passphrase').length > 1) {
+    throw usageError('policy all takes at most one passphrase factor', 'one passphrase unlocks every passphrase factor anyway');
   }
-  for (const factor of factors) {
-    const kek = await deriveScrypt(passphrase, factor.kdf);
-    const key = unwrapKey(kek, factor.wrap, associatedData(keyring.vault_id, factor.id));
-    kek.fill(0);
+}
+
+/**
+ * Unwraps the master key with the KEKs a caller proved. Under `any` one matching factor is
+ * enough; under `all` every factor's KEK must be present and right. Exit 4 otherwise.
+ */
+export function unwrapMasterKey(keyring: Keyring, keks: FactorKeks): Buffer {
+  if (keyring.policy === 'all') {
+    const missing = keyring.factors.filter((f) => !keks.has(f.id));
+    if (missing.length > 0) {
+      throw new KeyholdError(
+        `this vault needs every factor (policy all); missing ${missing.map(describeFactor).join(', ')}`,
+        'provide each of them',
+        EXIT.DENIED,
+      );
+    }
+    const kek = combinedKek(keyring.vault_id, keyring.factors, keks);
+    try {
+      const key = unwrapKey(kek, keyring.wrap!, allAad(keyring.vault_id, keyring.factors.map((f) => f.id)));
+      if (key) return key;
+    } finally {
+      kek.fill(0);
+    }
+    throw new KeyholdError('wrong passphrase or refused factor', 'nothing was changed; try again', EXIT.DENIED);
+  }
+  for (const factor of keyring.factors) {
+    const kek = keks.get(factor.id);
+    if (!kek || !factor.wrap) continue;
+    const key = unwrapKey(kek, factor.wrap, factorAad(keyring.vault_id, factor.id));
     if (key) return key;
   }
-  throw new KeyholdError('wrong passphrase', 'nothing was changed; try again', EXIT.DENIED);
+  const tried = keyring.factors.filter((f) => keks.has(f.id));
+  const onlyPassphrases = tried.length > 0 && tried.every((f) => f.type === 'passphrase');
+  throw new KeyholdError(
+    onlyPassphrases ? 'wrong passphrase' : 'wrong passphrase or refused factor',
+    'nothing was changed; try again',
+    EXIT.DENIED,
+  );
 }
+
+export function describeFactor(factor: Factor): string {
+  return factor.type === 'passphrase' ? `${factor.id} (passphrase)` : `${factor.id} (ssh-agent ${factor.key.fingerprint})`;
+}
+
+/**
+ * Adds a factor. Under `any` only the new factor's KEK is needed; under `all` the combined wrap
+ * is rebuilt, so `keks` must hold every existing factor's KEK too.
+ */
+export function withFactorAdded(keyring: Keyring, masterKey: Buffer, added: EnrolledFactor, keks: FactorKeks = new Map()): Keyring {
+  if (keyring.factors.some((f) => f.id === added.factor.id)) throw new Error('duplicate factor id');
+  if (keyring.policy === 'any') {
+    const factor = { ...stripWrap(added.factor), wrap: wrapKey(added.kek, masterKey, factorAad(keyring.vault_id, added.factor.id)) };
+    return { ...keyring, factors: [...keyring.factors, factor] };
+  }
+  const factors = [...keyring.factors, stripWrap(added.factor)];
+  checkFactorSet('all', factors);
+  const all: FactorKeks = new Map([...keks, [added.factor.id, added.kek]]);
+  return { ...keyring, factors, wrap: sealAll(keyring.vault_id, factors, all, masterKey) };
+}
+
+/** Removes a factor; never the last one. Under `all` the remaining factors' KEKs are needed. */
+export function withFactorRemoved(keyring: Keyring, masterKey: Buffer, factorId: string, keks: FactorKeks = new Map()): Keyring {
+  if (!keyring.factors.some((f) => f.id === factorId)) {
+    throw new KeyholdError(`no factor ${factorId}`, 'see `keyhold factor list`', EXIT.NOT_FOUND);
+  }
+  const factors = keyring.factors.filter((f) => f.id !== factorId);
+  if (factors.length === 0) {
+    throw new KeyholdError(`${factorId} is the last unlock factor; removing it would lock the vault for good`, 'add another factor first');
+  }
+  if (keyring.policy === 'any') return { ...keyring, factors };
+  return { ...keyring, factors, wrap: sealAll(keyring.vault_id, factors, keks, masterKey) };
+}
+
+/** Replaces a factor in place (same id, e.g. a new passphrase), rewrapping the master key. */
+export function withFactorReplaced(keyring: Keyring, masterKey: Buffer, replacement: EnrolledFactor, keks: FactorKeks = new Map()): Keyring {
+  const index = keyring.factors.findIndex((f) => f.id === replacement.factor.id);
+  if (index < 0) throw new KeyholdError(`no factor ${replacement.factor.id}`, 'see `keyhold factor list`', EXIT.NOT_FOUND);
+  const factors = [...keyring.factors];
+  if (keyring.policy === 'any') {
+    factors[index] = { ...stripWrap(replacement.factor), wrap: wrapKey(replacement.kek, masterKey, factorAad(keyring.vault_id, replacement.factor.id)) };
+    return { ...keyring, factors };
+  }
+  factors[index] = stripWrap(replacement.factor);
+  const all: FactorKeks = new Map([...keks, [replacement.factor.id, replacement.kek]]);
+  return { ...keyring, factors, wrap: sealAll(keyring.vault_id, factors, all, masterKey) };
+}
+
+// ---- the simple passphrase-only helpers the spine started with ----
+
+/** A passphrase factor already wrapping `masterKey` (policy `any`). */
+export async function passphraseFactor(vaultId: string, masterKey: Buffer, passphrase: Buffer, cost = defaultScryptCost()): Promise<PassphraseFactor> {
+  const enrolled = await enrollPassphrase(passphrase, cost);
+  try {
+    return sealKeyring(vaultId, 'any', [enrolled], masterKey).factors[0] as PassphraseFactor;
+  } finally {
+    enrolled.kek.fill(0);
+  }
+}
+
+/** The KEK of every passphrase factor for one passphrase (policy `all` has at most one). */
+export async function passphraseKeks(keyring: Keyring, passphrase: Buffer): Promise<FactorKeks> {
+  const keks: FactorKeks = new Map();
+  for (const factor of keyring.factors) {
+    if (factor.type === 'passphrase') keks.set(factor.id, await passphraseKek(factor, passphrase));
+  }
+  return keks;
+}
+
+export function zeroKeks(keks: FactorKeks): void {
+  for (const kek of keks.values()) kek.fill(0);
+  keks.clear();
+}
+
+/** Tries every passphrase factor; exit 4 when none accepts the passphrase. */
+export async function unwrapWithPassphrase(keyring: Keyring, passphrase: Buffer): Promise<Buffer> {
+  if (!keyring.factors.some((f) => f.type === 'passphrase')) {
+    throw new KeyholdError('this vault has no passphrase factor', 'unlock it with another factor', EXIT.DENIED);
+  }
+  const keks = await passphraseKeks(keyring, passphrase);
+  try {
+    return unwrapMasterKey(keyring, keks);
+  } finally {
+    zeroKeks(keks);
+  }
+}
+
+// ---- reading and writing the file ----
 
 function malformed(detail: string): KeyholdError {
   return new KeyholdError(`vault key file is malformed: ${detail}`, 'restore vault.db.keys from a backup');
@@ -176,22 +412,50 @@ function parseWrap(v: unknown): Wrap {
   return { alg: 'A256GCM', nonce: v.nonce, ciphertext: v.ciphertext, tag: v.tag };
 }
 
-function parseFactor(v: unknown): Factor {
-  if (!isObject(v) || typeof v.id !== 'string' || !/^[a-z]+-[0-9a-f]{8}$/.test(v.id) || typeof v.created !== 'string') {
-    throw malformed('bad factor');
+function parseFactor(v: unknown, policy: Policy): Factor {
+  if (!isObject(v) || typeof v.id !== 'string' || typeof v.created !== 'string') throw malformed('bad factor');
+  const wrap = policy === 'any' ? { wrap: parseWrap(v.wrap) } : {};
+  if (policy === 'all' && v.wrap !== undefined) throw malformed('a factor of an all-policy vault carries its own wrap');
+  if (v.type === 'passphrase') {
+    if (!/^pp-[0-9a-f]{8}$/.test(v.id)) throw malformed('bad factor id');
+    const kdf = v.kdf;
+    if (!isObject(kdf) || !isB64(kdf.salt) || Buffer.from(String(kdf.salt), 'base64').length < 16) throw malformed('bad kdf');
+    const params: ScryptParams = {
+      name: kdf.name as 'scrypt',
+      log2n: Number(kdf.log2n),
+      r: Number(kdf.r),
+      p: Number(kdf.p),
+      salt: kdf.salt,
+    };
+    checkScrypt(params);
+    return { id: v.id, type: 'passphrase', created: v.created, kdf: params, ...wrap };
   }
-  if (v.type !== 'passphrase') throw malformed(`unknown factor type ${JSON.stringify(String(v.type).slice(0, 32))}`);
-  const kdf = v.kdf;
-  if (!isObject(kdf) || !isB64(kdf.salt) || Buffer.from(String(kdf.salt), 'base64').length < 16) throw malformed('bad kdf');
-  const params: ScryptParams = {
-    name: kdf.name as 'scrypt',
-    log2n: Number(kdf.log2n),
-    r: Number(kdf.r),
-    p: Number(kdf.p),
-    salt: kdf.salt,
-  };
-  checkScrypt(params);
-  return { id: v.id, type: 'passphrase', created: v.created, kdf: params, wrap: parseWrap(v.wrap) };
+  if (v.type === 'ssh-agent') {
+    if (!/^sa-[0-9a-f]{8}$/.test(v.id)) throw malformed('bad factor id');
+    const key = v.key;
+    if (
+      !isObject(key) ||
+      (key.type !== 'ssh-ed25519' && key.type !== 'ssh-rsa') ||
+      typeof key.fingerprint !== 'string' ||
+      !/^SHA256:[A-Za-z0-9+/]{43}$/.test(key.fingerprint) ||
+      !isB64(key.blob) ||
+      key.blob.length > 4096
+    ) {
+      throw malformed('bad ssh-agent key');
+    }
+    if (!isB64(v.challenge, 32)) throw malformed('bad challenge');
+    if (!isObject(v.kdf) || v.kdf.name !== 'hkdf-sha256' || v.kdf.info !== SSH_AGENT_KDF_INFO) throw malformed('bad kdf');
+    return {
+      id: v.id,
+      type: 'ssh-agent',
+      created: v.created,
+      key: { type: key.type, fingerprint: key.fingerprint, blob: key.blob },
+      challenge: v.challenge,
+      kdf: { name: 'hkdf-sha256', info: SSH_AGENT_KDF_INFO },
+      ...wrap,
+    };
+  }
+  throw malformed(`unknown factor type ${JSON.stringify(String(v.type).slice(0, 32))}`);
 }
 
 export function parseKeyring(text: string): Keyring {
@@ -209,11 +473,15 @@ export function parseKeyring(text: string): Keyring {
     );
   }
   if (typeof doc.vault_id !== 'string' || !/^[A-Za-z0-9_-]{22}$/.test(doc.vault_id)) throw malformed('bad vault id');
-  if (doc.policy !== 'any') throw malformed('unknown policy');
-  if (!Array.isArray(doc.factors) || doc.factors.length === 0) throw malformed('no factors');
-  const factors = doc.factors.map(parseFactor);
+  if (doc.policy !== 'any' && doc.policy !== 'all') throw malformed('unknown policy');
+  const policy: Policy = doc.policy;
+  if (!Array.isArray(doc.factors) || doc.factors.length === 0 || doc.factors.length > 64) throw malformed('no factors');
+  const factors = doc.factors.map((f) => parseFactor(f, policy));
   if (new Set(factors.map((f) => f.id)).size !== factors.length) throw malformed('duplicate factor id');
-  return { format: KEYRING_FORMAT, version: KEYRING_VERSION, vault_id: doc.vault_id, policy: 'any', factors };
+  const keyring: Keyring = { format: KEYRING_FORMAT, version: KEYRING_VERSION, vault_id: doc.vault_id, policy, factors };
+  if (policy === 'all') keyring.wrap = parseWrap(doc.wrap);
+  else if (doc.wrap !== undefined) throw malformed('an any-policy vault has no combined wrap');
+  return keyring;
 }
 
 export function readKeyring(path: string): Keyring {

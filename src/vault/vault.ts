@@ -5,17 +5,27 @@ import { dirname } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import type { KeyObject } from 'node:crypto';
 import { fingerprint } from '../agent-protocol/public-key.js';
-import { KeyholdError, notFound, usageError } from '../errors.js';
+import { EXIT, KeyholdError, notFound, usageError } from '../errors.js';
 import { openDatabase, type Db } from './database.js';
 import { describeSupportedKey, toPkcs8 } from './key-material.js';
 import {
+  enrollPassphrase,
   MASTER_KEY_BYTES,
   newVaultId,
-  passphraseFactor,
+  passphraseKeks,
   readKeyring,
-  unwrapWithPassphrase,
+  sealKeyring,
+  unwrapMasterKey,
+  withFactorAdded,
+  withFactorRemoved,
+  withFactorReplaced,
   writeKeyring,
+  zeroKeks,
+  type EnrolledFactor,
+  type Factor,
+  type FactorKeks,
   type Keyring,
+  type Policy,
 } from './keyring.js';
 import type { VaultPaths } from './paths.js';
 import { mintToken, newTokenId, TOKEN_SHOWN_CHARS, tokenHash, type TokenRecord } from '../tokens/tokens.js';
@@ -71,12 +81,22 @@ export class Vault {
   private readonly statements;
   private lastDataVersion: number;
   private lastSeenVersion: number;
+  private currentKeyring: Keyring;
+  /** Held while open for factor changes (and zeroed at close): the master key, and the KEKs proved. */
+  private readonly masterKey: Buffer;
+  private readonly keks: FactorKeks;
 
   private constructor(
     readonly paths: VaultPaths,
-    readonly keyring: Keyring,
+    keyring: Keyring,
     private readonly db: Db,
+    masterKey: Buffer,
+    keks: FactorKeks,
   ) {
+    this.currentKeyring = keyring;
+    this.masterKey = Buffer.alloc(MASTER_KEY_BYTES);
+    masterKey.copy(this.masterKey);
+    this.keks = new Map([...keks].map(([id, kek]) => [id, Buffer.from(kek)]));
     this.statements = {
       dataVersion: db.prepare('PRAGMA data_version').pluck(),
       version: db.prepare(`SELECT value FROM meta WHERE name = 'version'`).pluck(),
@@ -86,25 +106,42 @@ export class Vault {
     this.lastSeenVersion = this.version();
   }
 
-  /** Creates a new vault with one passphrase factor. Refuses to overwrite anything. */
-  static async create(paths: VaultPaths, passphrase: Buffer): Promise<Vault> {
+  get keyring(): Keyring {
+    return this.currentKeyring;
+  }
+
+  /** Refuses to create a vault over existing files. */
+  static checkAbsent(paths: VaultPaths): void {
     for (const file of [paths.db, paths.keys]) {
       if (existsSync(file)) {
         throw new KeyholdError(`${file} already exists`, 'pass another --vault, or remove the old vault first');
       }
     }
+  }
+
+  /** Creates a new vault with one passphrase factor. Refuses to overwrite anything. */
+  static async create(paths: VaultPaths, passphrase: Buffer): Promise<Vault> {
+    const enrolled = await enrollPassphrase(passphrase);
+    try {
+      return Vault.createWithFactors(paths, 'any', [enrolled]);
+    } finally {
+      enrolled.kek.fill(0);
+    }
+  }
+
+  /** Creates a new vault whose master key is wrapped by `enrolled` under `policy`. */
+  static createWithFactors(paths: VaultPaths, policy: Policy, enrolled: EnrolledFactor[], vaultId = newVaultId()): Vault {
+    Vault.checkAbsent(paths);
     mkdirSync(dirname(paths.db), { recursive: true, mode: 0o700 });
     const masterKey = randomBytes(MASTER_KEY_BYTES);
-    const vaultId = newVaultId();
-    const factor = await passphraseFactor(vaultId, masterKey, passphrase);
-    const keyring: Keyring = { format: 'keyhold-keys', version: 1, vault_id: vaultId, policy: 'any', factors: [factor] };
+    const keyring = sealKeyring(vaultId, policy, enrolled, masterKey);
     // The key file first: a crash then leaves a key file without a database, which `init`
     // reports, rather than a database nobody can open.
     writeKeyring(paths.keys, keyring);
     try {
       const db = openDatabase(paths.db, masterKey, { create: true });
       db.prepare(`INSERT INTO meta (name, value) VALUES ('vault_id', ?)`).run(vaultId);
-      return new Vault(paths, keyring, db);
+      return new Vault(paths, keyring, db, masterKey, new Map(enrolled.map((e) => [e.factor.id, e.kek])));
     } catch (err) {
       for (const file of [paths.db, `${paths.db}-wal`, `${paths.db}-shm`, paths.keys]) {
         try {
@@ -123,26 +160,40 @@ export class Vault {
    * Opens an existing vault. The passphrase is asked for only once the vault files are known to
    * exist; a wrong one exits 4 and nothing is written.
    */
-  static async open(paths: VaultPaths, getPassphrase: () => Promise<Buffer>): Promise<Vault> {
+  static open(paths: VaultPaths, getPassphrase: () => Promise<Buffer>): Promise<Vault> {
+    return Vault.openWithKeks(paths, async (keyring) => {
+      const passphrase = await getPassphrase();
+      try {
+        return await passphraseKeks(keyring, passphrase);
+      } finally {
+        passphrase.fill(0);
+      }
+    });
+  }
+
+  /**
+   * Opens an existing vault with the KEKs `getKeks` proves for its factors (asked only once the
+   * vault files are known to exist). The KEKs are zeroed here; a wrong one exits 4, nothing written.
+   */
+  static async openWithKeks(paths: VaultPaths, getKeks: (keyring: Keyring) => Promise<FactorKeks>): Promise<Vault> {
     const keyring = readKeyring(paths.keys);
     if (!existsSync(paths.db)) {
       throw new KeyholdError(`no vault database at ${paths.db}`, 'create a vault with `keyhold init`, or pass --vault');
     }
-    const passphrase = await getPassphrase();
-    let masterKey: Buffer;
+    const keks = await getKeks(keyring);
     try {
-      masterKey = await unwrapWithPassphrase(keyring, passphrase);
+      const masterKey = unwrapMasterKey(keyring, keks);
+      try {
+        return Vault.openWithMasterKey(paths, keyring, masterKey, keks);
+      } finally {
+        masterKey.fill(0);
+      }
     } finally {
-      passphrase.fill(0);
-    }
-    try {
-      return Vault.openWithMasterKey(paths, keyring, masterKey);
-    } finally {
-      masterKey.fill(0);
+      zeroKeks(keks);
     }
   }
 
-  static openWithMasterKey(paths: VaultPaths, keyring: Keyring, masterKey: Buffer): Vault {
+  static openWithMasterKey(paths: VaultPaths, keyring: Keyring, masterKey: Buffer, keks: FactorKeks = new Map()): Vault {
     const db = openDatabase(paths.db, masterKey);
     const storedId = db.prepare(`SELECT value FROM meta WHERE name = 'vault_id'`).pluck().get();
     if (storedId !== keyring.vault_id) {
@@ -152,11 +203,72 @@ export class Vault {
         'restore vault.db and vault.db.keys together from a backup',
       );
     }
-    return new Vault(paths, keyring, db);
+    return new Vault(paths, keyring, db, masterKey, keks);
+  }
+
+  /**
+   * Rewrites `vault.db.keys` from its current contents. A write transaction on the database
+   * serializes this across processes; the key file itself is replaced atomically.
+   */
+  private changeKeyring(change: (current: Keyring) => Keyring): Keyring {
+    return this.db
+      .transaction(() => {
+        const current = readKeyring(this.paths.keys);
+        if (current.vault_id !== this.currentKeyring.vault_id) {
+          throw new KeyholdError(`${this.paths.keys} now belongs to another vault`, 'restore vault.db and vault.db.keys together');
+        }
+        const next = change(current);
+        writeKeyring(this.paths.keys, next);
+        this.currentKeyring = next;
+        return next;
+      })
+      .immediate();
+  }
+
+  /** Under policy `all` every factor's KEK is needed to rewrap; the vault has them if it was opened with them. */
+  private keksForRewrap(keyring: Keyring, except?: string): FactorKeks {
+    if (keyring.policy !== 'all') return new Map();
+    const missing = keyring.factors.filter((f) => f.id !== except && !this.keks.has(f.id));
+    if (missing.length > 0) {
+      throw new KeyholdError('changing the factors of a policy-all vault needs every factor', 'unlock it with all of its factors first', EXIT.DENIED);
+    }
+    return this.keks;
+  }
+
+  addFactor(enrolled: EnrolledFactor): Factor {
+    this.changeKeyring((current) => withFactorAdded(current, this.masterKey, enrolled, this.keksForRewrap(current)));
+    this.keks.set(enrolled.factor.id, Buffer.from(enrolled.kek));
+    return this.factor(enrolled.factor.id);
+  }
+
+  removeFactor(id: string): void {
+    this.changeKeyring((current) => withFactorRemoved(current, this.masterKey, id, this.keksForRewrap(current, id)));
+    this.keks.get(id)?.fill(0);
+    this.keks.delete(id);
+  }
+
+  /** Replaces a factor's secret in place (same id): a passphrase change. */
+  replaceFactor(enrolled: EnrolledFactor): Factor {
+    const id = enrolled.factor.id;
+    this.changeKeyring((current) => withFactorReplaced(current, this.masterKey, enrolled, this.keksForRewrap(current, id)));
+    this.keks.get(id)?.fill(0);
+    this.keks.set(id, Buffer.from(enrolled.kek));
+    return this.factor(id);
+  }
+
+  private factor(id: string): Factor {
+    const { wrap: _wrap, ...rest } = this.currentKeyring.factors.find((f) => f.id === id)!;
+    return rest as Factor;
   }
 
   close(): void {
     if (this.db.open) this.db.close();
+    this.masterKey.fill(0);
+    zeroKeks(this.keks);
+  }
+
+  get isOpen(): boolean {
+    return this.db.open;
   }
 
   /** The version counter: advanced by every change to keys, assignments or tokens. */

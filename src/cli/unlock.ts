@@ -1,0 +1,211 @@
+// `keyhold unlock`, `lock` and `status`: the daemon holds the unlocked vault; these talk to it over
+// the control socket, starting it in the background when none runs.
+import { spawn } from 'node:child_process';
+import { closeSync, openSync, readFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import type { Argv } from 'yargs';
+import { ControlClient } from '../control/client.js';
+import type { DaemonStatus } from '../control/protocol.js';
+import { EXIT, KeyholdError, QuietExit } from '../errors.js';
+import { ensurePrivateDir, runtimeDir, scopesDir } from '../runtime-dir.js';
+import { shellQuote } from '../shell-quote.js';
+import { scopeSocketPath } from '../signer/scope-sockets.js';
+import { readKeyring, zeroKeks, type Keyring } from '../vault/keyring.js';
+import { vaultPaths, type VaultPaths } from '../vault/paths.js';
+import { checkScopeName } from '../vault/vault.js';
+import { printJson, type GlobalArgs } from './common.js';
+import { optionalDuration } from './serve.js';
+import { collectKeks, type FactorChoice } from './unlock-sources.js';
+
+const BIN = fileURLToPath(new URL('../../bin/keyhold', import.meta.url));
+const START_TIMEOUT_MS = 15_000;
+
+export const daemonLogPath = (runtime: string) => join(runtime, 'daemon.log');
+
+/**
+ * Starts `keyhold serve --locked` detached from this terminal, its log in the runtime dir, and
+ * waits until its control socket answers. Two racing starts are fine: the loser exits on the
+ * pid lock and we talk to the winner.
+ */
+async function startBackgroundDaemon(paths: VaultPaths, runtime: string): Promise<ControlClient> {
+  ensurePrivateDir(runtime);
+  const logFd = openSync(daemonLogPath(runtime), 'a', 0o600);
+  const env = { ...process.env };
+  // The daemon starts locked and is unlocked over the control socket; it needs no secret.
+  for (const name of ['KEYHOLD_PASSPHRASE', 'KEYHOLD_PASSPHRASE_FILE', 'CREDENTIALS_DIRECTORY', 'SSH_AUTH_SOCK']) delete env[name];
+  env.KEYHOLD_RUNTIME_DIR = runtime;
+  const child = spawn(process.execPath, [BIN, 'serve', '--locked', '--vault', paths.db], {
+    detached: true,
+    stdio: ['ignore', logFd, logFd],
+    env,
+    cwd: '/',
+  });
+  closeSync(logFd);
+  let exited: number | null = null;
+  child.once('exit', (code, signal) => {
+    exited = code ?? 128 + (signal ? 15 : 0);
+  });
+  child.unref();
+  const deadline = Date.now() + START_TIMEOUT_MS;
+  for (;;) {
+    const client = await ControlClient.connect(runtime).catch(() => null);
+    if (client) return client;
+    if (exited !== null || Date.now() > deadline) {
+      const last = lastLogLine(runtime);
+      throw new KeyholdError(
+        exited !== null ? `the daemon exited at start (code ${exited})` : 'the daemon did not start in time',
+        last ? `its log says: ${last}` : `see ${daemonLogPath(runtime)}`,
+      );
+    }
+    await new Promise((r) => setTimeout(r, 50));
+  }
+}
+
+function lastLogLine(runtime: string): string | null {
+  try {
+    const lines = readFileSync(daemonLogPath(runtime), 'utf8').trim().split('\n');
+    const last = lines[lines.length - 1];
+    if (!last) return null;
+    try {
+      const entry = JSON.parse(last) as { msg?: string; err?: string };
+      return [entry.msg, entry.err].filter(Boolean).join(': ').slice(0, 300);
+    } catch {
+      return last.slice(0, 300);
+    }
+  } catch {
+    return null;
+  }
+}
+
+/** The daemon for this vault: null when none runs; an error when it serves another vault. */
+async function connectDaemon(runtime: string, keyring: Keyring): Promise<{ client: ControlClient; status: DaemonStatus } | null> {
+  const client = await ControlClient.connect(runtime);
+  if (!client) return null;
+  try {
+    const status = await client.status();
+    if (status.vault_id !== keyring.vault_id) {
+      throw new KeyholdError(
+        `the daemon in ${runtime} (pid ${status.pid}) serves another vault, ${status.vault}`,
+        'stop it, or set KEYHOLD_RUNTIME_DIR to run another daemon',
+      );
+    }
+    return { client, status };
+  } catch (err) {
+    client.close();
+    throw err;
+  }
+}
+
+function describeStatus(status: DaemonStatus): string[] {
+  const lines = [`${status.locked ? 'locked' : 'unlocked'}: ${status.vault} (daemon pid ${status.pid})`];
+  if (!status.locked) {
+    if (status.lock_at) lines.push(`locks at ${status.lock_at}`);
+    if (status.idle_ms !== null) lines.push(`locks after ${Math.round(status.idle_ms / 1000)}s without requests (next: ${status.idle_lock_at})`);
+  }
+  for (const socket of status.sockets) lines.push(`socket ${socket}`);
+  return lines;
+}
+
+export function unlockCommand(yargs: Argv<GlobalArgs>) {
+  return yargs.command(
+    'unlock',
+    'unlock the vault in the daemon (starting it if none runs); with --scope, print the export line for eval',
+    (c) =>
+      c
+        .option('factor', { choices: ['passphrase', 'ssh-agent'] as const, describe: 'unlock with this factor only' })
+        .option('ttl', { type: 'string', describe: 'lock again after this long, whatever the activity (90s, 30m, 8h, 7d)' })
+        .option('idle', { type: 'string', describe: 'lock again after this long without requests' })
+        .option('scope', { type: 'string', describe: "print `export SSH_AUTH_SOCK=…` for this scope's socket" })
+        .example('eval "$(keyhold unlock --scope web --ttl 8h)"', '')
+        .example('ssh -A host keyhold unlock --factor ssh-agent', ''),
+    async (args) => {
+      const scope = args.scope === undefined ? undefined : checkScopeName(args.scope);
+      const ttlMs = optionalDuration(args.ttl, '--ttl');
+      const idleMs = optionalDuration(args.idle, '--idle');
+      const paths = vaultPaths(args.vault);
+      const keyring = readKeyring(paths.keys);
+      const runtime = runtimeDir();
+      let daemon = await connectDaemon(runtime, keyring);
+      if (!daemon) {
+        const client = await startBackgroundDaemon(paths, runtime);
+        daemon = { client, status: await client.status() };
+        if (daemon.status.vault_id !== keyring.vault_id) {
+          client.close();
+          throw new KeyholdError(`the daemon in ${runtime} serves another vault, ${daemon.status.vault}`, 'set KEYHOLD_RUNTIME_DIR');
+        }
+      }
+      const { client } = daemon;
+      let status = daemon.status;
+      try {
+        if (!status.locked) {
+          if (ttlMs !== null || idleMs !== null) {
+            process.stderr.write('keyhold: already unlocked; its lock times are unchanged (lock first to set new ones)\n');
+          }
+        } else {
+          const keks = await collectKeks(keyring, { file: args['passphrase-file'], factor: args.factor as FactorChoice | undefined });
+          try {
+            status = await client.call<DaemonStatus>({ op: 'unlock', vaultId: keyring.vault_id, keks: Object.fromEntries(keks), idleMs, ttlMs });
+          } finally {
+            zeroKeks(keks);
+          }
+        }
+      } finally {
+        client.close();
+      }
+      const socket = scope === undefined ? undefined : scopeSocketPath(scopesDir(runtime), scope);
+      if (scope !== undefined && !status.sockets.includes(socket!)) {
+        process.stderr.write(`keyhold: warning: scope ${scope} has no keys, so its socket is not open\n`);
+      }
+      if (args.json) return printJson({ ...status, ...(socket ? { socket } : {}) });
+      if (socket) process.stdout.write(`export SSH_AUTH_SOCK=${shellQuote(socket)}\n`);
+      else process.stderr.write(`keyhold: unlocked (daemon pid ${status.pid})\n`);
+    },
+  );
+}
+
+export function lockCommand(yargs: Argv<GlobalArgs>) {
+  return yargs.command(
+    'lock',
+    "lock the daemon's vault: keys and master key dropped, sockets stay and answer no identities",
+    (c) => c,
+    async (args) => {
+      const keyring = readKeyring(vaultPaths(args.vault).keys);
+      const daemon = await connectDaemon(runtimeDir(), keyring);
+      if (!daemon) throw new KeyholdError('no daemon is running', 'nothing to lock', EXIT.LOCKED);
+      let status: DaemonStatus;
+      try {
+        status = await daemon.client.call<DaemonStatus>({ op: 'lock' });
+      } finally {
+        daemon.client.close();
+      }
+      if (args.json) printJson(status);
+    },
+  );
+}
+
+export function statusCommand(yargs: Argv<GlobalArgs>) {
+  return yargs.command(
+    'status',
+    'is the vault unlocked in a running daemon? exit 0 unlocked, 3 locked or no daemon',
+    (c) => c.option('quiet', { alias: 'q', type: 'boolean', describe: 'print nothing; only the exit code' }),
+    async (args) => {
+      const keyring = readKeyring(vaultPaths(args.vault).keys);
+      let daemon: Awaited<ReturnType<typeof connectDaemon>>;
+      try {
+        daemon = await connectDaemon(runtimeDir(), keyring);
+      } catch (err) {
+        if (args.quiet) throw new QuietExit(EXIT.LOCKED);
+        throw new KeyholdError((err as Error).message, (err as KeyholdError).hint, EXIT.LOCKED);
+      }
+      daemon?.client.close();
+      const status = daemon?.status;
+      if (!args.quiet) {
+        if (args.json) printJson(status ? { running: true, ...status } : { running: false, locked: true });
+        else if (status) process.stdout.write(describeStatus(status).join('\n') + '\n');
+        else process.stdout.write('no daemon running (locked)\n');
+      }
+      if (!status || status.locked) throw new QuietExit(EXIT.LOCKED);
+    },
+  );
+}

@@ -1,0 +1,94 @@
+// The control socket's wire format: frames of `uint32 length` + one JSON document, a request from
+// the CLI and a response from the daemon, in turn. Buffers travel as {"$b64": "..."}.
+import { join } from 'node:path';
+import { frame } from '../agent-protocol/framing.js';
+import { EXIT, KeyholdError, type ExitCode } from '../errors.js';
+
+export const CONTROL_SOCKET = 'control.sock';
+/** Large enough for a 1 MiB value in base64 plus its envelope. */
+export const CONTROL_MAX_FRAME = 4 * 1024 * 1024;
+
+export const controlSocketPath = (runtime: string) => join(runtime, CONTROL_SOCKET);
+
+export interface LockTimers {
+  /** Lock after this long without a request; null: never. */
+  idleMs: number | null;
+  /** Lock this long after unlocking, whatever the activity; null: never. */
+  ttlMs: number | null;
+}
+
+export type ControlRequest =
+  | { op: 'status' }
+  | { op: 'unlock'; vaultId: string; keks: Record<string, Buffer>; idleMs?: number | null; ttlMs?: number | null }
+  | { op: 'lock' }
+  | { op: 'call'; vaultId: string; method: string; args: unknown[] };
+
+export interface DaemonStatus {
+  pid: number;
+  vault: string;
+  vault_id: string;
+  locked: boolean;
+  unlocked_at: string | null;
+  /** The absolute deadline (--ttl / --lock-after), if any. */
+  lock_at: string | null;
+  /** The inactivity limit (--idle / --idle-lock) in milliseconds, if any. */
+  idle_ms: number | null;
+  /** When the idle limit locks if nothing happens before. */
+  idle_lock_at: string | null;
+  sockets: string[];
+}
+
+export type ControlResponse =
+  | { ok: true; result: unknown }
+  | { ok: false; error: { message: string; hint?: string; exitCode: number } };
+
+const MAX_DEPTH = 32;
+
+/** Replaces Buffers by {$b64} so that JSON keeps bytes exact. */
+export function toWire(value: unknown, depth = 0): unknown {
+  if (depth > MAX_DEPTH) throw new Error('value nested too deeply');
+  if (Buffer.isBuffer(value)) return { $b64: value.toString('base64') };
+  if (Array.isArray(value)) return value.map((v) => toWire(v, depth + 1));
+  if (value !== null && typeof value === 'object') {
+    const out: Record<string, unknown> = {};
+    for (const [k, v] of Object.entries(value)) if (v !== undefined) out[k] = toWire(v, depth + 1);
+    return out;
+  }
+  return value;
+}
+
+export function fromWire(value: unknown, depth = 0): unknown {
+  if (depth > MAX_DEPTH) throw new Error('value nested too deeply');
+  if (Array.isArray(value)) return value.map((v) => fromWire(v, depth + 1));
+  if (value !== null && typeof value === 'object') {
+    const entries = Object.entries(value);
+    if (entries.length === 1 && entries[0]![0] === '$b64' && typeof entries[0]![1] === 'string') {
+      return Buffer.from(entries[0]![1], 'base64');
+    }
+    const out: Record<string, unknown> = Object.create(null);
+    for (const [k, v] of entries) out[k] = fromWire(v, depth + 1);
+    return out;
+  }
+  return value;
+}
+
+export function encodeMessage(value: unknown): Buffer {
+  return frame(Buffer.from(JSON.stringify(toWire(value))));
+}
+
+export function decodeMessage(payload: Buffer): unknown {
+  return fromWire(JSON.parse(payload.toString('utf8')));
+}
+
+export function errorResponse(err: unknown): ControlResponse {
+  if (err instanceof KeyholdError) {
+    return { ok: false, error: { message: err.message, ...(err.hint ? { hint: err.hint } : {}), exitCode: err.exitCode } };
+  }
+  return { ok: false, error: { message: `daemon error: ${err instanceof Error ? err.message : String(err)}`, exitCode: EXIT.ERROR } };
+}
+
+export function errorFromResponse(error: { message: string; hint?: string; exitCode: number }): KeyholdError {
+  const codes = Object.values(EXIT) as number[];
+  const exitCode = (codes.includes(error.exitCode) ? error.exitCode : EXIT.ERROR) as ExitCode;
+  return new KeyholdError(String(error.message), error.hint === undefined ? undefined : String(error.hint), exitCode);
+}

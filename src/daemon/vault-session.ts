@@ -1,0 +1,164 @@
+// The daemon's vault, locked or unlocked. Unlocked, it holds the open database, the master key and
+// the parsed keys; locking drops all of them (the master key and KEKs are zeroed), like
+// `ssh-add -x`: sockets stay, identities answer empty, signatures are refused.
+import type { Logger } from 'pino';
+import { EXIT, KeyholdError } from '../errors.js';
+import type { DaemonStatus, LockTimers } from '../control/protocol.js';
+import { TokenCache } from '../tokens/token-cache.js';
+import { localVaultApi, type VaultApi } from '../vault/api.js';
+import { KeyCache } from '../vault/key-cache.js';
+import type { FactorKeks } from '../vault/keyring.js';
+import type { VaultPaths } from '../vault/paths.js';
+import { Vault } from '../vault/vault.js';
+
+interface Unlocked {
+  vault: Vault;
+  keys: KeyCache;
+  tokens: TokenCache;
+  api: VaultApi;
+  unlockedAt: number;
+  lockAt: number | null;
+  idleMs: number | null;
+}
+
+/** setTimeout's limit; longer waits are re-armed. */
+const MAX_TIMER_MS = 2 ** 31 - 1;
+
+export class VaultSession {
+  private current: Unlocked | null = null;
+  private lastActivity = Date.now();
+  private timer: NodeJS.Timeout | null = null;
+  private readonly listeners: ((unlocked: boolean) => void)[] = [];
+
+  constructor(
+    readonly paths: VaultPaths,
+    readonly vaultId: string,
+    private readonly log: Logger,
+    private readonly defaults: LockTimers,
+  ) {}
+
+  get unlocked(): boolean {
+    return this.current !== null;
+  }
+
+  /** Called after every unlock and lock. */
+  onChange(listener: (unlocked: boolean) => void): void {
+    this.listeners.push(listener);
+  }
+
+  /** The key cache, refreshed, for a request; null while locked. Counts as activity. */
+  keys(): KeyCache | null {
+    const current = this.current;
+    if (!current) return null;
+    this.lastActivity = Date.now();
+    current.keys.refresh();
+    return current.keys;
+  }
+
+  tokens(): TokenCache | null {
+    return this.current?.tokens ?? null;
+  }
+
+  /** The vault operations, for a CLI request through the control socket; exit 3 while locked. */
+  api(): VaultApi {
+    if (!this.current) throw new KeyholdError('the vault is locked', 'unlock it with `keyhold unlock`', EXIT.LOCKED);
+    this.lastActivity = Date.now();
+    return this.current.api;
+  }
+
+  /** Unlocks with the KEKs a client proved; exit 4 if they do not open the vault. */
+  async unlock(keks: FactorKeks, timers: Partial<LockTimers> = {}): Promise<void> {
+    if (this.current) return;
+    const vault = await Vault.openWithKeks(this.paths, async (keyring) => {
+      if (keyring.vault_id !== this.vaultId) {
+        throw new KeyholdError(`${this.paths.keys} now belongs to another vault`, 'restart the daemon');
+      }
+      return keks;
+    });
+    if (this.current) {
+      vault.close();
+      return;
+    }
+    const keys = new KeyCache(vault);
+    keys.refresh();
+    const now = Date.now();
+    const ttlMs = timers.ttlMs !== undefined && timers.ttlMs !== null ? timers.ttlMs : this.defaults.ttlMs;
+    const idleMs = timers.idleMs !== undefined && timers.idleMs !== null ? timers.idleMs : this.defaults.idleMs;
+    this.current = {
+      vault,
+      keys,
+      tokens: new TokenCache(vault),
+      api: localVaultApi(vault),
+      unlockedAt: now,
+      lockAt: ttlMs === null ? null : now + ttlMs,
+      idleMs,
+    };
+    this.lastActivity = now;
+    this.armTimer();
+    this.log.info({ lockAt: this.current.lockAt && new Date(this.current.lockAt).toISOString(), idleMs }, 'vault unlocked');
+    for (const listener of this.listeners) listener(true);
+  }
+
+  lock(reason: string): void {
+    const current = this.current;
+    if (!current) return;
+    this.current = null;
+    if (this.timer) clearTimeout(this.timer);
+    this.timer = null;
+    current.keys.clear();
+    current.vault.close();
+    this.log.info({ reason }, 'vault locked');
+    for (const listener of this.listeners) listener(false);
+  }
+
+  status(sockets: string[]): DaemonStatus {
+    const current = this.current;
+    const idleLockAt = current?.idleMs != null ? this.lastActivity + current.idleMs : null;
+    return {
+      pid: process.pid,
+      vault: this.paths.db,
+      vault_id: this.vaultId,
+      locked: !current,
+      unlocked_at: current ? new Date(current.unlockedAt).toISOString() : null,
+      lock_at: current?.lockAt != null ? new Date(current.lockAt).toISOString() : null,
+      idle_ms: current?.idleMs ?? null,
+      idle_lock_at: idleLockAt === null ? null : new Date(idleLockAt).toISOString(),
+      sockets,
+    };
+  }
+
+  /**
+   * One timer for both limits, armed for the earlier one. Activity only moves a timestamp; when
+   * the timer fires early because of activity it re-arms for the rest.
+   */
+  private armTimer(): void {
+    if (this.timer) clearTimeout(this.timer);
+    this.timer = null;
+    const current = this.current;
+    if (!current) return;
+    const due = this.nextDeadline(current);
+    if (due === null) return;
+    this.timer = setTimeout(() => this.checkTimers(), Math.min(MAX_TIMER_MS, Math.max(0, due - Date.now())));
+    this.timer.unref();
+  }
+
+  private nextDeadline(current: Unlocked): number | null {
+    const candidates: number[] = [];
+    if (current.lockAt !== null) candidates.push(current.lockAt);
+    if (current.idleMs !== null) candidates.push(this.lastActivity + current.idleMs);
+    return candidates.length === 0 ? null : Math.min(...candidates);
+  }
+
+  private checkTimers(): void {
+    const current = this.current;
+    if (!current) return;
+    const now = Date.now();
+    if (current.lockAt !== null && now >= current.lockAt) return this.lock('lock deadline reached');
+    if (current.idleMs !== null && now >= this.lastActivity + current.idleMs) return this.lock('idle');
+    this.armTimer();
+  }
+
+  close(): void {
+    this.lock('daemon stopping');
+  }
+}
