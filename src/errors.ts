@@ -31,11 +31,14 @@ export function formatError(err: KeyholdError): string {
   return `keyhold: ${err.message}${err.hint ? ` (${err.hint})` : ''}`;
 }
 
-/** Ends a command with an exit code and no message (e.g. `status` when locked: 3). */
+/**
+ * Ends a command with an exit code and no message: `status` when locked (3), or `env` when its
+ * command cannot run (126/127, as a shell reports them).
+ */
 export class QuietExit extends Error {
   override name = 'QuietExit';
 
-  constructor(readonly exitCode: ExitCode) {
+  constructor(readonly exitCode: number) {
     super(`exit ${exitCode}`);
   }
 }

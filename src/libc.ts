@@ -7,6 +7,10 @@ const PR_SET_DUMPABLE = 4;
 const RLIMIT_CORE = 4;
 
 interface Libc {
+  execve: (path: Buffer, argv: (Buffer | null)[], envp: (Buffer | null)[]) => number;
+  fcntl: (fd: number, command: number, arg: number) => number;
+  signal: (signal: number, handler: null) => unknown;
+  sigprocmask: (how: number, set: Buffer, old: null) => number;
   getsockopt: (fd: number, level: number, name: number, value: Buffer, length: number[]) => number;
   prctl: (option: number, arg2: number, arg3: number, arg4: number, arg5: number) => number;
   setrlimit: (resource: number, limit: Buffer) => number;
@@ -19,6 +23,10 @@ function load(): Libc {
   if (libc) return libc;
   const lib = koffi.load('libc.so.6');
   libc = {
+    execve: lib.func('int execve(const uint8_t *path, void **argv, void **envp)'),
+    fcntl: lib.func('int fcntl(int, int, int)'),
+    signal: lib.func('void *signal(int, void *)'),
+    sigprocmask: lib.func('int sigprocmask(int, const uint8_t *set, void *old)'),
     getsockopt: lib.func('int getsockopt(int, int, int, _Out_ uint8_t *value, _Inout_ uint32_t *length)'),
     prctl: lib.func('int prctl(int, unsigned long, unsigned long, unsigned long, unsigned long)'),
     setrlimit: lib.func('int setrlimit(int, const uint8_t *limit)'),
@@ -56,4 +64,35 @@ const LOCK_NB = 4;
 /** Takes an exclusive advisory lock on an open file without waiting; false if another holds it. */
 export function tryLockFile(fd: number): boolean {
   return load().flock(fd, LOCK_EX | LOCK_NB) === 0;
+}
+
+const F_SETFD = 2;
+const F_GETFL = 3;
+const F_SETFL = 4;
+const O_NONBLOCK = 0o4000;
+const SIG_SETMASK = 2;
+const SIGPIPE = 13;
+const SIGXFSZ = 25;
+
+const cString = (bytes: Buffer | string) => Buffer.concat([Buffer.from(bytes), Buffer.of(0)]);
+
+/**
+ * Replaces this process with `path` (execve), passing argv and the environment as exact bytes
+ * (node's own spawn can only pass UTF-8 strings). Undoes what node changed that a child would
+ * inherit: close-on-exec and O_NONBLOCK on stdio, SIGPIPE and SIGXFSZ ignored, blocked signals.
+ * Returns only on failure, with the errno name.
+ */
+export function execReplacing(path: string, argv: Buffer[], env: Buffer[]): string {
+  const calls = load();
+  for (const fd of [0, 1, 2]) {
+    calls.fcntl(fd, F_SETFD, 0);
+    const flags = calls.fcntl(fd, F_GETFL, 0);
+    if (flags >= 0 && flags & O_NONBLOCK) calls.fcntl(fd, F_SETFL, flags & ~O_NONBLOCK);
+  }
+  calls.signal(SIGPIPE, null);
+  calls.signal(SIGXFSZ, null);
+  calls.sigprocmask(SIG_SETMASK, Buffer.alloc(128), null);
+  calls.execve(cString(path), [...argv.map(cString), null], [...env.map(cString), null]);
+  const errno = koffi.errno();
+  return ({ 2: 'ENOENT', 13: 'EACCES', 8: 'ENOEXEC', 20: 'ENOTDIR', 7: 'E2BIG', 26: 'ETXTBSY' } as Record<number, string>)[errno] ?? `errno ${errno}`;
 }

@@ -11,6 +11,8 @@ import { tokenCommand } from './token.js';
 import { bridgeCommand } from './bridge.js';
 import { lockCommand, statusCommand, unlockCommand } from './unlock.js';
 import { factorCommand, passphraseCommand } from './factor.js';
+import { secretCommand } from './secret.js';
+import { envCommand } from './env.js';
 
 /** Options whose value may be `-` (stdin), which yargs would otherwise take for an argument. */
 const FILE_OPTIONS = new Set(['--passphrase-file', '--key-passphrase-file', '--token-file', '--value-file', '--new-passphrase-file']);
@@ -40,6 +42,8 @@ export async function main(argv: string[]): Promise<number> {
     statusCommand,
     factorCommand,
     passphraseCommand,
+    secretCommand,
+    envCommand,
   ]) register(parser);
   try {
     await parser

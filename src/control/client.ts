@@ -6,7 +6,7 @@ import { EXIT, KeyholdError } from '../errors.js';
 import { peerCredentials } from '../libc.js';
 import { ensurePrivateDir } from '../runtime-dir.js';
 import {
-  CONTROL_MAX_FRAME,
+  CONTROL_MAX_REPLY,
   controlSocketPath,
   decodeMessage,
   encodeMessage,
@@ -19,7 +19,8 @@ import {
 const CALL_TIMEOUT_MS = 120_000;
 
 export class ControlClient {
-  private readonly reader = new FrameReader(CONTROL_MAX_FRAME);
+  /** Replies come from our own daemon and may carry many 1 MiB secrets; requests stay bounded. */
+  private readonly reader = new FrameReader(CONTROL_MAX_REPLY);
   private queue: Promise<unknown> = Promise.resolve();
   private waiting: { resolve: (r: ControlResponse) => void; reject: (e: Error) => void } | null = null;
   private closedError: Error | null = null;

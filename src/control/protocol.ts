@@ -7,6 +7,7 @@ import { EXIT, KeyholdError, type ExitCode } from '../errors.js';
 export const CONTROL_SOCKET = 'control.sock';
 /** Large enough for a 1 MiB value in base64 plus its envelope. */
 export const CONTROL_MAX_FRAME = 4 * 1024 * 1024;
+export const CONTROL_MAX_REPLY = 1024 * 1024 * 1024;
 
 export const controlSocketPath = (runtime: string) => join(runtime, CONTROL_SOCKET);
 

@@ -25,7 +25,7 @@ export function parseControlRequest(value: unknown): ControlRequest {
     case 'unlock': {
       if (typeof r.vaultId !== 'string') throw bad('vaultId');
       if (r.keks === null || typeof r.keks !== 'object') throw bad('keks');
-      const keks: Record<string, Buffer> = {};
+      const keks: Record<string, Buffer> = Object.create(null);
       for (const [id, kek] of Object.entries(r.keks as object)) {
         if (!Buffer.isBuffer(kek) || kek.length !== 32) throw bad('keks');
         keks[id] = kek;

@@ -3,7 +3,7 @@
 // the private keys and the master key stay in the daemon).
 import { generatePrivateKey, parsePkcs8, type KeyKind } from './key-material.js';
 import type { EnrolledFactor, Factor } from './keyring.js';
-import type { AddKeyResult, KeyRecord, ScopeSummary, Vault } from './vault.js';
+import type { AddKeyResult, KeyRecord, ScopeSummary, SecretInfo, SecretValue, Vault } from './vault.js';
 import type { TokenRecord } from '../tokens/tokens.js';
 
 export interface AddedKey {
@@ -24,6 +24,12 @@ export interface VaultApi {
   listTokens(scope?: string): Promise<TokenRecord[]>;
   revokeToken(id: string): Promise<TokenRecord>;
   revokeTokens(scope: string, subject?: string): Promise<number>;
+  setSecret(scope: string, name: string, value: Buffer): Promise<{ created: boolean }>;
+  getSecret(scope: string, name: string): Promise<Buffer>;
+  listSecrets(scope: string): Promise<SecretInfo[]>;
+  removeSecret(scope: string, name: string): Promise<void>;
+  /** Every secret of these scopes, values included (for `env` and `export`). */
+  secretValues(scopes: string[]): Promise<SecretValue[]>;
   addFactor(enrolled: EnrolledFactor): Promise<Factor>;
   removeFactor(id: string): Promise<void>;
   replaceFactor(enrolled: EnrolledFactor): Promise<Factor>;
@@ -44,6 +50,11 @@ export const VAULT_METHODS: readonly VaultMethod[] = [
   'listTokens',
   'revokeToken',
   'revokeTokens',
+  'setSecret',
+  'getSecret',
+  'listSecrets',
+  'removeSecret',
+  'secretValues',
   'addFactor',
   'removeFactor',
   'replaceFactor',
@@ -91,6 +102,22 @@ export function localVaultApi(vault: Vault): VaultApi {
     },
     async revokeTokens(scope, subject) {
       return vault.revokeTokens(scope, subject);
+    },
+    async setSecret(scope, name, value) {
+      return vault.setSecret(scope, name, value);
+    },
+    async getSecret(scope, name) {
+      return vault.getSecret(scope, name);
+    },
+    async listSecrets(scope) {
+      return vault.listSecrets(scope);
+    },
+    async removeSecret(scope, name) {
+      vault.removeSecret(scope, name);
+    },
+    async secretValues(scopes) {
+      if (!Array.isArray(scopes)) throw new TypeError('scopes must be a list');
+      return vault.secretValues(scopes);
     },
     async addFactor(enrolled) {
       try {

@@ -62,6 +62,22 @@ const MIGRATIONS: readonly Migration[] = [
       `);
     },
   },
+  {
+    version: 3,
+    up(db) {
+      // Values are bytes (binary-safe); the whole file is encrypted, so they are not in the clear.
+      db.exec(`
+        CREATE TABLE secrets (
+          scope TEXT NOT NULL,
+          name TEXT NOT NULL,
+          value BLOB NOT NULL,
+          created_at TEXT NOT NULL,
+          updated_at TEXT NOT NULL,
+          PRIMARY KEY (scope, name)
+        ) STRICT, WITHOUT ROWID;
+      `);
+    },
+  },
 ];
 
 export const SCHEMA_VERSION = MIGRATIONS[MIGRATIONS.length - 1]!.version;

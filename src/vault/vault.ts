@@ -33,9 +33,9 @@ import { mintToken, newTokenId, TOKEN_SHOWN_CHARS, tokenHash, type TokenRecord }
 export const SCOPE_PATTERN = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
 
 export function checkScopeName(scope: string): string {
-  if (!SCOPE_PATTERN.test(scope)) {
+  if (typeof scope !== 'string' || !SCOPE_PATTERN.test(scope)) {
     throw usageError(
-      `invalid scope name ${JSON.stringify(scope.slice(0, 80))}`,
+      `invalid scope name ${JSON.stringify(String(scope).slice(0, 80))}`,
       'a scope is 1-64 characters of A-Z a-z 0-9 . _ -, starting with a letter or digit',
     );
   }
@@ -65,6 +65,32 @@ export interface ScopeSummary {
   keys: number;
   secrets: number;
   tokens: number;
+}
+
+export interface SecretInfo {
+  scope: string;
+  name: string;
+  created: string;
+  updated: string;
+}
+
+export interface SecretValue {
+  scope: string;
+  name: string;
+  value: Buffer;
+}
+
+export const SECRET_NAME_PATTERN = /^[A-Za-z_][A-Za-z0-9_]{0,255}$/;
+export const MAX_SECRET_BYTES = 1024 * 1024;
+
+export function checkSecretName(name: string): string {
+  if (typeof name !== 'string' || !SECRET_NAME_PATTERN.test(name)) {
+    throw usageError(
+      `invalid secret name ${JSON.stringify(String(name).slice(0, 80))}`,
+      'a secret name is 1-256 characters of A-Z a-z 0-9 _, not starting with a digit',
+    );
+  }
+  return name;
 }
 
 export interface AddKeyResult {
@@ -385,17 +411,76 @@ export class Vault {
     });
   }
 
-  /** Scopes that hold anything. A scope exists while a key or a live token belongs to it. */
+  /** Scopes that hold anything. A scope exists while a key, a secret or a live token belongs to it. */
   scopes(): ScopeSummary[] {
     return this.db
       .prepare(
-        `SELECT name, sum(keys) AS keys, 0 AS secrets, sum(tokens) AS tokens FROM (
-           SELECT scope AS name, count(*) AS keys, 0 AS tokens FROM key_scopes GROUP BY scope
+        `SELECT name, sum(keys) AS keys, sum(secrets) AS secrets, sum(tokens) AS tokens FROM (
+           SELECT scope AS name, count(*) AS keys, 0 AS secrets, 0 AS tokens FROM key_scopes GROUP BY scope
            UNION ALL
-           SELECT scope, 0, count(*) FROM tokens WHERE revoked_at IS NULL GROUP BY scope
+           SELECT scope, 0, count(*), 0 FROM secrets GROUP BY scope
+           UNION ALL
+           SELECT scope, 0, 0, count(*) FROM tokens WHERE revoked_at IS NULL GROUP BY scope
          ) GROUP BY name ORDER BY name`,
       )
       .all() as ScopeSummary[];
+  }
+
+  // Secrets are not cached by the daemon, so they do not move the version counter.
+
+  /** Creates or replaces a secret; the value is stored as given, byte for byte. */
+  setSecret(scope: string, name: string, value: Buffer): { created: boolean } {
+    checkScopeName(scope);
+    checkSecretName(name);
+    if (!Buffer.isBuffer(value)) throw usageError('a secret value is bytes');
+    if (value.length > MAX_SECRET_BYTES) {
+      throw usageError(`secret value of ${value.length} bytes is over the 1 MiB limit`);
+    }
+    const time = now();
+    return this.db
+      .transaction(() => {
+        const changed = this.db
+          .prepare('UPDATE secrets SET value = ?, updated_at = ? WHERE scope = ? AND name = ?')
+          .run(value, time, scope, name).changes;
+        if (changed > 0) return { created: false };
+        this.db
+          .prepare('INSERT INTO secrets (scope, name, value, created_at, updated_at) VALUES (?, ?, ?, ?, ?)')
+          .run(scope, name, value, time, time);
+        return { created: true };
+      })
+      .immediate();
+  }
+
+  getSecret(scope: string, name: string): Buffer {
+    checkScopeName(scope);
+    checkSecretName(name);
+    const value = this.db.prepare('SELECT value FROM secrets WHERE scope = ? AND name = ?').pluck().get(scope, name) as
+      | Buffer
+      | undefined;
+    if (!value) throw notFound(`no secret ${name} in scope ${scope}`, `see \`keyhold secret list ${scope}\``);
+    return value;
+  }
+
+  listSecrets(scope: string): SecretInfo[] {
+    checkScopeName(scope);
+    return this.db
+      .prepare('SELECT scope, name, created_at AS created, updated_at AS updated FROM secrets WHERE scope = ? ORDER BY name')
+      .all(scope) as SecretInfo[];
+  }
+
+  removeSecret(scope: string, name: string): void {
+    checkScopeName(scope);
+    checkSecretName(name);
+    const result = this.db.prepare('DELETE FROM secrets WHERE scope = ? AND name = ?').run(scope, name);
+    if (result.changes === 0) throw notFound(`no secret ${name} in scope ${scope}`, `see \`keyhold secret list ${scope}\``);
+  }
+
+  /** Every secret of the scopes, with values, in scope order then by name. */
+  secretValues(scopes: string[]): SecretValue[] {
+    const out: SecretValue[] = [];
+    const select = this.db.prepare('SELECT scope, name, value FROM secrets WHERE scope = ? ORDER BY name');
+    for (const scope of scopes) out.push(...(select.all(checkScopeName(scope)) as SecretValue[]));
+    return out;
   }
 
   /** Issues a token; the token itself is returned once and stored only as its hash. */

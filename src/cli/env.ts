@@ -1,0 +1,184 @@
+// `keyhold env` runs a command with a scope's secrets in its environment; `keyhold export` prints
+// them for tools that want a file. Variables that change how programs load or run are refused
+// unless allowed by name: a secret store must not become a way to inject code.
+import { accessSync, constants, statSync } from 'node:fs';
+import { join } from 'node:path';
+import type { Argv } from 'yargs';
+import { hideBin } from 'yargs/helpers';
+import { KeyholdError, notFound, QuietExit, usageError } from '../errors.js';
+import { execReplacing } from '../libc.js';
+import { checkScopeName, SECRET_NAME_PATTERN, type SecretValue } from '../vault/vault.js';
+import { withVault, type GlobalArgs } from './common.js';
+import { asUtf8 } from './secret.js';
+
+/** Names that make a program load or run something else, or that keyhold itself reads. */
+const DENIED_NAMES = new Set([
+  'PATH', 'ENV', 'BASH_ENV', 'SHELLOPTS', 'BASHOPTS', 'PS4', 'PROMPT_COMMAND', 'IFS', 'CDPATH', 'GLOBIGNORE',
+  'HOME', 'SHELL', 'TMPDIR', 'NODE_OPTIONS', 'NODE_PATH', 'PYTHONPATH', 'PYTHONHOME', 'PYTHONSTARTUP',
+  'PYTHONINSPECT', 'PYTHONBREAKPOINT', 'PERL5LIB', 'PERLLIB', 'PERL5OPT', 'RUBYOPT', 'RUBYLIB', 'GEM_PATH',
+  'GCONV_PATH', 'GLIBC_TUNABLES', 'LOCPATH', 'NLSPATH', 'HOSTALIASES', 'RESOLV_HOST_CONF', 'JAVA_TOOL_OPTIONS',
+  '_JAVA_OPTIONS', 'JDK_JAVA_OPTIONS', 'CLASSPATH', 'SSH_AUTH_SOCK', 'SSH_ASKPASS', 'SUDO_ASKPASS', 'GIT_SSH',
+  'GIT_SSH_COMMAND', 'GIT_ASKPASS', 'GIT_EXEC_PATH', 'GIT_TEMPLATE_DIR', 'EDITOR', 'VISUAL', 'PAGER',
+  'LESSOPEN', 'LESSCLOSE', 'BROWSER',
+]);
+const DENIED_PREFIXES = ['LD_', 'DYLD_', 'BASH_FUNC_', 'MALLOC_', 'GIT_CONFIG', 'KEYHOLD_'];
+
+export function deniedVariable(name: string): boolean {
+  return DENIED_NAMES.has(name) || DENIED_PREFIXES.some((p) => name.startsWith(p));
+}
+
+export interface SecretSelection {
+  scopes: string[];
+  prefix: string;
+  only: string[] | null;
+  allow: Set<string>;
+}
+
+/** The variables to set, in order: later scopes win, --only filters, --prefix renames, denylist skips. */
+export function selectVariables(secrets: SecretValue[], selection: SecretSelection, warn: (m: string) => void): Map<string, Buffer> {
+  const byName = new Map<string, Buffer>();
+  for (const secret of secrets) byName.set(secret.name, secret.value);
+  if (selection.only) {
+    const missing = selection.only.filter((n) => !byName.has(n));
+    if (missing.length > 0) {
+      throw notFound(`no secret ${missing.join(', ')} in scope${selection.scopes.length > 1 ? 's' : ''} ${selection.scopes.join(', ')}`, 'see `keyhold secret list SCOPE`');
+    }
+  }
+  const out = new Map<string, Buffer>();
+  for (const [name, value] of byName) {
+    if (selection.only && !selection.only.includes(name)) continue;
+    const variable = selection.prefix + name;
+    if (deniedVariable(variable) && !selection.allow.has(variable)) {
+      warn(`skipped ${variable}: it changes how programs load or run (pass --allow ${variable} to set it anyway)`);
+      continue;
+    }
+    if (value.includes(0)) {
+      throw new KeyholdError(`secret ${name} contains a NUL byte, which an environment variable cannot hold`, 'store it encoded (e.g. base64)');
+    }
+    out.set(variable, value);
+  }
+  return out;
+}
+
+function selectionOptions<T>(y: Argv<T>) {
+  return y
+    .option('scope', { alias: 's', type: 'string', array: true, demandOption: true, describe: 'scope whose secrets to use (repeatable; later wins)' })
+    .option('prefix', { type: 'string', default: '', describe: 'prepend this to every variable name' })
+    .option('only', { type: 'string', describe: 'only these secrets: NAME,NAME…' })
+    .option('allow', { type: 'string', array: true, default: [] as string[], describe: 'set this denylisted variable anyway (repeatable)' });
+}
+
+function parseSelection(args: { scope: string[]; prefix: string; only?: string | undefined; allow: string[] }): SecretSelection {
+  const scopes = args.scope.map(checkScopeName);
+  if (args.prefix !== '' && !/^[A-Za-z_][A-Za-z0-9_]{0,63}$/.test(args.prefix)) {
+    throw usageError(`invalid --prefix ${JSON.stringify(args.prefix.slice(0, 70))}`, 'letters, digits and _, not starting with a digit');
+  }
+  let only: string[] | null = null;
+  if (args.only !== undefined) {
+    only = args.only.split(',').map((n) => n.trim()).filter(Boolean);
+    const bad = only.find((n) => !SECRET_NAME_PATTERN.test(n));
+    if (only.length === 0 || bad !== undefined) throw usageError(`invalid --only ${JSON.stringify(args.only.slice(0, 70))}`, 'NAME,NAME…');
+  }
+  return { scopes, prefix: args.prefix, only, allow: new Set(args.allow) };
+}
+
+const warnLine = (message: string) => process.stderr.write(`keyhold: warning: ${message}\n`);
+
+/** Finds `command` as execvp would: a path with a slash as is, else the first executable on PATH. */
+function resolveCommand(command: string): string | null {
+  const executable = (path: string) => {
+    try {
+      accessSync(path, constants.X_OK);
+      return statSync(path).isFile();
+    } catch {
+      return false;
+    }
+  };
+  if (command.includes('/')) return command;
+  for (const dir of (process.env.PATH ?? '/usr/local/bin:/usr/bin:/bin').split(':')) {
+    const candidate = join(dir || '.', command);
+    if (executable(candidate)) return candidate;
+  }
+  return null;
+}
+
+/** Quotes bytes for POSIX sh: single quotes, each ' as '\''. Any byte but NUL survives. */
+export function shellQuoteBytes(value: Buffer): Buffer {
+  const parts: Buffer[] = [Buffer.from("'")];
+  let start = 0;
+  for (let i = 0; i < value.length; i++) {
+    if (value[i] === 0x27) {
+      parts.push(value.subarray(start, i), Buffer.from("'\\''"));
+      start = i + 1;
+    }
+  }
+  parts.push(value.subarray(start), Buffer.from("'"));
+  return Buffer.concat(parts);
+}
+
+export function formatExport(variables: Map<string, Buffer>, format: 'env' | 'json' | 'shell'): Buffer {
+  if (format === 'json') {
+    const doc: Record<string, string> = {};
+    for (const [name, value] of variables) {
+      const text = asUtf8(value);
+      if (text === null) throw new KeyholdError(`${name} is not valid UTF-8, which JSON cannot carry`, 'use --format shell or env');
+      doc[name] = text;
+    }
+    return Buffer.from(JSON.stringify(doc, null, 2) + '\n');
+  }
+  const lines: Buffer[] = [];
+  for (const [name, value] of variables) {
+    lines.push(Buffer.from(`${format === 'shell' ? 'export ' : ''}${name}=`), shellQuoteBytes(value), Buffer.from('\n'));
+  }
+  return Buffer.concat(lines);
+}
+
+export function envCommand(yargs: Argv<GlobalArgs>) {
+  return yargs
+    .command(
+      'env [command..]',
+      "run a command with the scopes' secrets added to its environment; exits with its code",
+      (c) =>
+        selectionOptions(c)
+          .positional('command', { type: 'string', array: true, describe: 'the command and its arguments, after --' })
+          .example('keyhold env -s ci-production -- make deploy', ''),
+      async (args) => {
+        const selection = parseSelection(args);
+        // The command's words exactly as given: yargs would turn "007" into 7.
+        const raw = hideBin(process.argv);
+        const separator = raw.indexOf('--');
+        const argv = separator < 0 ? [] : raw.slice(separator + 1);
+        if (argv.length === 0) throw usageError('name the command to run after --', 'keyhold env -s SCOPE -- CMD ARGS…');
+        const secrets = await withVault(args, (api) => api.secretValues(selection.scopes));
+        const variables = selectVariables(secrets, selection, warnLine);
+        const path = resolveCommand(argv[0]!);
+        if (!path) {
+          process.stderr.write(`keyhold: ${argv[0]}: command not found\n`);
+          throw new QuietExit(127);
+        }
+        const env = new Map<string, Buffer>();
+        for (const [name, value] of Object.entries(process.env)) if (value !== undefined) env.set(name, Buffer.from(value));
+        for (const [name, value] of variables) env.set(name, value);
+        const envp = [...env].map(([name, value]) => Buffer.concat([Buffer.from(`${name}=`), value]));
+        // exec, not spawn: the command takes over this process, so signals reach it directly, its
+        // exit status (or the signal that killed it) is ours, and no keyhold process stays behind
+        // holding the values.
+        const error = execReplacing(path, argv.map((a) => Buffer.from(a)), envp);
+        for (const value of variables.values()) value.fill(0);
+        process.stderr.write(`keyhold: cannot run ${argv[0]}: ${error}\n`);
+        throw new QuietExit(error === 'ENOENT' ? 127 : 126);
+      },
+    )
+    .command(
+      'export',
+      "print the scopes' secrets as env (NAME='v'), shell (export NAME='v') or JSON",
+      (c) =>
+        selectionOptions(c).option('format', { choices: ['env', 'json', 'shell'] as const, default: 'env' as const, describe: 'output format' }),
+      async (args) => {
+        const selection = parseSelection(args);
+        const secrets = await withVault(args, (api) => api.secretValues(selection.scopes));
+        const variables = selectVariables(secrets, selection, warnLine);
+        process.stdout.write(formatExport(variables, args.format));
+      },
+    );
+}

@@ -1,0 +1,644 @@
+// End-to-end: the unlock daemon's lifecycle with the passphrase factor — `keyhold unlock` starting a
+// background daemon, lock/status exit codes, locked scope sockets, the CLI working through an
+// unlocked daemon with no passphrase source, idle and absolute lock timers, serve's start-up
+// sources (file, systemd credential, none), another vault's daemon, passphrase change, factor rm.
+import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { spawn, spawnSync } from 'node:child_process';
+import { createHash } from 'node:crypto';
+import { copyFileSync, existsSync, lstatSync, mkdirSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { dirname, join } from 'node:path';
+import {
+  frameBytes,
+  initVault,
+  KEYHOLD_BIN,
+  keyhold,
+  keyholdOk,
+  makeKeyholdEnv,
+  RawAgentClient,
+  startServe,
+  stopAllServes,
+  waitFor,
+  type KeyholdEnv,
+} from '../helpers/keyhold.js';
+
+const envs: KeyholdEnv[] = [];
+const clients: RawAgentClient[] = [];
+
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+function alive(pid: number): boolean {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    // "pid (comm) S ..." — a zombie (Z) or dead (X) process has exited.
+    const state = stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3);
+    return state !== 'Z' && state !== 'X';
+  } catch {
+    return false;
+  }
+}
+
+const pidFile = (k: KeyholdEnv) => join(k.runtime, 'daemon.pid');
+
+function daemonPid(k: KeyholdEnv): number | null {
+  try {
+    const pid = Number(readFileSync(pidFile(k), 'utf8').trim());
+    return Number.isInteger(pid) && pid > 0 ? pid : null;
+  } catch {
+    return null;
+  }
+}
+
+/** Stops the daemon of k's runtime dir (background ones from `keyhold unlock` included). */
+async function killDaemon(k: KeyholdEnv): Promise<void> {
+  const pid = daemonPid(k);
+  if (pid === null || pid === process.pid || !alive(pid)) return;
+  try {
+    process.kill(pid, 'SIGTERM');
+  } catch {
+    return;
+  }
+  const deadline = Date.now() + 5000;
+  while (alive(pid) && Date.now() < deadline) await sleep(25);
+  if (alive(pid)) {
+    try {
+      process.kill(pid, 'SIGKILL');
+    } catch {
+      /* gone */
+    }
+    const hard = Date.now() + 3000;
+    while (alive(pid) && Date.now() < hard) await sleep(25);
+  }
+}
+
+afterEach(async () => {
+  for (const c of clients.splice(0)) c.close();
+  await stopAllServes();
+  const done = envs.splice(0);
+  for (const k of done) await killDaemon(k);
+  for (const k of done) k.cleanup();
+});
+
+// One vault (passphrase factor, one ed25519 key in scope web, comment web-key) made once and copied
+// into each test's own directory: creating it per test would cost a second of CLI runs each time.
+let template: KeyholdEnv;
+
+beforeAll(() => {
+  template = makeKeyholdEnv('keyhold-unlock-template-');
+  initVault(template);
+  keyholdOk(template, ['key', 'generate', 'web', '--comment', 'web-key']);
+});
+
+afterAll(() => template?.cleanup());
+
+/** A private copy of the template vault, with its own runtime dir and passphrase file. */
+function freshVault(): KeyholdEnv {
+  const k = makeKeyholdEnv('keyhold-unlock-');
+  envs.push(k);
+  const from = dirname(template.vault);
+  mkdirSync(dirname(k.vault), { recursive: true, mode: 0o700 });
+  for (const name of readdirSync(from)) copyFileSync(join(from, name), join(dirname(k.vault), name));
+  writeFileSync(k.passFile, template.passphrase + '\n', { mode: 0o600 });
+  return { ...k, passphrase: template.passphrase };
+}
+
+/** The same vault and runtime dir with no passphrase source at all in the environment. */
+function bare(k: KeyholdEnv): KeyholdEnv {
+  const env = { ...k.env };
+  delete env.KEYHOLD_PASSPHRASE_FILE;
+  delete env.KEYHOLD_PASSPHRASE;
+  delete env.CREDENTIALS_DIRECTORY;
+  delete env.SSH_AUTH_SOCK;
+  return { ...k, env };
+}
+
+interface KeyRow {
+  fingerprint: string;
+  comment: string;
+  scopes: string[];
+}
+
+function keyList(k: KeyholdEnv): KeyRow[] {
+  return JSON.parse(keyholdOk(k, ['key', 'list', '--json'])) as KeyRow[];
+}
+
+interface StatusJson {
+  running: boolean;
+  locked: boolean;
+  pid?: number;
+  vault?: string;
+  lock_at?: string | null;
+  idle_ms?: number | null;
+  sockets?: string[];
+}
+
+function statusJson(k: KeyholdEnv): { code: number | null; json: StatusJson } {
+  const r = keyhold(k, ['status', '--json']);
+  return { code: r.status, json: JSON.parse(r.stdout) as StatusJson };
+}
+
+const statusCode = (k: KeyholdEnv) => keyhold(k, ['status', '--quiet']).status;
+const scopeSock = (k: KeyholdEnv, scope: string) => join(k.runtime, 'scopes', `${scope}.sock`);
+
+/** sha256 of every file in the vault's directory, by name. */
+function hashVaultDir(k: KeyholdEnv): Record<string, string> {
+  const dir = dirname(k.vault);
+  const out: Record<string, string> = {};
+  for (const name of readdirSync(dir).sort()) out[name] = createHash('sha256').update(readFileSync(join(dir, name))).digest('hex');
+  return out;
+}
+
+function sshAdd(sock: string, args: string[] = ['-l']): { status: number | null; stdout: string; stderr: string } {
+  const env = { ...process.env, SSH_AUTH_SOCK: sock };
+  const r = spawnSync('ssh-add', args, { env, encoding: 'utf8', timeout: 10_000, input: '' });
+  return { status: r.status, stdout: r.stdout, stderr: r.stderr };
+}
+
+function str(buf: Buffer): Buffer {
+  const len = Buffer.alloc(4);
+  len.writeUInt32BE(buf.length);
+  return Buffer.concat([len, buf]);
+}
+
+/** REQUEST_IDENTITIES on a fresh connection: the reply type and the key blobs. */
+async function identities(path: string): Promise<{ type: number; blobs: Buffer[]; comments: string[] }> {
+  const c = await RawAgentClient.connect(path);
+  clients.push(c);
+  c.send(frameBytes(Buffer.of(11)));
+  const reply = await c.reply();
+  c.close();
+  const blobs: Buffer[] = [];
+  const comments: string[] = [];
+  if (reply[0] === 12) {
+    let off = 5;
+    for (let i = 0; i < reply.readUInt32BE(1); i++) {
+      const blen = reply.readUInt32BE(off);
+      blobs.push(Buffer.from(reply.subarray(off + 4, off + 4 + blen)));
+      off += 4 + blen;
+      const clen = reply.readUInt32BE(off);
+      comments.push(reply.subarray(off + 4, off + 4 + clen).toString());
+      off += 4 + clen;
+    }
+    expect(reply.readUInt32BE(1)).toBe(blobs.length);
+  }
+  return { type: reply[0]!, blobs, comments };
+}
+
+async function signType(path: string, blob: Buffer): Promise<number> {
+  const c = await RawAgentClient.connect(path);
+  clients.push(c);
+  c.send(frameBytes(Buffer.concat([Buffer.of(13), str(blob), str(Buffer.from('data to sign')), Buffer.alloc(4)])));
+  const reply = await c.reply();
+  c.close();
+  return reply[0]!;
+}
+
+/** Runs `keyhold serve ARGS` expecting it to exit by itself (kills it and fails if not). */
+function serveExpectingExit(k: KeyholdEnv, args: string[] = [], timeoutMs = 15_000): Promise<{ code: number | null; stderr: string }> {
+  return new Promise((resolve, reject) => {
+    const proc = spawn(process.execPath, [KEYHOLD_BIN, 'serve', ...args], { env: k.env, stdio: ['ignore', 'pipe', 'pipe'] });
+    let stderr = '';
+    proc.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+    proc.stdout.resume();
+    const timer = setTimeout(() => {
+      proc.kill('SIGKILL');
+      reject(new Error(`keyhold serve did not exit within ${timeoutMs} ms: ${stderr}`));
+    }, timeoutMs);
+    proc.once('exit', (code) => {
+      clearTimeout(timer);
+      resolve({ code, stderr });
+    });
+  });
+}
+
+const mode = (path: string) => lstatSync(path).mode & 0o777;
+
+describe('unlock starts the daemon', () => {
+  it('unlock with no daemon starts one in the background, returns once unlocked; pid file and 0600 control socket', () => {
+    const k = freshVault();
+    expect(statusCode(k)).toBe(3);
+    const r = keyhold(k, ['unlock']);
+    expect(r.status, r.stderr).toBe(0);
+    // Unlocked by the time unlock returned: no waiting.
+    expect(statusCode(k)).toBe(0);
+    const pid = daemonPid(k);
+    expect(pid).not.toBeNull();
+    expect(alive(pid!)).toBe(true);
+    expect(statusJson(k).json.pid).toBe(pid);
+    const control = join(k.runtime, 'control.sock');
+    expect(lstatSync(control).isSocket()).toBe(true);
+    expect(mode(control)).toBe(0o600);
+    expect(existsSync(join(k.runtime, 'daemon.log'))).toBe(true);
+  });
+
+  it('eval "$(keyhold unlock --scope web)" sets SSH_AUTH_SOCK for ssh-add in the same shell; a second unlock needs no secret', () => {
+    const k = freshVault();
+    keyholdOk(k, ['key', 'generate', 'api', '--comment', 'api-key']);
+    const [webKey] = keyList(k).filter((key) => key.scopes.includes('web'));
+    const kh = `'${process.execPath}' '${KEYHOLD_BIN}'`;
+    const script = `set -e; eval "$(${kh} unlock --scope web)"; echo "SOCK=$SSH_AUTH_SOCK"; ssh-add -l`;
+    const env = { ...k.env };
+    delete env.SSH_AUTH_SOCK;
+    const r = spawnSync('sh', ['-c', script], { env, encoding: 'utf8', timeout: 30_000, input: '' });
+    expect(r.status, r.stderr).toBe(0);
+    expect(r.stdout).toContain(`SOCK=${scopeSock(k, 'web')}\n`);
+    const listed = r.stdout.split('\n').filter((l) => l.includes('SHA256:'));
+    expect(listed).toHaveLength(1);
+    expect(listed[0]).toContain(webKey!.fingerprint);
+    expect(listed[0]).toContain('web-key');
+
+    // Already unlocked: no passphrase source, stdin not a TTY, still 0 (and the export line again).
+    const again = keyhold(bare(k), ['unlock', '--scope', 'web']);
+    expect(again.status, again.stderr).toBe(0);
+    expect(again.stdout.trim()).toBe(`export SSH_AUTH_SOCK=${scopeSock(k, 'web')}`);
+    expect(keyhold(bare(k), ['unlock']).status).toBe(0);
+  });
+});
+
+describe('exit codes of status, lock and unlock', () => {
+  it('status with no daemon exits 3; --quiet prints nothing; --json says running:false', () => {
+    const k = freshVault();
+    const plain = keyhold(k, ['status']);
+    expect(plain.status).toBe(3);
+    const quiet = keyhold(k, ['status', '--quiet']);
+    expect(quiet.status).toBe(3);
+    expect(quiet.stdout).toBe('');
+    expect(quiet.stderr).toBe('');
+    const { code, json } = statusJson(k);
+    expect(code).toBe(3);
+    expect(json.running).toBe(false);
+    expect(existsSync(pidFile(k))).toBe(false); // status never starts a daemon
+  });
+
+  it('status 0 when unlocked; lock 0 then status 3; lock with no daemon 3', async () => {
+    const k = freshVault();
+    expect(keyhold(k, ['lock']).status).toBe(3);
+    keyholdOk(k, ['unlock']);
+    const unlocked = statusJson(k);
+    expect(unlocked.code).toBe(0);
+    expect(unlocked.json).toMatchObject({ running: true, locked: false, vault: k.vault });
+    const lock = keyhold(k, ['lock']);
+    expect(lock.status, lock.stderr).toBe(0);
+    const locked = statusJson(k);
+    expect(locked.code).toBe(3);
+    expect(locked.json).toMatchObject({ running: true, locked: true });
+    // Locking again while locked is fine; stopping the daemon makes lock exit 3.
+    expect(keyhold(k, ['lock']).status).toBe(0);
+    await killDaemon(k);
+    expect(keyhold(k, ['lock']).status).toBe(3);
+  });
+
+  it('unlock with a wrong passphrase exits 4, changes no file in the vault dir, and leaves the daemon locked', () => {
+    const k = freshVault();
+    const before = hashVaultDir(k);
+    expect(Object.keys(before)).toEqual(expect.arrayContaining(['vault.db', 'vault.db.keys']));
+    const wrong = join(k.dir, 'wrong-pass');
+    writeFileSync(wrong, 'not the passphrase\n', { mode: 0o600 });
+    const r = keyhold(k, ['unlock'], { env: { KEYHOLD_PASSPHRASE_FILE: wrong } });
+    expect(r.status, r.stderr).toBe(4);
+    expect(r.stderr).toMatch(/^keyhold: /m);
+    expect(r.stderr).not.toContain('not the passphrase');
+    expect(hashVaultDir(k)).toEqual(before);
+    const { code, json } = statusJson(k);
+    expect(code).toBe(3);
+    expect(json).toMatchObject({ running: true, locked: true });
+    // --passphrase-file wins over the (right) env file, and is wrong too.
+    expect(keyhold(k, ['unlock', '--passphrase-file', wrong]).status).toBe(4);
+    expect(hashVaultDir(k)).toEqual(before);
+  });
+
+  it('unlock with no passphrase source at all exits 3 naming --passphrase-file', () => {
+    const k = freshVault();
+    const r = keyhold(bare(k), ['unlock']);
+    expect(r.status).toBe(3);
+    expect(r.stderr).toContain('--passphrase-file');
+    expect(r.stderr).toMatch(/^keyhold: .+ \(.+\)$/m);
+    expect(r.stderr).not.toMatch(/^\s+at /m);
+    expect(statusCode(k)).toBe(3);
+  });
+});
+
+describe('a locked daemon keeps its scope sockets', () => {
+  it('after lock: empty identities, sign refused (5), ssh-add sees no identities; after unlock the key is back on the same path', async () => {
+    const k = freshVault();
+    keyholdOk(k, ['unlock']);
+    const sock = scopeSock(k, 'web');
+    const open = await identities(sock);
+    expect(open.type).toBe(12);
+    expect(open.comments).toEqual(['web-key']);
+    const blob = open.blobs[0]!;
+    expect(await signType(sock, blob)).toBe(14);
+
+    keyholdOk(k, ['lock']);
+    expect(lstatSync(sock).isSocket()).toBe(true);
+    const locked = await identities(sock);
+    expect(locked.type).toBe(12);
+    expect(locked.blobs).toHaveLength(0);
+    expect(await signType(sock, blob)).toBe(5);
+    const add = sshAdd(sock);
+    expect(add.status).toBe(1);
+    expect(add.stdout + add.stderr).toMatch(/no identities/i);
+
+    keyholdOk(k, ['unlock']);
+    const again = await identities(sock);
+    expect(again.type).toBe(12);
+    expect(again.comments).toEqual(['web-key']);
+    expect(again.blobs[0]!.equals(blob)).toBe(true);
+    expect(await signType(sock, blob)).toBe(14);
+    expect(sshAdd(sock).status).toBe(0);
+  });
+});
+
+describe('the CLI through an unlocked daemon, with no passphrase source', () => {
+  it('key generate with the default type (ed25519, no --bits) works through the daemon as it does locally', () => {
+    const k = freshVault();
+    keyholdOk(k, ['unlock']);
+    const gen = keyhold(bare(k), ['key', 'generate', 'web2', '--comment', 'web2-key']);
+    expect(gen.status, gen.stderr).toBe(0);
+    expect(gen.stdout).toMatch(/^ssh-ed25519 \S+ web2-key$/m);
+    expect(keyList(k).map((key) => key.comment).sort()).toEqual(['web-key', 'web2-key']);
+  });
+
+  it('key generate, key list, token issue, token list, scope list all work and see each other; locked → 3', async () => {
+    const k = freshVault();
+    keyholdOk(k, ['unlock']);
+    const b = bare(k);
+
+    // ecdsa: a default (ed25519) key generate through the daemon is tested on its own below.
+    const gen = keyhold(b, ['key', 'generate', 'web2', '--type', 'ecdsa', '--comment', 'web2-key']);
+    expect(gen.status, gen.stderr).toBe(0);
+    expect(gen.stdout).toMatch(/^ecdsa-sha2-nistp256 \S+/);
+
+    const list = keyhold(b, ['key', 'list', '--json']);
+    expect(list.status, list.stderr).toBe(0);
+    const keys = JSON.parse(list.stdout) as KeyRow[];
+    expect(keys.map((key) => key.comment).sort()).toEqual(['web-key', 'web2-key']);
+    expect(keys.find((key) => key.comment === 'web2-key')!.scopes).toEqual(['web2']);
+
+    const issue = keyhold(b, ['token', 'issue', 'web', '--subject', 'ci-1', '--json']);
+    expect(issue.status, issue.stderr).toBe(0);
+    const token = JSON.parse(issue.stdout) as { id: string; token: string; scope: string };
+    expect(token.token).toMatch(/^khp_[A-Za-z0-9_-]{43}$/);
+    expect(token.scope).toBe('web');
+
+    const tokens = keyhold(b, ['token', 'list', '--json']);
+    expect(tokens.status, tokens.stderr).toBe(0);
+    const tokenRows = JSON.parse(tokens.stdout) as { id: string; scope: string; subject: string }[];
+    expect(tokenRows.map((t) => t.id)).toEqual([token.id]);
+    expect(tokens.stdout).not.toContain(token.token);
+
+    const scopes = keyhold(b, ['scope', 'list', '--json']);
+    expect(scopes.status, scopes.stderr).toBe(0);
+    const scopeNames = (JSON.parse(scopes.stdout) as { scope?: string; name?: string }[]).map((s) => s.scope ?? s.name);
+    expect(scopeNames.sort()).toEqual(['web', 'web2']);
+    expect(scopes.stdout).toMatch(/"web2"/);
+
+    // The same changes are visible to a local open of the vault (with the passphrase).
+    expect(keyList(k).map((key) => key.comment).sort()).toEqual(['web-key', 'web2-key']);
+
+    // The new scope's socket is opened by the daemon.
+    await waitFor(() => (statusJson(k).json.sockets ?? []).includes(scopeSock(k, 'web2')), 5000, 'web2 socket in status');
+    expect(lstatSync(scopeSock(k, 'web2')).isSocket()).toBe(true);
+    expect((await identities(scopeSock(k, 'web2'))).comments).toEqual(['web2-key']);
+
+    keyholdOk(k, ['lock']);
+    for (const args of [
+      ['key', 'generate', 'web3'],
+      ['key', 'list', '--json'],
+      ['token', 'issue', 'web'],
+      ['token', 'list'],
+      ['scope', 'list'],
+    ]) {
+      const r = keyhold(b, args);
+      expect(r.status, `${args.join(' ')}: ${r.stderr}`).toBe(3);
+    }
+    expect(keyList(k).map((key) => key.comment).sort()).toEqual(['web-key', 'web2-key']);
+  });
+});
+
+/** ssh-add -l every 0.5 s for `ms`, checking the daemon stays unlocked throughout. */
+async function keepBusy(k: KeyholdEnv, ms: number, label: string): Promise<void> {
+  const end = Date.now() + ms;
+  while (Date.now() < end) {
+    const add = sshAdd(scopeSock(k, 'web'));
+    expect(add.status, `${label}: ssh-add -l while it should be unlocked: ${add.stdout}${add.stderr}`).toBe(0);
+    await sleep(500);
+  }
+  expect(statusCode(k), `${label}: locked despite activity`).toBe(0);
+}
+
+async function waitLocked(k: KeyholdEnv, timeoutMs: number, label: string): Promise<number> {
+  const start = Date.now();
+  await waitFor(() => statusCode(k) === 3, timeoutMs, `${label}: status 3`);
+  return Date.now() - start;
+}
+
+/** Idle lock 2 s: activity for 3 s keeps it unlocked; then it locks on its own within ~2–5 s. */
+async function idleScenario(k: KeyholdEnv, label: string): Promise<void> {
+  await sleep(500);
+  expect(statusCode(k), `${label}: locked after 0.5 s`).toBe(0);
+  await keepBusy(k, 3000, label);
+  await waitLocked(k, 8000, `${label} idle lock`);
+  expect(sshAdd(scopeSock(k, 'web')).status).toBe(1);
+}
+
+/** Absolute lock 3 s: continuous activity does not keep it open. */
+async function ttlScenario(k: KeyholdEnv, unlockedAt: number, label: string): Promise<void> {
+  let lockedAt = 0;
+  const deadline = unlockedAt + 9000;
+  for (;;) {
+    sshAdd(scopeSock(k, 'web'));
+    if (statusCode(k) === 3) {
+      lockedAt = Date.now();
+      break;
+    }
+    if (Date.now() > deadline) throw new Error(`${label}: still unlocked ${Date.now() - unlockedAt} ms after unlocking with a 3 s limit`);
+    await sleep(400);
+  }
+  expect(lockedAt - unlockedAt, `${label}: locked too early`).toBeGreaterThanOrEqual(2000);
+}
+
+describe('lock timers', () => {
+  it('unlock --idle 2s and serve --idle-lock 2s: activity keeps the vault open, inactivity locks it', async () => {
+    const a = freshVault();
+    const b = freshVault();
+    const unlock = keyhold(a, ['unlock', '--idle', '2s']);
+    expect(unlock.status, unlock.stderr).toBe(0);
+    expect(statusJson(a).json.idle_ms).toBe(2000);
+    await startServe(b, ['--idle-lock', '2s']);
+    expect(statusCode(b)).toBe(0);
+    expect(statusJson(b).json.idle_ms).toBe(2000);
+    const results = await Promise.allSettled([idleScenario(a, 'unlock --idle 2s'), idleScenario(b, 'serve --idle-lock 2s')]);
+    const failures = results.filter((r): r is PromiseRejectedResult => r.status === 'rejected').map((r) => String(r.reason));
+    expect(failures).toEqual([]);
+  });
+
+  it('unlock --ttl 3s and serve --lock-after 3s lock despite continuous activity', async () => {
+    const a = freshVault();
+    const b = freshVault();
+    const unlock = keyhold(a, ['unlock', '--ttl', '3s']);
+    const aUnlocked = Date.now();
+    expect(unlock.status, unlock.stderr).toBe(0);
+    expect(statusJson(a).json.lock_at).toEqual(expect.any(String));
+    const bStart = Date.now();
+    await startServe(b, ['--lock-after', '3s']);
+    expect(statusCode(b)).toBe(0);
+    expect(statusJson(b).json.lock_at).toEqual(expect.any(String));
+    const results = await Promise.allSettled([ttlScenario(a, aUnlocked, 'unlock --ttl 3s'), ttlScenario(b, bStart, 'serve --lock-after 3s')]);
+    const failures = results.filter((r): r is PromiseRejectedResult => r.status === 'rejected').map((r) => String(r.reason));
+    expect(failures).toEqual([]);
+    // After a timed lock, unlock again works.
+    keyholdOk(a, ['unlock']);
+    expect(statusCode(a)).toBe(0);
+  });
+
+  it('unlock --ttl while already unlocked notes it on stderr and leaves lock_at unchanged', () => {
+    const k = freshVault();
+    keyholdOk(k, ['unlock', '--ttl', '1h']);
+    const first = statusJson(k).json.lock_at;
+    expect(first).toEqual(expect.any(String));
+    expect(Date.parse(first!) - Date.now()).toBeGreaterThan(50 * 60_000);
+    const again = keyhold(k, ['unlock', '--ttl', '3s']);
+    expect(again.status, again.stderr).toBe(0);
+    expect(again.stderr).toMatch(/already unlocked/);
+    expect(statusJson(k).json.lock_at).toBe(first);
+  });
+});
+
+describe('serve at start', () => {
+  it('serve --locked starts locked even with a passphrase file', async () => {
+    const k = freshVault();
+    const serve = await startServe(k, ['--locked']);
+    const { code, json } = statusJson(k);
+    expect(code).toBe(3);
+    expect(json).toMatchObject({ running: true, locked: true, pid: serve.proc.pid });
+    keyholdOk(k, ['unlock']);
+    expect(statusCode(k)).toBe(0);
+  });
+
+  it('serve with no passphrase source starts locked; keyhold unlock then unlocks that daemon', async () => {
+    const k = freshVault();
+    const serve = await startServe(bare(k));
+    expect(serve.proc.exitCode).toBeNull();
+    const { code, json } = statusJson(k);
+    expect(code).toBe(3);
+    expect(json).toMatchObject({ running: true, locked: true, pid: serve.proc.pid });
+    const r = keyhold(k, ['unlock']);
+    expect(r.status, r.stderr).toBe(0);
+    expect(statusJson(k).json).toMatchObject({ locked: false, pid: serve.proc.pid });
+    expect((await identities(scopeSock(k, 'web'))).comments).toEqual(['web-key']);
+  });
+
+  it('serve with a wrong passphrase file exits 4', async () => {
+    const k = freshVault();
+    const wrong = join(k.dir, 'wrong-pass');
+    writeFileSync(wrong, 'nope-nope\n', { mode: 0o600 });
+    const { code, stderr } = await serveExpectingExit({ ...k, env: { ...k.env, KEYHOLD_PASSPHRASE_FILE: wrong } });
+    expect(code, stderr).toBe(4);
+    expect(stderr).not.toContain('nope-nope');
+    expect(statusCode(k)).toBe(3);
+    expect(existsSync(join(k.runtime, 'control.sock'))).toBe(false);
+  });
+
+  it('a systemd credential unlocks serve at start, and key list with no daemon', async () => {
+    const k = freshVault();
+    const creds = join(k.dir, 'credentials');
+    mkdirSync(creds, { mode: 0o700 });
+    writeFileSync(join(creds, 'keyhold-passphrase'), k.passphrase, { mode: 0o600 });
+    const withCred: KeyholdEnv = { ...bare(k), env: { ...bare(k).env, CREDENTIALS_DIRECTORY: creds } };
+
+    // No daemon: key list opens the vault with the credential.
+    const list = keyhold(withCred, ['key', 'list', '--json']);
+    expect(list.status, list.stderr).toBe(0);
+    expect((JSON.parse(list.stdout) as KeyRow[]).map((key) => key.comment)).toEqual(['web-key']);
+    expect(existsSync(pidFile(k))).toBe(false);
+    // Without it, the same command has no source.
+    expect(keyhold(bare(k), ['key', 'list']).status).toBe(3);
+
+    const serve = await startServe(withCred);
+    const { code, json } = statusJson(k);
+    expect(code).toBe(0);
+    expect(json).toMatchObject({ locked: false, pid: serve.proc.pid });
+    expect((await identities(scopeSock(k, 'web'))).comments).toEqual(['web-key']);
+
+    // A wrong credential is a wrong passphrase: exit 4.
+    const badCreds = join(k.dir, 'bad-credentials');
+    mkdirSync(badCreds, { mode: 0o700 });
+    writeFileSync(join(badCreds, 'keyhold-passphrase'), 'wrong-credential', { mode: 0o600 });
+    await serve.stop();
+    const bad = keyhold({ ...bare(k), env: { ...bare(k).env, CREDENTIALS_DIRECTORY: badCreds } }, ['key', 'list']);
+    expect(bad.status).toBe(4);
+  });
+
+  it('serve while a background daemon (from unlock) runs exits 1 naming its pid', async () => {
+    const k = freshVault();
+    keyholdOk(k, ['unlock']);
+    const pid = daemonPid(k)!;
+    const { code, stderr } = await serveExpectingExit(k);
+    expect(code).toBe(1);
+    expect(stderr).toContain(`pid ${pid}`);
+    expect(daemonPid(k)).toBe(pid);
+    expect(statusCode(k)).toBe(0);
+  });
+});
+
+describe('another vault, passphrase change, factor rm', () => {
+  it('a daemon for vault A: status for vault B exits 3 naming the other vault; unlock for B exits 1', () => {
+    const a = freshVault();
+    keyholdOk(a, ['unlock']);
+    const vaultB = join(a.dir, 'other', 'vault.db');
+    keyholdOk(a, ['--vault', vaultB, 'init']);
+
+    const status = keyhold(a, ['--vault', vaultB, 'status']);
+    expect(status.status).toBe(3);
+    expect(status.stderr).toContain(a.vault);
+    expect(status.stderr).toMatch(/another vault/);
+    expect(keyhold(a, ['--vault', vaultB, 'status', '--quiet']).status).toBe(3);
+
+    const unlock = keyhold(a, ['--vault', vaultB, 'unlock']);
+    expect(unlock.status).toBe(1);
+    expect(unlock.stderr).toContain(a.vault);
+    expect(unlock.stderr).not.toMatch(/^\s+at /m);
+    // A's daemon is untouched.
+    expect(statusJson(a).json).toMatchObject({ locked: false, vault: a.vault });
+  });
+
+  it('passphrase change through the unlocked daemon, with no passphrase source', () => {
+    const k = freshVault();
+    keyholdOk(k, ['unlock']);
+    const newPass = join(k.dir, 'new-pass');
+    writeFileSync(newPass, 'the-new-passphrase\n', { mode: 0o600 });
+    const keysBefore = readFileSync(k.vault + '.keys');
+    const change = keyhold(bare(k), ['passphrase', 'change', '--new-passphrase-file', newPass]);
+    expect(change.status, change.stderr).toBe(0);
+    expect(readFileSync(k.vault + '.keys').equals(keysBefore)).toBe(false);
+    expect(readFileSync(k.vault + '.keys', 'utf8')).not.toContain('the-new-passphrase');
+
+    keyholdOk(k, ['lock']);
+    const old = keyhold(k, ['unlock']);
+    expect(old.status).toBe(4);
+    expect(statusCode(k)).toBe(3);
+    const fresh = keyhold(k, ['unlock'], { env: { KEYHOLD_PASSPHRASE_FILE: newPass } });
+    expect(fresh.status, fresh.stderr).toBe(0);
+    expect(statusCode(k)).toBe(0);
+    const listed = keyhold(bare(k), ['key', 'list', '--json']);
+    expect(listed.status, listed.stderr).toBe(0);
+    expect((JSON.parse(listed.stdout) as KeyRow[]).map((key) => key.comment)).toEqual(['web-key']);
+  });
+
+  it('factor rm of the only factor exits 1 and leaves vault.db.keys byte-identical', () => {
+    const k = freshVault();
+    const factors = JSON.parse(keyholdOk(k, ['factor', 'list', '--json'])) as { id: string; type: string }[];
+    expect(factors).toHaveLength(1);
+    expect(factors[0]!.type).toBe('passphrase');
+    const before = readFileSync(k.vault + '.keys');
+    const r = keyhold(k, ['factor', 'rm', factors[0]!.id]);
+    expect(r.status).toBe(1);
+    expect(r.stderr).toContain(factors[0]!.id);
+    expect(readFileSync(k.vault + '.keys').equals(before)).toBe(true);
+    // Through an unlocked daemon, too.
+    keyholdOk(k, ['unlock']);
+    const viaDaemon = keyhold(bare(k), ['factor', 'rm', factors[0]!.id]);
+    expect(viaDaemon.status).toBe(1);
+    expect(readFileSync(k.vault + '.keys').equals(before)).toBe(true);
+  });
+});
