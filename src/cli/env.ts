@@ -82,6 +82,9 @@ function parseSelection(args: { scope: string[]; prefix: string; only?: string |
   return { scopes, prefix: args.prefix, only, allow: new Set(args.allow) };
 }
 
+/** MAX_ARG_STRLEN: the kernel's limit on one argv or environment string, NUL included. */
+const MAX_ENV_STRING = 32 * 4096;
+
 const warnLine = (message: string) => process.stderr.write(`keyhold: warning: ${message}\n`);
 
 /** Finds `command` as execvp would: a path with a slash as is, else the first executable on PATH. */
@@ -156,6 +159,14 @@ export function envCommand(yargs: Argv<GlobalArgs>) {
           process.stderr.write(`keyhold: ${argv[0]}: command not found\n`);
           throw new QuietExit(127);
         }
+        for (const [name, value] of variables) {
+          if (name.length + 1 + value.length + 1 > MAX_ENV_STRING) {
+            throw new KeyholdError(
+              `secret ${name} is ${value.length} bytes; Linux limits one environment variable to 128 KiB`,
+              'write it to a file with `keyhold secret get` instead',
+            );
+          }
+        }
         const env = new Map<string, Buffer>();
         for (const [name, value] of Object.entries(process.env)) if (value !== undefined) env.set(name, Buffer.from(value));
         for (const [name, value] of variables) env.set(name, value);
@@ -165,7 +176,8 @@ export function envCommand(yargs: Argv<GlobalArgs>) {
         // holding the values.
         const error = execReplacing(path, argv.map((a) => Buffer.from(a)), envp);
         for (const value of variables.values()) value.fill(0);
-        process.stderr.write(`keyhold: cannot run ${argv[0]}: ${error}\n`);
+        const why = error === 'E2BIG' ? 'E2BIG: the environment and arguments are too large for one process' : error;
+        process.stderr.write(`keyhold: cannot run ${argv[0]}: ${why}\n`);
         throw new QuietExit(error === 'ENOENT' ? 127 : 126);
       },
     )

@@ -2,7 +2,7 @@
 // the CLI and a response from the daemon, in turn. Buffers travel as {"$b64": "..."}.
 import { join } from 'node:path';
 import { frame } from '../agent-protocol/framing.js';
-import { EXIT, KeyholdError, type ExitCode } from '../errors.js';
+import { EXIT, KeyholdError, usageError, type ExitCode } from '../errors.js';
 
 export const CONTROL_SOCKET = 'control.sock';
 /** Large enough for a 1 MiB value in base64 plus its envelope. */
@@ -47,7 +47,7 @@ const MAX_DEPTH = 32;
 
 /** Replaces Buffers by {$b64} so that JSON keeps bytes exact. */
 export function toWire(value: unknown, depth = 0): unknown {
-  if (depth > MAX_DEPTH) throw new Error('value nested too deeply');
+  if (depth > MAX_DEPTH) throw usageError('value nested too deeply');
   if (Buffer.isBuffer(value)) return { $b64: value.toString('base64') };
   if (Array.isArray(value)) return value.map((v) => toWire(v, depth + 1));
   if (value !== null && typeof value === 'object') {
@@ -59,7 +59,7 @@ export function toWire(value: unknown, depth = 0): unknown {
 }
 
 export function fromWire(value: unknown, depth = 0): unknown {
-  if (depth > MAX_DEPTH) throw new Error('value nested too deeply');
+  if (depth > MAX_DEPTH) throw usageError('value nested too deeply');
   if (Array.isArray(value)) return value.map((v) => fromWire(v, depth + 1));
   if (value !== null && typeof value === 'object') {
     const entries = Object.entries(value);
@@ -89,7 +89,8 @@ export function errorResponse(err: unknown): ControlResponse {
 }
 
 export function errorFromResponse(error: { message: string; hint?: string; exitCode: number }): KeyholdError {
-  const codes = Object.values(EXIT) as number[];
+  // A failure is never 0; anything outside the contract's codes is a plain error.
+  const codes = (Object.values(EXIT) as number[]).filter((c) => c !== EXIT.OK);
   const exitCode = (codes.includes(error.exitCode) ? error.exitCode : EXIT.ERROR) as ExitCode;
   return new KeyholdError(String(error.message), error.hint === undefined ? undefined : String(error.hint), exitCode);
 }

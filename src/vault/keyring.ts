@@ -9,6 +9,7 @@ import { createCipheriv, createDecipheriv, hkdfSync, randomBytes, scrypt as scry
 import { readFileSync } from 'node:fs';
 import { EXIT, KeyholdError, usageError } from '../errors.js';
 import { writeFileAtomic } from './atomic-file.js';
+import { blobKeyType, fingerprint } from '../agent-protocol/public-key.js';
 
 export const KEYRING_FORMAT = 'keyhold-keys';
 export const KEYRING_VERSION = 1;
@@ -420,13 +421,8 @@ function parseFactor(v: unknown, policy: Policy): Factor {
     if (!/^pp-[0-9a-f]{8}$/.test(v.id)) throw malformed('bad factor id');
     const kdf = v.kdf;
     if (!isObject(kdf) || !isB64(kdf.salt) || Buffer.from(String(kdf.salt), 'base64').length < 16) throw malformed('bad kdf');
-    const params: ScryptParams = {
-      name: kdf.name as 'scrypt',
-      log2n: Number(kdf.log2n),
-      r: Number(kdf.r),
-      p: Number(kdf.p),
-      salt: kdf.salt,
-    };
+    if (typeof kdf.log2n !== 'number' || typeof kdf.r !== 'number' || typeof kdf.p !== 'number') throw malformed('bad kdf');
+    const params: ScryptParams = { name: kdf.name as 'scrypt', log2n: kdf.log2n, r: kdf.r, p: kdf.p, salt: kdf.salt };
     checkScrypt(params);
     return { id: v.id, type: 'passphrase', created: v.created, kdf: params, ...wrap };
   }
@@ -443,6 +439,15 @@ function parseFactor(v: unknown, policy: Policy): Factor {
     ) {
       throw malformed('bad ssh-agent key');
     }
+    // The fingerprint and type are derived data: they must describe the blob the agent is asked for.
+    const blob = Buffer.from(key.blob, 'base64');
+    let blobType: string;
+    try {
+      blobType = blobKeyType(blob);
+    } catch {
+      throw malformed('bad ssh-agent key');
+    }
+    if (blobType !== key.type || fingerprint(blob) !== key.fingerprint) throw malformed('ssh-agent key does not match its fingerprint');
     if (!isB64(v.challenge, 32)) throw malformed('bad challenge');
     if (!isObject(v.kdf) || v.kdf.name !== 'hkdf-sha256' || v.kdf.info !== SSH_AGENT_KDF_INFO) throw malformed('bad kdf');
     return {

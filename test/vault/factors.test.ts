@@ -48,7 +48,7 @@ interface AgentKey {
   ref: AgentKeyRef;
 }
 
-function agentKey(kind: 'ed25519' | 'rsa', name = kind): AgentKey {
+function agentKey(kind: 'ed25519' | 'rsa', name: string = kind): AgentKey {
   const { privateKey, publicKey } =
     kind === 'ed25519' ? generateKeyPairSync('ed25519') : generateKeyPairSync('rsa', { modulusLength: 2048 });
   const info = describeKey(publicKey);
@@ -625,6 +625,14 @@ describe('scrypt bounds in the key file', () => {
     }
   });
 
+  it('refuses scrypt parameters that are not JSON numbers (no coercion of strings, booleans, arrays)', () => {
+    // Number() would turn each of these into an in-bounds integer; the file must say what it means,
+    // as it must for base64 (a non-canonical spelling is refused too).
+    for (const kdf of [{ log2n: '14' }, { log2n: '0xe' }, { r: true }, { p: [1] }, { r: '8' }, { p: ' 1 ' }]) {
+      expectKeyhold(catchError(() => parseKeyring(withKdf(kdf))), EXIT.ERROR, /malformed/);
+    }
+  });
+
   it('enrollPassphrase refuses out-of-bounds costs too', async () => {
     for (const cost of [{ log2n: 13, r: 8, p: 1 }, { log2n: 14, r: 33, p: 1 }, { log2n: 14, r: 8, p: 0 }]) {
       expect(await catchErrorAsync(() => enrollPassphrase(pass('x'), cost))).toBeInstanceOf(KeyholdError);
@@ -717,7 +725,7 @@ describe('vault files', () => {
   };
 
   /** The KEK for each named factor kind, re-derived from the secrets against the file's keyring. */
-  function proving(secrets: { passphrase?: string; agents?: AgentKey[] }) {
+  function proving(secrets: { passphrase?: string; agents?: readonly AgentKey[] }) {
     return async (keyring: Keyring): Promise<FactorKeks> => {
       const out: FactorKeks = new Map();
       for (const f of keyring.factors) {
@@ -731,7 +739,7 @@ describe('vault files', () => {
     };
   }
 
-  const masterKeyOf = async (paths: VaultPaths, secrets: { passphrase?: string; agents?: AgentKey[] }) => {
+  const masterKeyOf = async (paths: VaultPaths, secrets: { passphrase?: string; agents?: readonly AgentKey[] }) => {
     const keyring = readKeyring(paths.keys);
     return unwrapMasterKey(keyring, await proving(secrets)(keyring));
   };

@@ -13,6 +13,7 @@ import {
   unwrapWithPassphrase,
   writeKeyring,
   type Keyring,
+  type PassphraseFactor,
 } from '../../src/vault/keyring.js';
 import { vaultPaths } from '../../src/vault/paths.js';
 import { Vault } from '../../src/vault/vault.js';
@@ -94,8 +95,8 @@ describe('keyring wrap / unwrap', () => {
     const f1 = await passphraseFactor(id, masterKey, pass(), COST);
     const f2 = await passphraseFactor(id, masterKey, pass(), COST);
     expect(f1.kdf.salt).not.toBe(f2.kdf.salt);
-    expect(f1.wrap.nonce).not.toBe(f2.wrap.nonce);
-    expect(f1.wrap.ciphertext).not.toBe(f2.wrap.ciphertext);
+    expect(f1.wrap!.nonce).not.toBe(f2.wrap!.nonce);
+    expect(f1.wrap!.ciphertext).not.toBe(f2.wrap!.ciphertext);
     expect(f1.id).not.toBe(f2.id);
   });
 
@@ -164,15 +165,15 @@ describe('tampered vault.db.keys', () => {
     [...results].filter(([, outcome]) => outcome !== 'denied' && outcome !== 'malformed');
 
   it('any single character of salt, nonce, ciphertext or tag changed → refused (4 or malformed), never opened', async () => {
-    const factor = keyring.factors[0]!;
-    for (const value of [factor.kdf.salt, factor.wrap.nonce, factor.wrap.ciphertext, factor.wrap.tag]) {
+    const factor = keyring.factors[0] as PassphraseFactor;
+    for (const value of [factor.kdf.salt, factor.wrap!.nonce, factor.wrap!.ciphertext, factor.wrap!.tag]) {
       const results = await tamperField(value, (ch) => flipTopBit(ch, B64));
       expect(refused(results), `accepted tamperings of ${value}`).toEqual([]);
     }
   });
 
   it('any single character of the vault id or factor id changed → refused', async () => {
-    const factor = keyring.factors[0]!;
+    const factor = keyring.factors[0] as PassphraseFactor;
     const vaultIdResults = await tamperField(keyring.vault_id, (ch) => flipTopBit(ch, B64URL));
     expect(refused(vaultIdResults)).toEqual([]);
     const hex = '0123456789abcdef';
@@ -187,9 +188,9 @@ describe('tampered vault.db.keys', () => {
   it('a non-canonical spelling of a base64 field (unused padding bits set) is refused too', async () => {
     // tag (16 bytes, "==") and salt (16 bytes) end in a character with 4 unused low bits; the
     // ciphertext (32 bytes, "=") in one with 2: flipping the lowest bit keeps the decoded bytes.
-    const factor = keyring.factors[0]!;
+    const factor = keyring.factors[0] as PassphraseFactor;
     const outcomes: [string, Outcome][] = [];
-    for (const value of [factor.wrap.tag, factor.kdf.salt, factor.wrap.ciphertext]) {
+    for (const value of [factor.wrap!.tag, factor.kdf.salt, factor.wrap!.ciphertext]) {
       const last = value.replace(/=+$/, '').length - 1;
       const ch = value[last]!;
       const alt = B64[B64.indexOf(ch) ^ 1]!;
@@ -207,7 +208,7 @@ describe('tampered vault.db.keys', () => {
     v.close();
     const original = readFileSync(paths.keys, 'utf8');
     const doc = JSON.parse(original) as Keyring;
-    const tag = doc.factors[0]!.wrap.tag;
+    const tag = doc.factors[0]!.wrap!.tag;
     const tampered = original.replace(tag, flipTopBit(tag[0]!, B64) + tag.slice(1));
     writeFileSync(paths.keys, tampered);
     const err = await expectThrowsKeyhold(Vault.open(paths, async () => pass()));

@@ -1,0 +1,404 @@
+// The secret store in the vault (set/get/list/rm/secretValues) and the pure parts of `keyhold env`
+// and `keyhold export`: the denylist, the selection (scopes, --only, --prefix, --allow), sh quoting
+// and the three export formats.
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { spawnSync } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import { mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { deniedVariable, formatExport, selectVariables, shellQuoteBytes, type SecretSelection } from '../../src/cli/env.js';
+import { EXIT, KeyholdError } from '../../src/errors.js';
+import { enrollPassphrase } from '../../src/vault/keyring.js';
+import { vaultPaths, type VaultPaths } from '../../src/vault/paths.js';
+import { MAX_SECRET_BYTES, Vault, type SecretValue } from '../../src/vault/vault.js';
+
+const COST = { log2n: 14, r: 8, p: 1 };
+const PASSPHRASE = 'unit secret store passphrase';
+
+/** Values that break naive handling: quoting, newlines, non-UTF-8, empty, NUL. */
+const TRICKY: Record<string, Buffer> = {
+  NEWLINES: Buffer.from('line one\nline two\n\n'),
+  QUOTES: Buffer.from(`it's "quoted" ''' ""`),
+  DOLLAR: Buffer.from('$HOME ${PATH} $(id) $$ $1'),
+  BACKTICKS: Buffer.from('`id` `echo pwned`'),
+  BACKSLASHES: Buffer.from('a\\b\\\\c\\n\\'),
+  NON_UTF8: Buffer.from([0xff, 0xfe, 0x80, 0x41, 0xc3, 0x28]),
+  EMPTY: Buffer.alloc(0),
+  CRLF: Buffer.from('a\r\nb\r\n'),
+  UNICODE: Buffer.from('pässwörd ✓ 🔑'),
+  SPACES: Buffer.from('  leading and trailing  '),
+};
+
+function expectKeyholdError(fn: () => unknown, exitCode: number, message?: RegExp): KeyholdError {
+  let caught: unknown;
+  try {
+    fn();
+  } catch (err) {
+    caught = err;
+  }
+  expect(caught).toBeInstanceOf(KeyholdError);
+  const err = caught as KeyholdError;
+  expect(err.exitCode).toBe(exitCode);
+  if (message) expect(err.message).toMatch(message);
+  return err;
+}
+
+describe('Vault secret store', () => {
+  let dir: string;
+  let n = 0;
+  const newPaths = (): VaultPaths => vaultPaths(join(dir, `vault-${++n}`, 'vault.db'));
+
+  async function newVault(): Promise<{ vault: Vault; paths: VaultPaths }> {
+    const paths = newPaths();
+    const enrolled = await enrollPassphrase(Buffer.from(PASSPHRASE), COST);
+    return { vault: Vault.createWithFactors(paths, 'any', [enrolled]), paths };
+  }
+
+  const reopen = (paths: VaultPaths) => Vault.open(paths, async () => Buffer.from(PASSPHRASE));
+
+  beforeAll(() => {
+    dir = mkdtempSync(join(tmpdir(), 'keyhold-secrets-unit-'));
+  });
+  afterAll(() => rmSync(dir, { recursive: true, force: true }));
+
+  it('stores every tricky value byte for byte (NUL, empty and 1 MiB included), across close and reopen', async () => {
+    const { vault, paths } = await newVault();
+    const values: Record<string, Buffer> = {
+      ...TRICKY,
+      NUL: Buffer.from([0x61, 0x00, 0x62, 0x00]),
+      ONLY_NUL: Buffer.alloc(3),
+      MAX: randomBytes(MAX_SECRET_BYTES),
+    };
+    for (const [name, value] of Object.entries(values)) {
+      expect(vault.setSecret('app', name, Buffer.from(value))).toEqual({ created: true });
+    }
+    for (const [name, value] of Object.entries(values)) {
+      const got = vault.getSecret('app', name);
+      expect(Buffer.isBuffer(got)).toBe(true);
+      expect(got.equals(value), name).toBe(true);
+    }
+    vault.close();
+    const again = await reopen(paths);
+    try {
+      for (const [name, value] of Object.entries(values)) expect(again.getSecret('app', name).equals(value), name).toBe(true);
+      expect(again.listSecrets('app').map((s) => s.name)).toEqual(Object.keys(values).sort());
+    } finally {
+      again.close();
+    }
+  });
+
+  it('refuses a value over 1 MiB (usage error) and keeps the previous one', async () => {
+    const { vault } = await newVault();
+    try {
+      vault.setSecret('app', 'BIG', Buffer.from('old'));
+      expectKeyholdError(() => vault.setSecret('app', 'BIG', Buffer.alloc(MAX_SECRET_BYTES + 1, 0x41)), EXIT.USAGE, /1 MiB/);
+      expectKeyholdError(() => vault.setSecret('app', 'NEW', Buffer.alloc(MAX_SECRET_BYTES + 1, 0x41)), EXIT.USAGE);
+      expect(vault.getSecret('app', 'BIG').toString()).toBe('old');
+      expectKeyholdError(() => vault.getSecret('app', 'NEW'), EXIT.NOT_FOUND);
+      // a string is not bytes
+      expectKeyholdError(() => vault.setSecret('app', 'STR', 'text' as unknown as Buffer), EXIT.USAGE);
+    } finally {
+      vault.close();
+    }
+  });
+
+  it('checks secret names ([A-Za-z_][A-Za-z0-9_]{0,255}) and scope names on every call', async () => {
+    const { vault } = await newVault();
+    try {
+      for (const good of ['A', '_', 'a_b9', '_9', 'X'.repeat(256), 'lower_case']) {
+        expect(vault.setSecret('app', good, Buffer.from('v')).created).toBe(true);
+        expect(vault.getSecret('app', good).toString()).toBe('v');
+      }
+      for (const bad of ['', '9A', 'A-B', 'A.B', 'A B', 'A=B', 'X'.repeat(257), 'É', 'A\n', '$A', 'A\0']) {
+        expectKeyholdError(() => vault.setSecret('app', bad, Buffer.from('v')), EXIT.USAGE, /invalid secret name/);
+        expectKeyholdError(() => vault.getSecret('app', bad), EXIT.USAGE);
+        expectKeyholdError(() => vault.removeSecret('app', bad), EXIT.USAGE);
+      }
+      for (const bad of ['', '-x', 'a/b', '../x', 'a b', 'x'.repeat(65)]) {
+        expectKeyholdError(() => vault.setSecret(bad, 'A', Buffer.from('v')), EXIT.USAGE, /invalid scope name/);
+        expectKeyholdError(() => vault.listSecrets(bad), EXIT.USAGE);
+        expectKeyholdError(() => vault.secretValues([bad]), EXIT.USAGE);
+      }
+      expect(vault.listSecrets('app')).toHaveLength(6);
+    } finally {
+      vault.close();
+    }
+  });
+
+  it('replaces in place (created false, updated moves, created stays); rm and missing secrets are not found (5)', async () => {
+    const { vault } = await newVault();
+    try {
+      expect(vault.setSecret('app', 'TOKEN', Buffer.from('one'))).toEqual({ created: true });
+      const [first] = vault.listSecrets('app');
+      await new Promise((r) => setTimeout(r, 5));
+      expect(vault.setSecret('app', 'TOKEN', Buffer.from('two'))).toEqual({ created: false });
+      const [second] = vault.listSecrets('app');
+      expect(second!.created).toBe(first!.created);
+      expect(Date.parse(second!.updated)).toBeGreaterThan(Date.parse(first!.updated));
+      expect(vault.getSecret('app', 'TOKEN').toString()).toBe('two');
+
+      expectKeyholdError(() => vault.getSecret('app', 'MISSING'), EXIT.NOT_FOUND, /no secret MISSING in scope app/);
+      expectKeyholdError(() => vault.getSecret('other', 'TOKEN'), EXIT.NOT_FOUND);
+      expectKeyholdError(() => vault.removeSecret('other', 'TOKEN'), EXIT.NOT_FOUND);
+      vault.removeSecret('app', 'TOKEN');
+      expectKeyholdError(() => vault.getSecret('app', 'TOKEN'), EXIT.NOT_FOUND);
+      expectKeyholdError(() => vault.removeSecret('app', 'TOKEN'), EXIT.NOT_FOUND);
+      expect(vault.listSecrets('app')).toEqual([]);
+    } finally {
+      vault.close();
+    }
+  });
+
+  it('keeps scopes apart; listSecrets has names and times only; secretValues is in scope order then by name; scopes() counts', async () => {
+    const { vault } = await newVault();
+    try {
+      vault.setSecret('b', 'ZED', Buffer.from('b-zed'));
+      vault.setSecret('b', 'SHARED', Buffer.from('from-b'));
+      vault.setSecret('a', 'SHARED', Buffer.from('from-a'));
+      vault.setSecret('a', 'ALPHA', Buffer.from('a-alpha'));
+      vault.setSecret('c', 'ONLY_C', Buffer.from('c'));
+
+      const listed = vault.listSecrets('a');
+      expect(listed.map((s) => s.name)).toEqual(['ALPHA', 'SHARED']);
+      for (const s of listed) {
+        expect(Object.keys(s).sort()).toEqual(['created', 'name', 'scope', 'updated']);
+        expect(s.scope).toBe('a');
+        expect(Number.isNaN(Date.parse(s.created))).toBe(false);
+      }
+      expect(JSON.stringify(listed)).not.toContain('from-a');
+      expect(vault.listSecrets('nothing-here')).toEqual([]);
+
+      const flat = (values: SecretValue[]) => values.map((v) => `${v.scope}/${v.name}=${v.value.toString()}`);
+      expect(flat(vault.secretValues(['b', 'a']))).toEqual(['b/SHARED=from-b', 'b/ZED=b-zed', 'a/ALPHA=a-alpha', 'a/SHARED=from-a']);
+      expect(flat(vault.secretValues(['a']))).toEqual(['a/ALPHA=a-alpha', 'a/SHARED=from-a']);
+      expect(vault.secretValues(['empty'])).toEqual([]);
+      expect(vault.getSecret('b', 'SHARED').toString()).toBe('from-b');
+
+      expect(vault.scopes()).toEqual([
+        { name: 'a', keys: 0, secrets: 2, tokens: 0 },
+        { name: 'b', keys: 0, secrets: 2, tokens: 0 },
+        { name: 'c', keys: 0, secrets: 1, tokens: 0 },
+      ]);
+      vault.removeSecret('c', 'ONLY_C');
+      expect(vault.scopes().map((s) => s.name)).toEqual(['a', 'b']);
+    } finally {
+      vault.close();
+    }
+  });
+
+  it('keeps no value in the clear in any vault file', async () => {
+    const { vault, paths } = await newVault();
+    const marker = `KH-UNIT-CLEAR-${randomBytes(8).toString('hex')}`;
+    vault.setSecret('app', 'MARKER', Buffer.from(marker));
+    // also a long repetitive value, which any plaintext page would show
+    vault.setSecret('app', 'LONG', Buffer.from(marker.repeat(500)));
+    expect(vault.getSecret('app', 'MARKER').toString()).toBe(marker);
+    const dataDir = join(paths.db, '..');
+    const check = () => {
+      const files = readdirSync(dataDir);
+      expect(files).toContain('vault.db');
+      for (const f of files) {
+        const bytes = readFileSync(join(dataDir, f));
+        expect(bytes.includes(marker), f).toBe(false);
+        expect(bytes.includes(Buffer.from(marker).toString('base64').slice(0, 20)), f).toBe(false);
+      }
+    };
+    check(); // with the WAL still open
+    vault.close();
+    check();
+  });
+});
+
+describe('deniedVariable', () => {
+  it('denies names that change how programs load or run, and keyhold’s own', () => {
+    for (const name of [
+      'LD_PRELOAD', 'LD_LIBRARY_PATH', 'LD_AUDIT', 'DYLD_INSERT_LIBRARIES', 'NODE_OPTIONS', 'BASH_ENV', 'ENV', 'PATH',
+      'PYTHONPATH', 'PERL5LIB', 'RUBYOPT', 'SSH_AUTH_SOCK', 'BASH_FUNC_foo%%', 'BASH_FUNC_x', 'HOME', 'KEYHOLD_VAULT',
+      'KEYHOLD_PASSPHRASE', 'KEYHOLD_', 'GIT_SSH_COMMAND', 'GIT_SSH', 'GIT_CONFIG_GLOBAL', 'IFS', 'PS4', 'SHELLOPTS',
+      'GCONV_PATH', 'GLIBC_TUNABLES', 'JAVA_TOOL_OPTIONS', 'MALLOC_CHECK_', 'EDITOR', 'PAGER',
+    ]) {
+      expect(deniedVariable(name), name).toBe(true);
+    }
+  });
+
+  it('allows ordinary names, including ones that merely contain a denied word', () => {
+    for (const name of [
+      'API_TOKEN', 'DATABASE_URL', 'MY_PATH', 'PATH_', 'PATHS', 'XLD_PRELOAD', 'HOME_DIR', 'MY_HOME', 'LD', 'KEYHOLD',
+      'NODE_ENV', 'SSH_KEY', 'GIT_AUTHOR_NAME', 'path', 'ld_preload', 'node_options', 'ENVIRONMENT', 'AWS_SECRET_ACCESS_KEY',
+    ]) {
+      expect(deniedVariable(name), name).toBe(false);
+    }
+  });
+});
+
+describe('selectVariables', () => {
+  const secret = (scope: string, name: string, value: string | Buffer): SecretValue => ({
+    scope,
+    name,
+    value: Buffer.isBuffer(value) ? value : Buffer.from(value),
+  });
+  const selection = (over: Partial<SecretSelection> = {}): SecretSelection => ({
+    scopes: ['a'],
+    prefix: '',
+    only: null,
+    allow: new Set(),
+    ...over,
+  });
+  const run = (secrets: SecretValue[], sel: SecretSelection) => {
+    const warnings: string[] = [];
+    const vars = selectVariables(secrets, sel, (m) => warnings.push(m));
+    return { vars: Object.fromEntries([...vars].map(([k, v]) => [k, v.toString('latin1')])), order: [...vars.keys()], warnings };
+  };
+
+  it('passes values through as the same bytes; later scopes win on a duplicate name', () => {
+    const bin = Buffer.from([0xff, 0xfe, 0x80]);
+    const out = selectVariables(
+      [secret('a', 'SHARED', 'from-a'), secret('a', 'BIN', bin), secret('b', 'SHARED', 'from-b'), secret('b', 'B_ONLY', '')],
+      selection({ scopes: ['a', 'b'] }),
+      () => {
+        throw new Error('no warning expected');
+      },
+    );
+    expect([...out.keys()]).toEqual(['SHARED', 'BIN', 'B_ONLY']);
+    expect(out.get('SHARED')!.toString()).toBe('from-b');
+    expect(out.get('BIN')!.equals(bin)).toBe(true);
+    expect(out.get('B_ONLY')!.length).toBe(0);
+  });
+
+  it('skips denylisted names with a warning naming each, unless allowed by name', () => {
+    const secrets = [
+      secret('a', 'LD_PRELOAD', '/tmp/evil.so'),
+      secret('a', 'PATH', '/evil'),
+      secret('a', 'NODE_OPTIONS', '--require /tmp/x'),
+      secret('a', 'TOKEN', 't'),
+    ];
+    const denied = run(secrets, selection());
+    expect(denied.vars).toEqual({ TOKEN: 't' });
+    expect(denied.warnings).toHaveLength(3);
+    for (const name of ['LD_PRELOAD', 'PATH', 'NODE_OPTIONS']) expect(denied.warnings.some((w) => w.includes(name))).toBe(true);
+    expect(denied.warnings.join('\n')).toContain('--allow');
+    // no value in a warning
+    expect(denied.warnings.join('\n')).not.toMatch(/evil|--require/);
+
+    const allowed = run(secrets, selection({ allow: new Set(['PATH']) }));
+    expect(allowed.vars).toEqual({ PATH: '/evil', TOKEN: 't' });
+    expect(allowed.warnings).toHaveLength(2);
+    expect(allowed.warnings.join('\n')).not.toContain('skipped PATH');
+  });
+
+  it('applies --prefix before the denylist: P_NAME is set, NAME is not; a prefix can make or unmake a denied name', () => {
+    const secrets = [secret('a', 'PATH', '/p'), secret('a', 'TOKEN', 't'), secret('a', 'PRELOAD', 'x')];
+    const prefixed = run(secrets, selection({ prefix: 'APP_' }));
+    expect(prefixed.vars).toEqual({ APP_PATH: '/p', APP_TOKEN: 't', APP_PRELOAD: 'x' });
+    expect(prefixed.warnings).toEqual([]);
+
+    const intoDenied = run(secrets, selection({ prefix: 'LD_' }));
+    expect(intoDenied.vars).toEqual({});
+    expect(intoDenied.warnings.join('\n')).toContain('LD_PRELOAD');
+    expect(intoDenied.warnings.join('\n')).toContain('LD_TOKEN');
+
+    // --allow names the final variable, not the secret
+    expect(run(secrets, selection({ prefix: 'LD_', allow: new Set(['PRELOAD']) })).vars).toEqual({});
+    expect(run(secrets, selection({ prefix: 'LD_', allow: new Set(['LD_PRELOAD']) })).vars).toEqual({ LD_PRELOAD: 'x' });
+  });
+
+  it('--only keeps the named secrets and fails with not found (5) naming any missing one', () => {
+    const secrets = [secret('a', 'ONE', '1'), secret('a', 'TWO', '2'), secret('b', 'THREE', '3')];
+    expect(run(secrets, selection({ scopes: ['a', 'b'], only: ['ONE', 'THREE'] })).vars).toEqual({ ONE: '1', THREE: '3' });
+    const err = expectKeyholdError(() => run(secrets, selection({ only: ['ONE', 'NOPE', 'ALSO_NOPE'] })), EXIT.NOT_FOUND);
+    expect(err.message).toContain('NOPE');
+    expect(err.message).toContain('ALSO_NOPE');
+    expect(err.message).not.toMatch(/\bONE\b/);
+  });
+
+  it('refuses a value with a NUL byte (naming the secret), but only among the variables that would be set', () => {
+    const secrets = [secret('a', 'OK', 'fine'), secret('a', 'HAS_NUL', Buffer.from('a\0b'))];
+    const err = expectKeyholdError(() => run(secrets, selection()), EXIT.ERROR, /HAS_NUL/);
+    expect(err.message).toContain('NUL');
+    expect(err.message).not.toContain('a\0b');
+    expect(run(secrets, selection({ only: ['OK'] })).vars).toEqual({ OK: 'fine' });
+    // a denylisted secret is skipped before its value is looked at
+    expect(run([secret('a', 'LD_PRELOAD', Buffer.from('\0')), secret('a', 'OK', 'x')], selection()).vars).toEqual({ OK: 'x' });
+  });
+});
+
+describe('shellQuoteBytes and formatExport', () => {
+  const sh = (script: Buffer | string, args: string[] = []) =>
+    spawnSync('/bin/sh', ['-c', script as string, 'sh', ...args], { encoding: 'buffer' });
+
+  it('quotes with single quotes, each \' as \'\\\'\'', () => {
+    expect(shellQuoteBytes(Buffer.from('')).toString()).toBe("''");
+    expect(shellQuoteBytes(Buffer.from('abc')).toString()).toBe("'abc'");
+    expect(shellQuoteBytes(Buffer.from("it's")).toString()).toBe("'it'\\''s'");
+    expect(shellQuoteBytes(Buffer.from("''")).toString()).toBe("''\\'''\\'''");
+    expect(shellQuoteBytes(Buffer.from('$x `y` "z" \\')).toString()).toBe('\'$x `y` "z" \\\'');
+    expect(shellQuoteBytes(Buffer.from([0xff, 0x0a])).equals(Buffer.from([0x27, 0xff, 0x0a, 0x27]))).toBe(true);
+  });
+
+  it('sh reads back every tricky value and random bytes (no NUL) exactly', () => {
+    const values: Buffer[] = [...Object.values(TRICKY), Buffer.from("'"), Buffer.from("\\'"), Buffer.from('\n')];
+    for (let i = 0; i < 20; i++) {
+      const random = randomBytes(200 + i * 50);
+      for (let j = 0; j < random.length; j++) if (random[j] === 0) random[j] = 0x27; // extra quotes instead of NUL
+      values.push(random);
+    }
+    for (const value of values) {
+      const script = Buffer.concat([Buffer.from('X='), shellQuoteBytes(value), Buffer.from('\nprintf %s "$X"')]);
+      // the script goes on stdin: node would pass an argv string as UTF-8, not these bytes
+      const result = spawnSync('/bin/sh', ['-s'], { input: script, encoding: 'buffer' });
+      expect(result.status).toBe(0);
+      expect(result.stdout.equals(value), JSON.stringify(value.toString('latin1').slice(0, 40))).toBe(true);
+    }
+    expect(sh('printf %s ok').stdout.toString()).toBe('ok');
+  });
+
+  it('env and shell formats are NAME=\'value\' / export NAME=\'value\' lines that sh sources back', () => {
+    const vars = new Map<string, Buffer>(Object.entries(TRICKY).map(([k, v]) => [k, Buffer.from(v)]));
+    expect(formatExport(new Map([['A', Buffer.from("x'y")]]), 'env').toString()).toBe("A='x'\\''y'\n");
+    expect(formatExport(new Map([['A', Buffer.from("x'y")]]), 'shell').toString()).toBe("export A='x'\\''y'\n");
+    expect(formatExport(new Map(), 'env').length).toBe(0);
+    for (const format of ['env', 'shell'] as const) {
+      const text = formatExport(vars, format);
+      for (const [name, value] of vars) {
+        const script = Buffer.concat([text, Buffer.from(`printf %s "$${name}"\n`)]);
+        const result = spawnSync('/bin/sh', ['-s'], { input: script, encoding: 'buffer' });
+        expect(result.status).toBe(0);
+        expect(result.stdout.equals(value), `${format} ${name}`).toBe(true);
+      }
+      if (format === 'shell') {
+        // exported: a child process sees them
+        const child = spawnSync('/bin/sh', ['-s'], {
+          input: Buffer.concat([text, Buffer.from(`/bin/sh -c 'printf %s "$QUOTES"'\n`)]),
+          encoding: 'buffer',
+        });
+        expect(child.stdout.equals(TRICKY.QUOTES!)).toBe(true);
+      } else {
+        const child = spawnSync('/bin/sh', ['-s'], {
+          input: Buffer.concat([text, Buffer.from(`/bin/sh -c 'printf %s "\${QUOTES-unset}"'\n`)]),
+          encoding: 'buffer',
+        });
+        expect(child.stdout.toString()).toBe('unset');
+      }
+    }
+  });
+
+  it('json format is an object of UTF-8 strings; a non-UTF-8 value is an error naming it', () => {
+    const utf8 = new Map<string, Buffer>(
+      Object.entries(TRICKY)
+        .filter(([k]) => k !== 'NON_UTF8')
+        .map(([k, v]) => [k, Buffer.from(v)]),
+    );
+    utf8.set('WITH_NUL', Buffer.from('a\0b'));
+    const doc = JSON.parse(formatExport(utf8, 'json').toString()) as Record<string, string>;
+    expect(Object.keys(doc)).toEqual([...utf8.keys()]);
+    for (const [name, value] of utf8) expect(doc[name], name).toBe(value.toString('utf8'));
+    expect(JSON.parse(formatExport(new Map(), 'json').toString())).toEqual({});
+
+    const err = expectKeyholdError(() => formatExport(new Map([['OK', Buffer.from('x')], ['BIN', TRICKY.NON_UTF8!]]), 'json'), EXIT.ERROR, /BIN/);
+    expect(err.message).toMatch(/UTF-8/);
+    // an overlong encoding or a lone surrogate is not UTF-8 either
+    expectKeyholdError(() => formatExport(new Map([['OVERLONG', Buffer.from([0xc0, 0xaf])]]), 'json'), EXIT.ERROR, /OVERLONG/);
+    expectKeyholdError(() => formatExport(new Map([['SURR', Buffer.from([0xed, 0xa0, 0x80])]]), 'json'), EXIT.ERROR, /SURR/);
+  });
+});
