@@ -45,11 +45,12 @@ export type ControlResponse =
 
 const MAX_DEPTH = 32;
 
-/** Replaces Buffers by {$b64} so that JSON keeps bytes exact. */
+/** Replaces Buffers by {$b64} (and undefined array items by {$undefined}) so that JSON keeps them exact. */
 export function toWire(value: unknown, depth = 0): unknown {
   if (depth > MAX_DEPTH) throw usageError('value nested too deeply');
   if (Buffer.isBuffer(value)) return { $b64: value.toString('base64') };
-  if (Array.isArray(value)) return value.map((v) => toWire(v, depth + 1));
+  // An omitted argument must stay omitted (JSON would make it null).
+  if (Array.isArray(value)) return value.map((v) => (v === undefined ? { $undefined: true } : toWire(v, depth + 1)));
   if (value !== null && typeof value === 'object') {
     const out: Record<string, unknown> = {};
     for (const [k, v] of Object.entries(value)) if (v !== undefined) out[k] = toWire(v, depth + 1);
@@ -66,6 +67,7 @@ export function fromWire(value: unknown, depth = 0): unknown {
     if (entries.length === 1 && entries[0]![0] === '$b64' && typeof entries[0]![1] === 'string') {
       return Buffer.from(entries[0]![1], 'base64');
     }
+    if (entries.length === 1 && entries[0]![0] === '$undefined' && entries[0]![1] === true) return undefined;
     const out: Record<string, unknown> = Object.create(null);
     for (const [k, v] of entries) out[k] = fromWire(v, depth + 1);
     return out;

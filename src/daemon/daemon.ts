@@ -130,7 +130,7 @@ export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
     let syncedVersion = -1;
     const syncScopes = async () => {
       if (!options.scopeSockets) return;
-      const cache = session.keys();
+      const cache = session.keys(false);
       if (!cache || cache.version === syncedVersion) return;
       syncedVersion = cache.version;
       await sockets.sync(cache.scopeNames());

@@ -46,11 +46,14 @@ export class VaultSession {
     this.listeners.push(listener);
   }
 
-  /** The key cache, refreshed, for a request; null while locked. Counts as activity. */
-  keys(): KeyCache | null {
+  /**
+   * The key cache, refreshed, for a request; null while locked. A client's request counts as
+   * activity for the idle lock; the daemon's own housekeeping passes `activity = false`.
+   */
+  keys(activity = true): KeyCache | null {
     const current = this.current;
     if (!current) return null;
-    this.lastActivity = Date.now();
+    if (activity) this.lastActivity = Date.now();
     current.keys.refresh();
     return current.keys;
   }

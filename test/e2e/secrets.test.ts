@@ -1,0 +1,770 @@
+// End-to-end: the secret store through the real CLI — `secret set/get/list/rm` byte for byte,
+// `keyhold env` (execve: exact bytes in the environment, exit codes and signals passed through,
+// argv intact, Linux's 128 KiB per-variable limit), the denylist, scopes, --prefix, --only,
+// `keyhold export` read back by sh and JSON.parse, no value in the vault files, daemon log or a
+// child's argv, concurrent writers (directly and through an unlocked daemon), and the error codes.
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { spawn, spawnSync } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import { chmodSync, existsSync, mkdirSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { dirname, join } from 'node:path';
+import { vaultPaths } from '../../src/vault/paths.js';
+import { Vault } from '../../src/vault/vault.js';
+import { KEYHOLD_BIN, makeKeyholdEnv, waitFor, type KeyholdEnv } from '../helpers/keyhold.js';
+
+const MIB = 1024 * 1024;
+/** Linux MAX_ARG_STRLEN: one argv or environment string, its NUL included. */
+const MAX_ARG_STRLEN = 32 * 4096;
+
+interface Run {
+  status: number | null;
+  signal: NodeJS.Signals | null;
+  stdout: Buffer;
+  stderr: string;
+}
+
+/** Every stderr any keyhold run printed: checked at the end for secret values. */
+const allStderr: string[] = [];
+
+function kh(env: NodeJS.ProcessEnv, args: string[], input: Buffer | string = ''): Run {
+  const r = spawnSync(process.execPath, [KEYHOLD_BIN, ...args], { env, input, timeout: 30_000, maxBuffer: 64 * MIB });
+  const stderr = r.stderr.toString('latin1');
+  allStderr.push(stderr);
+  return { status: r.status, signal: r.signal, stdout: r.stdout, stderr };
+}
+
+function khAsync(env: NodeJS.ProcessEnv, args: string[], input: Buffer | string = ''): Promise<Run> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(process.execPath, [KEYHOLD_BIN, ...args], { env, stdio: ['pipe', 'pipe', 'pipe'] });
+    const out: Buffer[] = [];
+    const err: Buffer[] = [];
+    child.stdout!.on('data', (d: Buffer) => out.push(d));
+    child.stderr!.on('data', (d: Buffer) => err.push(d));
+    child.on('error', reject);
+    child.stdin!.on('error', () => {});
+    child.stdin!.end(input);
+    child.on('close', (status, signal) => {
+      const stderr = Buffer.concat(err).toString('latin1');
+      allStderr.push(stderr);
+      resolve({ status, signal, stdout: Buffer.concat(out), stderr });
+    });
+  });
+}
+
+function ok(r: Run, what: string): Run {
+  if (r.status !== 0) throw new Error(`${what}: exit ${r.status} ${r.signal ?? ''}: ${r.stderr}`);
+  return r;
+}
+
+/** The same vault and runtime dir with no passphrase source: commands go through the daemon. */
+function bareEnv(k: KeyholdEnv): NodeJS.ProcessEnv {
+  const env = { ...k.env };
+  delete env.KEYHOLD_PASSPHRASE_FILE;
+  delete env.KEYHOLD_PASSPHRASE;
+  delete env.CREDENTIALS_DIRECTORY;
+  delete env.SSH_AUTH_SOCK;
+  return env;
+}
+
+/** `/usr/bin/env -0` output → name → exact value bytes. */
+function parseEnv0(bytes: Buffer): Map<string, Buffer> {
+  const out = new Map<string, Buffer>();
+  let start = 0;
+  for (let i = 0; i < bytes.length; i++) {
+    if (bytes[i] !== 0) continue;
+    const entry = bytes.subarray(start, i);
+    const eq = entry.indexOf(0x3d);
+    out.set(entry.subarray(0, eq).toString('latin1'), Buffer.from(entry.subarray(eq + 1)));
+    start = i + 1;
+  }
+  return out;
+}
+
+function alive(pid: number): boolean {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    const state = stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3);
+    return state !== 'Z' && state !== 'X';
+  } catch {
+    return false;
+  }
+}
+
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+async function killDaemon(k: KeyholdEnv): Promise<void> {
+  let pid: number;
+  try {
+    pid = Number(readFileSync(join(k.runtime, 'daemon.pid'), 'utf8').trim());
+  } catch {
+    return;
+  }
+  if (!Number.isInteger(pid) || pid <= 0 || pid === process.pid || !alive(pid)) return;
+  try {
+    process.kill(pid, 'SIGTERM');
+  } catch {
+    return;
+  }
+  const deadline = Date.now() + 5000;
+  while (alive(pid) && Date.now() < deadline) await sleep(25);
+  if (alive(pid)) {
+    try {
+      process.kill(pid, 'SIGKILL');
+    } catch {
+      /* gone */
+    }
+    const hard = Date.now() + 3000;
+    while (alive(pid) && Date.now() < hard) await sleep(25);
+  }
+}
+
+const noNul = (b: Buffer) => {
+  for (let i = 0; i < b.length; i++) if (b[i] === 0) b[i] = 0x01;
+  return b;
+};
+
+/** Values that break naive handling. None has a NUL (an environment variable cannot hold one). */
+const TRICKY: Record<string, Buffer> = {
+  NEWLINES: Buffer.from('first\nsecond\n\n'),
+  QUOTES: Buffer.from(`it's "double" and 'single' ''`),
+  DOLLAR: Buffer.from('$HOME ${PATH} $(id) $$ $1 $'),
+  BACKTICKS: Buffer.from('`id` `echo pwned`'),
+  BACKSLASHES: Buffer.from('\\ \\\\ \\n \\\' \\'),
+  NON_UTF8: Buffer.from([0xff, 0xfe, 0x80, 0x41, 0xc3, 0x28, 0x0a]),
+  EMPTY: Buffer.alloc(0),
+  CRLF: Buffer.from('one\r\ntwo\r\n'),
+  UNICODE: Buffer.from('pässwörd ✓ 🔑'),
+  MIXED: Buffer.from(`a'b"c$d\`e\\f\ng\r\n\t'`),
+  HIGH: noNul(randomBytes(4096)),
+};
+const UTF8_NAMES = Object.keys(TRICKY).filter((n) => n !== 'NON_UTF8' && n !== 'HIGH');
+
+const MARK = `KH-SECRET-MARK-${randomBytes(12).toString('hex')}`;
+
+let k: KeyholdEnv;
+/** Through the unlocked daemon: no passphrase source. */
+let d: NodeJS.ProcessEnv;
+let work: string;
+
+beforeAll(() => {
+  k = makeKeyholdEnv('keyhold-secrets-');
+  work = join(k.dir, 'work');
+  mkdirSync(work);
+  ok(kh(k.env, ['init']), 'init');
+  // The background daemon inherits the level: it logs at debug while serving the secrets.
+  ok(kh({ ...k.env, KEYHOLD_LOG_LEVEL: 'debug' }, ['unlock']), 'unlock');
+  d = bareEnv(k);
+  ok(kh(d, ['status', '--quiet']), 'status');
+});
+
+afterAll(async () => {
+  if (!k) return;
+  await killDaemon(k);
+  k.cleanup();
+});
+
+let fileSeq = 0;
+function tmpFile(content: Buffer): string {
+  const path = join(work, `f${++fileSeq}`);
+  writeFileSync(path, content);
+  return path;
+}
+
+const get = (env: NodeJS.ProcessEnv, scope: string, name: string) => ok(kh(env, ['secret', 'get', scope, name]), `get ${name}`).stdout;
+
+describe('secret set / get / list / rm', () => {
+  it('round-trips every tricky value byte for byte: stdin directly, --value-file through the daemon', async () => {
+    const values: Record<string, Buffer> = {
+      ...TRICKY,
+      NUL: Buffer.from([0x61, 0x00, 0x62, 0x00]),
+      MAX: randomBytes(MIB),
+    };
+    const direct = async () => {
+      for (const [name, value] of Object.entries(values)) {
+        ok(await khAsync(k.env, ['secret', 'set', 'rt', `S_${name}`], value), `set S_${name}`);
+        const got = ok(await khAsync(k.env, ['secret', 'get', 'rt', `S_${name}`]), `get S_${name}`).stdout;
+        expect(got.equals(value), `S_${name}`).toBe(true);
+      }
+    };
+    const viaDaemon = async () => {
+      for (const [name, value] of Object.entries(values)) {
+        ok(await khAsync(d, ['secret', 'set', 'rt', `F_${name}`, '--value-file', tmpFile(value)]), `set F_${name}`);
+        const got = ok(await khAsync(d, ['secret', 'get', 'rt', `F_${name}`]), `get F_${name}`).stdout;
+        expect(got.equals(value), `F_${name}`).toBe(true);
+      }
+    };
+    await Promise.all([direct(), viaDaemon()]);
+    // what one path wrote the other reads the same
+    expect(get(d, 'rt', 'S_NON_UTF8').equals(values.NON_UTF8!)).toBe(true);
+    expect(get(k.env, 'rt', 'F_MAX').equals(values.MAX!)).toBe(true);
+    expect(get(k.env, 'rt', 'F_NUL').equals(values.NUL!)).toBe(true);
+
+    // `--value-file -` is stdin
+    ok(kh(k.env, ['secret', 'set', 'rt', 'DASH', '--value-file', '-'], TRICKY.MIXED!), 'set -');
+    expect(get(k.env, 'rt', 'DASH').equals(TRICKY.MIXED!)).toBe(true);
+
+    // get --json: value as a string when UTF-8, else null; base64 always
+    for (const [env, name] of [[k.env, 'S_NON_UTF8'], [d, 'F_UNICODE'], [d, 'F_EMPTY'], [k.env, 'S_NUL']] as const) {
+      const doc = JSON.parse(ok(kh(env, ['secret', 'get', 'rt', name, '--json']), name).stdout.toString());
+      const value = values[name.slice(2)]!;
+      expect(doc.scope).toBe('rt');
+      expect(doc.name).toBe(name);
+      expect(Buffer.from(doc.base64, 'base64').equals(value), name).toBe(true);
+      expect(doc.value).toBe(name === 'S_NON_UTF8' ? null : value.toString('utf8'));
+    }
+  });
+
+  it('refuses 1 MiB + 1 (exit 2) from stdin and from a file, directly and through the daemon, storing nothing', () => {
+    const over = randomBytes(MIB + 1);
+    const file = tmpFile(over);
+    for (const [env, args, input] of [
+      [k.env, [], over],
+      [d, [], over],
+      [k.env, ['--value-file', file], ''],
+      [d, ['--value-file', file], ''],
+    ] as const) {
+      const r = kh(env, ['secret', 'set', 'big-refused', 'OVER', ...args], input);
+      expect(r.status, r.stderr).toBe(2);
+      expect(r.stderr).toMatch(/1 MiB/);
+    }
+    expect(kh(k.env, ['secret', 'get', 'big-refused', 'OVER']).status).toBe(5);
+    expect(JSON.parse(ok(kh(d, ['secret', 'list', 'big-refused', '--json']), 'list').stdout.toString())).toEqual([]);
+  });
+
+  it('set --json reports created; list shows names and times only; scope list counts; rm removes', () => {
+    const first = JSON.parse(ok(kh(d, ['secret', 'set', 'lst', 'ALPHA', '--json'], MARK), 'set').stdout.toString());
+    expect(first).toEqual({ scope: 'lst', name: 'ALPHA', created: true });
+    const again = JSON.parse(ok(kh(k.env, ['secret', 'set', 'lst', 'ALPHA', '--json'], `${MARK}-2`), 'set').stdout.toString());
+    expect(again).toEqual({ scope: 'lst', name: 'ALPHA', created: false });
+    ok(kh(k.env, ['secret', 'set', 'lst', 'BETA'], MARK), 'set');
+    expect(get(d, 'lst', 'ALPHA').toString()).toBe(`${MARK}-2`);
+
+    for (const env of [k.env, d]) {
+      const listed = ok(kh(env, ['secret', 'list', 'lst', '--json']), 'list').stdout.toString();
+      expect(listed).not.toContain(MARK);
+      const rows = JSON.parse(listed) as Record<string, string>[];
+      expect(rows.map((r) => r.name)).toEqual(['ALPHA', 'BETA']);
+      for (const row of rows) {
+        expect(Object.keys(row).sort()).toEqual(['created', 'name', 'scope', 'updated']);
+        expect(row.scope).toBe('lst');
+      }
+      const table = ok(kh(env, ['secret', 'list', 'lst']), 'list').stdout.toString();
+      expect(table).toMatch(/ALPHA/);
+      expect(table).not.toContain(MARK);
+    }
+    const scopes = JSON.parse(ok(kh(d, ['scope', 'list', '--json']), 'scope list').stdout.toString()) as { name: string; secrets: number }[];
+    expect(scopes.find((s) => s.name === 'lst')?.secrets).toBe(2);
+    expect(ok(kh(k.env, ['scope', 'list']), 'scope list').stdout.toString()).toMatch(/^lst\s+0\s+2\s+0$/m);
+
+    ok(kh(d, ['secret', 'rm', 'lst', 'ALPHA']), 'rm');
+    expect(kh(k.env, ['secret', 'get', 'lst', 'ALPHA']).status).toBe(5);
+    expect(kh(k.env, ['secret', 'rm', 'lst', 'ALPHA']).status).toBe(5);
+    expect(get(k.env, 'lst', 'BETA').toString()).toBe(MARK);
+  });
+});
+
+describe('keyhold env', () => {
+  it('gives the command every tricky value as exact bytes (directly and through the daemon)', () => {
+    const names = Object.keys(TRICKY).flatMap((n) => [`S_${n}`, `F_${n}`]);
+    for (const env of [k.env, d]) {
+      const r = kh(env, ['env', '-s', 'rt', '--only', names.join(','), '--', '/usr/bin/env', '-0']);
+      ok(r, 'env');
+      const seen = parseEnv0(r.stdout);
+      for (const name of names) {
+        expect(seen.has(name), name).toBe(true);
+        expect(seen.get(name)!.equals(TRICKY[name.slice(2)]!), name).toBe(true);
+      }
+      // inherited variables stay
+      expect(seen.get('PATH')?.toString()).toBe(process.env.PATH);
+      // --only left the rest out
+      expect(seen.has('S_MAX')).toBe(false);
+      expect(seen.has('DASH')).toBe(false);
+    }
+    // the same through sh's own expansion
+    for (const name of ['S_NON_UTF8', 'F_MIXED', 'S_NEWLINES', 'F_BACKSLASHES', 'S_HIGH']) {
+      const r = ok(kh(d, ['env', '-s', 'rt', '--only', name, '--', 'sh', '-c', `printf %s "$${name}"`]), name);
+      expect(r.stdout.equals(TRICKY[name.slice(2)]!), name).toBe(true);
+    }
+    // an empty value is set, not unset
+    const empty = ok(kh(k.env, ['env', '-s', 'rt', '--only', 'S_EMPTY', '--', 'sh', '-c', 'printf %s "${S_EMPTY+set}:${S_EMPTY}"']), 'empty');
+    expect(empty.stdout.toString()).toBe('set:');
+  });
+
+  it('a value with a NUL byte: exit 1 naming the secret, the command is not run (env and export)', () => {
+    const marker = join(work, 'nul-ran');
+    for (const env of [k.env, d]) {
+      const r = kh(env, ['env', '-s', 'rt', '--only', 'S_NUL,S_QUOTES', '--', 'sh', '-c', 'touch "$1"', 'sh', marker]);
+      expect(r.status, r.stderr).toBe(1);
+      expect(r.stderr).toContain('S_NUL');
+      expect(r.stderr).toMatch(/NUL/);
+      const e = kh(env, ['export', '-s', 'rt', '--only', 'S_NUL', '--format', 'shell']);
+      expect(e.status).toBe(1);
+      expect(e.stderr).toContain('S_NUL');
+      expect(e.stdout.length).toBe(0);
+    }
+    expect(existsSync(marker)).toBe(false);
+  });
+
+  it('passes exit codes through: 0, 1, 7, 255; command not found 127; not executable 126', () => {
+    for (const code of [0, 1, 7, 255]) {
+      const r = kh(d, ['env', '-s', 'rt', '--only', 'S_QUOTES', '--', 'sh', '-c', `exit ${code}`]);
+      expect(r.status, r.stderr).toBe(code);
+      expect(r.stderr).toBe('');
+    }
+    const missing = kh(k.env, ['env', '-s', 'rt', '--only', 'S_QUOTES', '--', 'no-such-command-kh']);
+    expect(missing.status).toBe(127);
+    expect(missing.stderr).toContain('no-such-command-kh');
+    expect(kh(k.env, ['env', '-s', 'rt', '--only', 'S_QUOTES', '--', join(work, 'absent')]).status).toBe(127);
+    const noExec = tmpFile(Buffer.from('#!/bin/sh\nexit 0\n'));
+    chmodSync(noExec, 0o644);
+    expect(kh(k.env, ['env', '-s', 'rt', '--only', 'S_QUOTES', '--', noExec]).status).toBe(126);
+  });
+
+  it('a command killed by a signal is reported as such: sh sees 143 for SIGTERM; our own spawn sees the signal', () => {
+    const script = `${JSON.stringify(process.execPath)} ${JSON.stringify(KEYHOLD_BIN)} env -s rt --only S_QUOTES -- sh -c 'kill -TERM $$'; echo "status $?"`;
+    const viaSh = spawnSync('/bin/sh', ['-c', script], { env: d, encoding: 'utf8', timeout: 30_000 });
+    expect(viaSh.stdout.trim()).toBe('status 143');
+    const direct = kh(k.env, ['env', '-s', 'rt', '--only', 'S_QUOTES', '--', 'sh', '-c', 'kill -KILL $$']);
+    expect(direct.status).toBeNull();
+    expect(direct.signal).toBe('SIGKILL');
+  });
+
+  it('is the command (same pid, exec): SIGINT/SIGTERM from outside reach it; the value is in its environ, not its argv', async () => {
+    ok(kh(d, ['secret', 'set', 'sig', 'SIG_MARK'], MARK), 'set');
+    const start = (script: string, ready: string, marker: string) => {
+      const child = spawn(process.execPath, [KEYHOLD_BIN, 'env', '-s', 'sig', '--', '/bin/sh', '-c', script, 'sh', ready, marker], {
+        env: d,
+        stdio: ['ignore', 'ignore', 'pipe'],
+      });
+      let stderr = '';
+      child.stderr!.on('data', (b: Buffer) => (stderr += b.toString()));
+      const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((res) =>
+        child.once('exit', (code, signal) => res({ code, signal })),
+      );
+      return { child, exited, stderr: () => stderr };
+    };
+    const inspect = (pid: number) => {
+      const cmdline = readFileSync(`/proc/${pid}/cmdline`);
+      expect(cmdline.toString().split('\0')[0]).toBe('/bin/sh');
+      expect(cmdline.includes(MARK)).toBe(false);
+      expect(readFileSync(`/proc/${pid}/environ`).includes(Buffer.from(`SIG_MARK=${MARK}\0`))).toBe(true);
+      // no process at all carries the value in its argv
+      for (const entry of readdirSync('/proc')) {
+        if (!/^\d+$/.test(entry)) continue;
+        let args: Buffer;
+        try {
+          args = readFileSync(`/proc/${entry}/cmdline`);
+        } catch {
+          continue;
+        }
+        expect(args.includes(MARK), `pid ${entry}`).toBe(false);
+      }
+    };
+
+    // trapped SIGINT: the command's handler runs and its status is ours
+    const trapped = start(
+      'trap \'echo INT > "$2"; exit 42\' INT; echo ready > "$1"; while :; do sleep 0.05; done',
+      join(work, 'ready-int'),
+      join(work, 'got-int'),
+    );
+    try {
+      await waitFor(() => existsSync(join(work, 'ready-int')), 15_000, 'trapped command ready');
+      inspect(trapped.child.pid!);
+      process.kill(trapped.child.pid!, 'SIGINT');
+      expect(await trapped.exited).toEqual({ code: 42, signal: null });
+      expect(readFileSync(join(work, 'got-int'), 'utf8')).toBe('INT\n');
+      expect(trapped.stderr()).not.toContain(MARK);
+    } finally {
+      trapped.child.kill('SIGKILL');
+    }
+
+    // untrapped SIGTERM: killed by it, exactly as the bare command would be
+    const plain = start('echo ready > "$1"; while :; do sleep 0.05; done', join(work, 'ready-term'), join(work, 'unused'));
+    try {
+      await waitFor(() => existsSync(join(work, 'ready-term')), 15_000, 'plain command ready');
+      inspect(plain.child.pid!);
+      process.kill(plain.child.pid!, 'SIGTERM');
+      expect(await plain.exited).toEqual({ code: null, signal: 'SIGTERM' });
+    } finally {
+      plain.child.kill('SIGKILL');
+    }
+  });
+
+  it('passes argv exactly: spaces, empty words, a second --, "007", unicode, option-looking words', () => {
+    const words = ['a b', '', '--', '007', 'ünïcödé ✓', '-s', '--only', 'x=y', ' ', "'\"$`\\", '--help'];
+    for (const env of [k.env, d]) {
+      const r = ok(kh(env, ['env', '-s', 'rt', '--only', 'S_QUOTES', '--', 'sh', '-c', 'printf "%s\\0" "$@"', 'sh', ...words]), 'argv');
+      const got = r.stdout.toString('utf8').split('\0');
+      expect(got.pop()).toBe('');
+      expect(got).toEqual(words);
+    }
+  });
+
+  it('refuses what the kernel cannot pass: one variable over 128 KiB (MAX_ARG_STRLEN), or all of them over ARG_MAX', async () => {
+    // exactly at the limit ("B=" + value + NUL = 131072 bytes) it works
+    const atLimit = noNul(randomBytes(MAX_ARG_STRLEN - 3));
+    ok(kh(d, ['secret', 'set', 'lim', 'B'], atLimit), 'set');
+    const fits = ok(kh(d, ['env', '-s', 'lim', '--', 'sh', '-c', 'printf %s "$B"']), 'env at limit');
+    expect(fits.stdout.equals(atLimit)).toBe(true);
+
+    // one byte more, and a 1 MiB value (the store's own limit): refused, the command never runs
+    const marker = join(work, 'big-ran');
+    const oneMore = noNul(randomBytes(MAX_ARG_STRLEN - 2));
+    const mib = noNul(randomBytes(MIB));
+    ok(kh(d, ['secret', 'set', 'lim-over', 'B'], oneMore), 'set');
+    ok(kh(k.env, ['secret', 'set', 'lim-mib', 'BIG', '--value-file', tmpFile(mib)]), 'set');
+    expect(get(d, 'lim-mib', 'BIG').equals(mib)).toBe(true);
+    for (const [scope, name, size] of [['lim-over', 'B', oneMore.length], ['lim-mib', 'BIG', MIB]] as const) {
+      for (const env of [k.env, d]) {
+        const r = kh(env, ['env', '-s', scope, '--', 'sh', '-c', 'touch "$1"', 'sh', marker]);
+        // keyhold checks the size itself (exit 1, naming the secret); were the check gone, execve's
+        // E2BIG would give 126
+        expect([1, 126], r.stderr).toContain(r.status);
+        expect(r.stderr).toMatch(/128 KiB|E2BIG/);
+        if (r.status === 1) expect(r.stderr).toContain(`secret ${name} is ${size} bytes`);
+      }
+    }
+    expect(existsSync(marker)).toBe(false);
+    // export has no such limit: the 1 MiB value reads back through sh
+    const exported = tmpFile(ok(kh(d, ['export', '-s', 'lim-mib', '--format', 'shell']), 'export').stdout);
+    const back = spawnSync('/bin/sh', ['-c', '. "$1"; printf %s "$BIG"', 'sh', exported], { encoding: 'buffer', maxBuffer: 8 * MIB });
+    expect(back.stdout.equals(mib)).toBe(true);
+
+    // many values each under the limit but together over ARG_MAX (stack limit 8 MiB / 4 = 2 MiB):
+    // execve fails with E2BIG and keyhold exits 126 without running anything
+    const vault = await Vault.open(vaultPaths(k.vault), async () => Buffer.from(k.passphrase));
+    try {
+      for (let i = 0; i < 24; i++) vault.setSecret('lim-total', `PART_${i}`, noNul(randomBytes(100_000)));
+    } finally {
+      vault.close();
+    }
+    const total = spawnSync(
+      '/bin/sh',
+      ['-c', 'ulimit -s 8192 && exec "$@"', 'sh', process.execPath, KEYHOLD_BIN, 'env', '-s', 'lim-total', '--', 'sh', '-c', 'touch "$1"', 'sh', marker],
+      { env: d, encoding: 'utf8', timeout: 30_000 },
+    );
+    expect(total.status, total.stderr).toBe(126);
+    expect(total.stderr).toMatch(/E2BIG/);
+    expect(existsSync(marker)).toBe(false);
+  });
+});
+
+describe('selection: denylist, scopes, --prefix, --only', () => {
+  beforeAll(() => {
+    const sets: [string, string, string][] = [
+      ['deny', 'LD_PRELOAD', '/nonexistent/evil-preload.so'],
+      ['deny', 'PATH', '/evil/bin'],
+      ['deny', 'NODE_OPTIONS', '--require /evil.js'],
+      ['deny', 'BASH_ENV', '/evil.sh'],
+      ['deny', 'HOME', '/evil-home'],
+      ['deny', 'KEYHOLD_VAULT', '/evil.db'],
+      ['deny', 'GIT_SSH_COMMAND', 'evil-ssh'],
+      ['deny', 'SSH_AUTH_SOCK', '/evil.sock'],
+      ['deny', 'PLAIN', 'plain-value'],
+      ['iso-a', 'A_ONLY', 'from-a'],
+      ['iso-a', 'SHARED', 'shared-a'],
+      ['iso-b', 'B_ONLY', 'from-b'],
+      ['iso-b', 'SHARED', 'shared-b'],
+    ];
+    for (const [scope, name, value] of sets) ok(kh(d, ['secret', 'set', scope, name], value), `set ${name}`);
+  });
+
+  const envOf = (env: NodeJS.ProcessEnv, args: string[]) => {
+    const r = ok(kh(env, ['env', ...args, '--', '/usr/bin/env', '-0']), `env ${args.join(' ')}`);
+    const vars = parseEnv0(r.stdout);
+    return { vars, value: (n: string) => vars.get(n)?.toString(), stderr: r.stderr };
+  };
+
+  it('skips denylisted names with a warning naming each; --allow lets one through', () => {
+    const denied = ['LD_PRELOAD', 'PATH', 'NODE_OPTIONS', 'BASH_ENV', 'HOME', 'KEYHOLD_VAULT', 'GIT_SSH_COMMAND', 'SSH_AUTH_SOCK'];
+    for (const env of [k.env, d]) {
+      const { value, vars, stderr } = envOf(env, ['-s', 'deny']);
+      expect(value('PLAIN')).toBe('plain-value');
+      expect(value('PATH')).toBe(process.env.PATH);
+      expect(value('HOME')).toBe(process.env.HOME);
+      expect(value('KEYHOLD_VAULT')).toBe(k.vault);
+      for (const name of ['LD_PRELOAD', 'NODE_OPTIONS', 'BASH_ENV', 'GIT_SSH_COMMAND', 'SSH_AUTH_SOCK']) {
+        expect(vars.has(name) && value(name)!.includes('evil'), name).toBe(false);
+      }
+      for (const name of denied) expect(stderr, name).toMatch(new RegExp(`\\b${name}\\b`));
+      expect(stderr).not.toContain('evil');
+    }
+
+    const allowed = envOf(d, ['-s', 'deny', '--allow', 'NODE_OPTIONS', '--allow', 'GIT_SSH_COMMAND']);
+    expect(allowed.value('NODE_OPTIONS')).toBe('--require /evil.js');
+    expect(allowed.value('GIT_SSH_COMMAND')).toBe('evil-ssh');
+    expect(allowed.value('PATH')).toBe(process.env.PATH);
+    expect(allowed.stderr).not.toMatch(/NODE_OPTIONS|GIT_SSH_COMMAND/);
+    expect(allowed.stderr).toMatch(/LD_PRELOAD/);
+
+    // export applies the same list
+    const exported = ok(kh(d, ['export', '-s', 'deny', '--format', 'json']), 'export');
+    expect(JSON.parse(exported.stdout.toString())).toEqual({ PLAIN: 'plain-value' });
+    expect(exported.stderr).toMatch(/LD_PRELOAD/);
+  });
+
+  it('the denylist applies to the final, prefixed name', () => {
+    const prefixed = envOf(k.env, ['-s', 'deny', '--prefix', 'APP_']);
+    expect(prefixed.value('APP_PATH')).toBe('/evil/bin');
+    expect(prefixed.value('APP_LD_PRELOAD')).toBe('/nonexistent/evil-preload.so');
+    expect(prefixed.value('APP_PLAIN')).toBe('plain-value');
+    expect(prefixed.value('PATH')).toBe(process.env.PATH);
+    expect(prefixed.vars.has('PLAIN')).toBe(false);
+    expect(prefixed.stderr).not.toMatch(/warning/);
+
+    const intoDenied = kh(k.env, ['export', '-s', 'iso-a', '--prefix', 'LD_', '--format', 'json']);
+    expect(intoDenied.status).toBe(0);
+    expect(JSON.parse(intoDenied.stdout.toString())).toEqual({});
+    expect(intoDenied.stderr).toMatch(/LD_A_ONLY/);
+    const allowed = kh(k.env, ['export', '-s', 'iso-a', '--prefix', 'LD_', '--allow', 'LD_SHARED', '--format', 'json']);
+    expect(JSON.parse(allowed.stdout.toString())).toEqual({ LD_SHARED: 'shared-a' });
+  });
+
+  it('keeps scopes apart; merges two with the later -s winning', () => {
+    const a = envOf(d, ['-s', 'iso-a']);
+    expect(a.value('A_ONLY')).toBe('from-a');
+    expect(a.value('SHARED')).toBe('shared-a');
+    expect(a.vars.has('B_ONLY')).toBe(false);
+    const b = envOf(k.env, ['-s', 'iso-b']);
+    expect(b.vars.has('A_ONLY')).toBe(false);
+    expect(b.value('SHARED')).toBe('shared-b');
+
+    const ab = envOf(d, ['-s', 'iso-a', '-s', 'iso-b']);
+    expect([ab.value('A_ONLY'), ab.value('B_ONLY'), ab.value('SHARED')]).toEqual(['from-a', 'from-b', 'shared-b']);
+    const ba = envOf(k.env, ['-s', 'iso-b', '-s', 'iso-a']);
+    expect(ba.value('SHARED')).toBe('shared-a');
+    const json = JSON.parse(ok(kh(d, ['export', '-s', 'iso-b', '-s', 'iso-a', '--format', 'json']), 'export').stdout.toString());
+    expect(json).toEqual({ B_ONLY: 'from-b', SHARED: 'shared-a', A_ONLY: 'from-a' });
+    // a scope with no secrets adds nothing and is no error
+    const none = envOf(d, ['-s', 'empty-scope']);
+    expect(none.vars.has('SHARED')).toBe(false);
+  });
+
+  it('--prefix sets P_NAME and not NAME; --only picks names and a missing one exits 5 without running', () => {
+    const p = envOf(d, ['-s', 'iso-a', '-s', 'iso-b', '--prefix', 'P_']);
+    expect([p.value('P_A_ONLY'), p.value('P_B_ONLY'), p.value('P_SHARED')]).toEqual(['from-a', 'from-b', 'shared-b']);
+    for (const name of ['A_ONLY', 'B_ONLY', 'SHARED']) expect(p.vars.has(name)).toBe(false);
+
+    const only = envOf(k.env, ['-s', 'iso-a', '-s', 'iso-b', '--only', 'B_ONLY,SHARED']);
+    expect(only.vars.has('A_ONLY')).toBe(false);
+    expect([only.value('B_ONLY'), only.value('SHARED')]).toEqual(['from-b', 'shared-b']);
+    const both = envOf(d, ['-s', 'iso-a', '--only', 'A_ONLY', '--prefix', 'Q_']);
+    expect(both.value('Q_A_ONLY')).toBe('from-a');
+    expect(both.vars.has('Q_SHARED')).toBe(false);
+
+    const marker = join(work, 'only-ran');
+    for (const env of [k.env, d]) {
+      const r = kh(env, ['env', '-s', 'iso-a', '--only', 'A_ONLY,B_ONLY', '--', 'sh', '-c', 'touch "$1"', 'sh', marker]);
+      expect(r.status).toBe(5);
+      expect(r.stderr).toContain('B_ONLY');
+      expect(kh(env, ['export', '-s', 'iso-a', '--only', 'NOPE']).status).toBe(5);
+    }
+    expect(existsSync(marker)).toBe(false);
+  });
+});
+
+describe('keyhold export', () => {
+  const names = Object.keys(TRICKY).map((n) => `S_${n}`);
+
+  /** Sources the file in sh and writes each variable's bytes as sh expands them. */
+  function readBack(file: string, vars: string[]): Map<string, Buffer> {
+    const out = join(work, `back-${++fileSeq}`);
+    mkdirSync(out);
+    const r = spawnSync('/bin/sh', ['-c', '. "$1"; out=$2; shift 2; for n; do eval "printf %s \\"\\${$n}\\"" > "$out/$n"; done', 'sh', file, out, ...vars], {
+      encoding: 'utf8',
+    });
+    expect(r.status, r.stderr).toBe(0);
+    expect(r.stderr).toBe('');
+    return new Map(vars.map((v) => [v, readFileSync(join(out, v))]));
+  }
+
+  it('env and shell formats read back through sh byte for byte (directly and through the daemon)', () => {
+    for (const [env, format] of [[k.env, 'env'], [d, 'shell'], [d, 'env'], [k.env, 'shell']] as const) {
+      const r = ok(kh(env, ['export', '-s', 'rt', '--only', names.join(','), '--format', format]), `export ${format}`);
+      const text = r.stdout;
+      // one NAME='…' assignment per variable (values with newlines span lines)
+      expect(text.toString('latin1').startsWith(format === 'shell' ? 'export S_' : 'S_')).toBe(true);
+      const back = readBack(tmpFile(text), names);
+      for (const name of names) expect(back.get(name)!.equals(TRICKY[name.slice(2)]!), `${format} ${name}`).toBe(true);
+    }
+    // the default format is env
+    const plain = ok(kh(d, ['export', '-s', 'iso-a']), 'export').stdout.toString();
+    expect(plain).toBe("A_ONLY='from-a'\nSHARED='shared-a'\n");
+    expect(ok(kh(d, ['export', '-s', 'iso-a', '--format', 'shell']), 'export').stdout.toString()).toBe(
+      "export A_ONLY='from-a'\nexport SHARED='shared-a'\n",
+    );
+    // shell format exports: a child of the sourcing shell sees them
+    const file = tmpFile(ok(kh(d, ['export', '-s', 'rt', '--only', 'S_QUOTES', '--format', 'shell']), 'export').stdout);
+    const child = spawnSync('/bin/sh', ['-c', '. "$1"; /bin/sh -c \'printf %s "$S_QUOTES"\'', 'sh', file], { encoding: 'buffer' });
+    expect(child.stdout.equals(TRICKY.QUOTES!)).toBe(true);
+  });
+
+  it('json format parses back for UTF-8 values; a non-UTF-8 value is exit 1 naming it', () => {
+    const utf8 = UTF8_NAMES.map((n) => `S_${n}`);
+    for (const env of [k.env, d]) {
+      const doc = JSON.parse(ok(kh(env, ['export', '-s', 'rt', '--only', utf8.join(','), '--format', 'json']), 'json').stdout.toString());
+      expect(Object.keys(doc).sort()).toEqual([...utf8].sort());
+      for (const name of utf8) expect(doc[name], name).toBe(TRICKY[name.slice(2)]!.toString('utf8'));
+      const bad = kh(env, ['export', '-s', 'rt', '--only', 'S_QUOTES,S_NON_UTF8', '--format', 'json']);
+      expect(bad.status).toBe(1);
+      expect(bad.stderr).toContain('S_NON_UTF8');
+      expect(bad.stderr).toMatch(/UTF-8/);
+      expect(bad.stdout.length).toBe(0);
+    }
+  });
+});
+
+describe('concurrent writers', () => {
+  async function writers(env: NodeJS.ProcessEnv, scope: string, loops: number, perLoop: number) {
+    const written = new Map<string, Buffer>();
+    const failures: string[] = [];
+    await Promise.all(
+      Array.from({ length: loops }, async (_, w) => {
+        for (let i = 0; i < perLoop; i++) {
+          const name = `W${w}_${i}`;
+          const value = Buffer.concat([Buffer.from(`${scope}-${name}-`), noNul(randomBytes(24)), Buffer.from("'\n")]);
+          const r = await khAsync(env, ['secret', 'set', scope, name], value);
+          if (r.status === 0) written.set(name, value);
+          else failures.push(`${name}: exit ${r.status}: ${r.stderr.trim()}`);
+        }
+      }),
+    );
+    const vars = parseEnv0(ok(kh(k.env, ['env', '-s', scope, '--', '/usr/bin/env', '-0']), 'env').stdout);
+    for (const [name, value] of written) expect(vars.get(name)?.equals(value), name).toBe(true);
+    const listed = JSON.parse(ok(kh(d, ['secret', 'list', scope, '--json']), 'list').stdout.toString()) as { name: string }[];
+    expect(listed.map((s) => s.name).sort()).toEqual([...written.keys()].sort());
+    // every write should succeed: the database waits for its lock (busy timeout)
+    expect(failures).toEqual([]);
+    expect(written.size).toBe(loops * perLoop);
+  }
+
+  it('4 × 40 `secret set` in parallel, directly on the vault: every write is there with its value', async () => {
+    await writers(k.env, 'conc-direct', 4, 40);
+  });
+
+  it('4 × 10 `secret set` in parallel through the unlocked daemon (no passphrase source)', async () => {
+    await writers(d, 'conc-daemon', 4, 10);
+  });
+});
+
+describe('errors', () => {
+  it('missing secret or value file → 5; bad names → 2', () => {
+    for (const env of [k.env, d]) {
+      for (const args of [['get', 'rt', 'NO_SUCH'], ['rm', 'rt', 'NO_SUCH'], ['get', 'no-such-scope', 'S_QUOTES']]) {
+        const r = kh(env, ['secret', ...args]);
+        expect(r.status, args.join(' ')).toBe(5);
+        expect(r.stdout.length).toBe(0);
+      }
+      expect(kh(env, ['secret', 'set', 'rt', 'X', '--value-file', join(work, 'absent-file')]).status).toBe(5);
+      for (const args of [
+        ['set', 'rt', '1BAD'],
+        ['set', 'rt', 'A-B'],
+        ['set', 'rt', 'A.B'],
+        ['set', 'rt', 'X'.repeat(257)],
+        ['get', 'rt', 'BAD NAME'],
+        ['rm', 'rt', '9'],
+        ['set', 'bad/scope', 'OK'],
+        ['list', 'bad scope'],
+      ]) {
+        const r = kh(env, ['secret', ...args], 'value');
+        expect(r.status, args.join(' ')).toBe(2);
+      }
+      expect(kh(env, ['env', '-s', 'rt', '--only', 'bad-name', '--', 'true']).status).toBe(2);
+      expect(kh(env, ['env', '-s', 'rt', '--prefix', '1X', '--', 'true']).status).toBe(2);
+    }
+    // a 256-character name is fine
+    ok(kh(d, ['secret', 'set', 'names', 'N'.repeat(256)], 'long'), 'long name');
+    expect(get(k.env, 'names', 'N'.repeat(256)).toString()).toBe('long');
+  });
+
+  it('--value on the command line is refused with 2, explaining argv is visible, and nothing is stored', () => {
+    for (const env of [k.env, d]) {
+      for (const args of [['--value', MARK], [`--value=${MARK}`], ['--value', MARK, '--value-file', tmpFile(Buffer.from('f'))]]) {
+        const r = kh(env, ['secret', 'set', 'argv', 'FROM_ARGV', ...args], 'stdin-value');
+        expect(r.status).toBe(2);
+        expect(r.stderr).toMatch(/argv|command line/);
+        expect(r.stderr).toMatch(/visible|ps/);
+        expect(r.stderr).not.toContain(MARK);
+      }
+    }
+    expect(kh(k.env, ['secret', 'get', 'argv', 'FROM_ARGV']).status).toBe(5);
+  });
+
+  it('env without -- or without a command → 2, nothing run', () => {
+    const marker = join(work, 'usage-ran');
+    for (const args of [
+      ['-s', 'rt', 'sh', '-c', `touch ${marker}`],
+      ['-s', 'rt', '--'],
+      ['-s', 'rt'],
+      ['--', 'sh', '-c', `touch ${marker}`],
+    ]) {
+      const r = kh(d, ['env', ...args]);
+      expect(r.status, args.join(' ')).toBe(2);
+      expect(r.stderr.length).toBeGreaterThan(0);
+    }
+    expect(existsSync(marker)).toBe(false);
+  });
+
+  it('with no passphrase source: a locked daemon → 3, no daemon → 3', async () => {
+    const other = makeKeyholdEnv('keyhold-secrets-locked-');
+    try {
+      ok(kh(other.env, ['init']), 'init');
+      ok(kh(other.env, ['secret', 'set', 'x', 'V'], 'v'), 'set');
+      const bare = bareEnv(other);
+      const marker = join(other.dir, 'locked-ran');
+      const attempts = [
+        ['env', '-s', 'x', '--', 'sh', '-c', `touch ${marker}`],
+        ['export', '-s', 'x'],
+        ['secret', 'get', 'x', 'V'],
+        ['secret', 'set', 'x', 'W'],
+        ['secret', 'list', 'x'],
+      ];
+      for (const args of attempts) expect(kh(bare, args, 'w').status, `no daemon: ${args.join(' ')}`).toBe(3);
+      ok(kh(other.env, ['unlock']), 'unlock');
+      expect(get(bare, 'x', 'V').toString()).toBe('v');
+      ok(kh(bare, ['lock']), 'lock');
+      for (const args of attempts) {
+        const r = kh(bare, args, 'w');
+        expect(r.status, `locked: ${args.join(' ')} ${r.stderr}`).toBe(3);
+        expect(r.stdout.length).toBe(0);
+      }
+      expect(existsSync(marker)).toBe(false);
+      // with a passphrase source it still works directly beside the locked daemon
+      expect(get(other.env, 'x', 'V').toString()).toBe('v');
+      expect(kh(other.env, ['secret', 'get', 'x', 'W']).status).toBe(5);
+    } finally {
+      await killDaemon(other);
+      other.cleanup();
+    }
+  });
+});
+
+describe('no value in the clear', () => {
+  it('not in the vault files, the debug daemon log, or any stderr of this run', () => {
+    // one more round through the daemon, so the log covers every kind of request
+    ok(kh(d, ['secret', 'set', 'clear', 'MARK'], MARK), 'set');
+    expect(get(d, 'clear', 'MARK').toString()).toBe(MARK);
+    expect(ok(kh(d, ['env', '-s', 'clear', '--', 'sh', '-c', 'printf %s "$MARK"']), 'env').stdout.toString()).toBe(MARK);
+    expect(ok(kh(d, ['export', '-s', 'clear', '--format', 'json']), 'export').stdout.toString()).toContain(MARK);
+    ok(kh(d, ['secret', 'rm', 'clear', 'MARK']), 'rm');
+
+    const needles = [Buffer.from(MARK), Buffer.from(Buffer.from(MARK).toString('base64').slice(0, 24)), Buffer.from(Buffer.from(MARK).toString('hex'))];
+    const dataDir = dirname(k.vault);
+    const files = readdirSync(dataDir);
+    expect(files).toEqual(expect.arrayContaining(['vault.db', 'vault.db.keys']));
+    for (const f of files) {
+      const bytes = readFileSync(join(dataDir, f));
+      for (const needle of needles) expect(bytes.includes(needle), `${f} holds ${needle}`).toBe(false);
+    }
+    // a tricky value that is long and distinctive: the 4 KiB random one
+    for (const f of files) expect(readFileSync(join(dataDir, f)).includes(TRICKY.HIGH!.subarray(0, 64)), f).toBe(false);
+
+    const log = readFileSync(join(k.runtime, 'daemon.log'));
+    expect(log.toString()).toContain('vault unlocked');
+    for (const needle of needles) expect(log.includes(needle)).toBe(false);
+    expect(log.includes(TRICKY.HIGH!.subarray(0, 64))).toBe(false);
+
+    expect(allStderr.length).toBeGreaterThan(100);
+    for (const stderr of allStderr) expect(stderr.includes(MARK)).toBe(false);
+  });
+});
