@@ -3,7 +3,7 @@ import type { Argv } from 'yargs';
 import { daemonFor } from '../control/client.js';
 import { remoteVaultApi } from '../control/remote-vault.js';
 import { runtimeDir } from '../runtime-dir.js';
-import { localVaultApi, type VaultApi } from '../vault/api.js';
+import { localVaultApi, thisProcess, type VaultApi } from '../vault/api.js';
 import { readKeyring } from '../vault/keyring.js';
 import { vaultPaths } from '../vault/paths.js';
 import { Vault } from '../vault/vault.js';
@@ -49,7 +49,7 @@ export async function openVaultApi(args: GlobalArgs): Promise<{ api: VaultApi; c
     daemon?.client.close();
   }
   const vault = await openVault(args);
-  return { api: localVaultApi(vault), close: () => vault.close() };
+  return { api: localVaultApi(vault, thisProcess()), close: () => vault.close() };
 }
 
 /** Runs `fn` with the vault's operations and closes what it opened, whatever happens. */

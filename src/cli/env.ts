@@ -169,6 +169,8 @@ export function envCommand(yargs: Argv<GlobalArgs>) {
         }
         const env = new Map<string, Buffer>();
         for (const [name, value] of Object.entries(process.env)) if (value !== undefined) env.set(name, Buffer.from(value));
+        // keyhold's own secret input is not the command's business.
+        env.delete('KEYHOLD_PASSPHRASE');
         for (const [name, value] of variables) env.set(name, value);
         const envp = [...env].map(([name, value]) => Buffer.concat([Buffer.from(`${name}=`), value]));
         // exec, not spawn: the command takes over this process, so signals reach it directly, its

@@ -1,3 +1,4 @@
+import { isatty } from 'node:tty';
 import { readFileSync } from 'node:fs';
 import { hostname, userInfo } from 'node:os';
 import { basename } from 'node:path';
@@ -68,7 +69,7 @@ async function parseKeyFile(file: string, passphraseFile: string | undefined): P
   try {
     return parsePrivateKeyFile(bytes, file, passphrase);
   } catch (err) {
-    if (!(err instanceof KeyPassphraseNeeded) || passphrase || !process.stdin.isTTY) throw err;
+    if (!(err instanceof KeyPassphraseNeeded) || passphrase || !isatty(0)) throw err;
     const typed = await promptHidden(`Passphrase for ${file}: `);
     try {
       return parsePrivateKeyFile(bytes, file, typed);

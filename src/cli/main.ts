@@ -13,6 +13,7 @@ import { lockCommand, statusCommand, unlockCommand } from './unlock.js';
 import { factorCommand, passphraseCommand } from './factor.js';
 import { secretCommand } from './secret.js';
 import { envCommand } from './env.js';
+import { auditCommand } from './audit.js';
 
 /** Options whose value may be `-` (stdin), which yargs would otherwise take for an argument. */
 const FILE_OPTIONS = new Set(['--passphrase-file', '--key-passphrase-file', '--token-file', '--value-file', '--new-passphrase-file']);
@@ -44,6 +45,7 @@ export async function main(argv: string[]): Promise<number> {
     passphraseCommand,
     secretCommand,
     envCommand,
+    auditCommand,
   ]) register(parser);
   try {
     await parser

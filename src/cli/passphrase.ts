@@ -1,4 +1,5 @@
 // Where a vault passphrase comes from, first that applies (see PRODUCT.md, "Passphrase sources").
+import { isatty } from 'node:tty';
 import { existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { EXIT, KeyholdError, usageError } from '../errors.js';
@@ -68,7 +69,7 @@ export async function fallbackPassphrase(request: PassphraseRequest): Promise<Bu
     );
     return nonEmpty(Buffer.from(env.KEYHOLD_PASSPHRASE, 'utf8'));
   }
-  if (process.stdin.isTTY) {
+  if (isatty(0)) {
     const first = nonEmpty(await promptHidden(request.prompt ?? 'Vault passphrase: '));
     if (!request.confirm) return first;
     const second = await promptHidden('Repeat passphrase: ');

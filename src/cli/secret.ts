@@ -1,4 +1,5 @@
 // `keyhold secret set|get|list|rm`: values are bytes, taken from stdin or a file, never from argv.
+import { isatty } from 'node:tty';
 import { readFileSync } from 'node:fs';
 import type { Argv } from 'yargs';
 import { KeyholdError, notFound, usageError } from '../errors.js';
@@ -21,8 +22,9 @@ function readValue(file: string | undefined): Promise<Buffer> | Buffer {
       throw new KeyholdError(`cannot read ${file}: ${code ?? 'error'}`, 'check the path and its permissions');
     }
   }
-  // On a terminal, ask without echo (one line); otherwise take stdin's exact bytes.
-  if (file === undefined && process.stdin.isTTY) return promptHidden('Secret value: ');
+  // On a terminal, ask without echo (one line); otherwise take stdin's exact bytes. isatty(0), not
+  // process.stdin.isTTY: touching process.stdin makes fd 0 non-blocking, and reading it then fails.
+  if (file === undefined && isatty(0)) return promptHidden('Secret value: ');
   return readFileSync(0);
 }
 

@@ -47,6 +47,10 @@ export async function collectKeks(keyring: Keyring, request: UnlockRequest): Pro
       return keks;
     } catch (err) {
       zeroKeks(keks);
+      if (err instanceof KeyholdError && (err.exitCode === EXIT.LOCKED || err.exitCode === EXIT.DENIED)) {
+        const needs = [hasPassphrase ? 'the passphrase' : '', hasAgent ? 'an enrolled key in the SSH agent' : ''].filter(Boolean).join(' and ');
+        throw new KeyholdError(`this vault needs every factor (policy all: ${needs}); ${err.message}`, err.hint, err.exitCode);
+      }
       throw err;
     }
   }

@@ -127,32 +127,32 @@ export function unlockCommand(yargs: Argv<GlobalArgs>) {
       const keyring = readKeyring(paths.keys);
       const runtime = runtimeDir();
       let daemon = await connectDaemon(runtime, keyring);
-      if (!daemon) {
-        const client = await startBackgroundDaemon(paths, runtime);
-        daemon = { client, status: await client.status() };
-        if (daemon.status.vault_id !== keyring.vault_id) {
-          client.close();
-          throw new KeyholdError(`the daemon in ${runtime} serves another vault, ${daemon.status.vault}`, 'set KEYHOLD_RUNTIME_DIR');
-        }
-      }
-      const { client } = daemon;
-      let status = daemon.status;
+      let status = daemon?.status;
       try {
-        if (!status.locked) {
+        if (daemon && !daemon.status.locked) {
           if (ttlMs !== null || idleMs !== null) {
             process.stderr.write('keyhold: already unlocked; its lock times are unchanged (lock first to set new ones)\n');
           }
         } else {
+          // Prove the factors first: a failure then leaves no daemon behind.
           const keks = await collectKeks(keyring, { file: args['passphrase-file'], factor: args.factor as FactorChoice | undefined });
           try {
-            status = await client.call<DaemonStatus>({ op: 'unlock', vaultId: keyring.vault_id, keks: Object.fromEntries(keks), idleMs, ttlMs });
+            if (!daemon) {
+              const client = await startBackgroundDaemon(paths, runtime);
+              daemon = { client, status: await client.status() };
+              if (daemon.status.vault_id !== keyring.vault_id) {
+                throw new KeyholdError(`the daemon in ${runtime} serves another vault, ${daemon.status.vault}`, 'set KEYHOLD_RUNTIME_DIR');
+              }
+            }
+            status = await daemon.client.call<DaemonStatus>({ op: 'unlock', vaultId: keyring.vault_id, keks: Object.fromEntries(keks), idleMs, ttlMs });
           } finally {
             zeroKeks(keks);
           }
         }
       } finally {
-        client.close();
+        daemon?.client.close();
       }
+      status = status!;
       const socket = scope === undefined ? undefined : scopeSocketPath(scopesDir(runtime), scope);
       if (scope !== undefined && !status.sockets.includes(socket!)) {
         process.stderr.write(`keyhold: warning: scope ${scope} has no keys, so its socket is not open\n`);

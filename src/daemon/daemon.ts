@@ -13,7 +13,8 @@ import { HandshakeGuard } from '../signer/handshake-guard.js';
 import { ScopeSockets } from '../signer/scope-sockets.js';
 import { listenToken, type ListenAddress } from '../signer/token-listener.js';
 import { closeServer, ConnectionLimit } from '../signer/unix-listener.js';
-import type { AgentBackend } from '../signer/backend.js';
+import type { AgentBackend, Peer } from '../signer/backend.js';
+import type { AuditEvent, AuditPeer } from '../audit/audit-log.js';
 import type { VaultApi } from '../vault/api.js';
 import { zeroKeks, type FactorKeks } from '../vault/keyring.js';
 import type { VaultPaths } from '../vault/paths.js';
@@ -78,11 +79,12 @@ export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
         zeroKeks(initial);
       }
     }
+    const record = (event: AuditEvent) => session.record(event);
     const backends = new Map<string, AgentBackend>();
     const keys = () => session.keys();
     const backendFor = (scope: string) => {
       let backend = backends.get(scope);
-      if (!backend) backends.set(scope, (backend = scopeBackend(keys, scope, { allowSha1: options.allowSha1 ?? false })));
+      if (!backend) backends.set(scope, (backend = scopeBackend(keys, scope, { allowSha1: options.allowSha1 ?? false, record })));
       return backend;
     };
     const limit = new ConnectionLimit(options.maxConnections ?? 16384);
@@ -90,7 +92,11 @@ export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
     const maxPendingWrite = 1024 * 1024;
     const sockets = new ScopeSockets({ dir: scopesDir(runtimeDir), log, limit, idleTimeoutMs, maxPendingWrite, backendFor });
     const guard = new HandshakeGuard();
-    const guardSweep = setInterval(() => guard.sweep(), 60_000);
+    const quietKnocks = new Map<string, number>();
+    const guardSweep = setInterval(() => {
+      guard.sweep();
+      quietKnocks.clear();
+    }, 60_000);
     guardSweep.unref();
 
     for (const address of options.listen ?? []) {
@@ -115,6 +121,14 @@ export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
         },
         onHandshakeFailure(peer, reason) {
           log.info({ peer, reason }, 'token handshake failed');
+          // A blocked source can knock as fast as it likes: record its knocks once a minute.
+          if (reason.startsWith('source blocked') || reason.startsWith('too many pending')) {
+            const source = peer.kind === 'tcp' ? peer.address : `uid:${peer.uid}`;
+            const last = quietKnocks.get(source) ?? 0;
+            if (Date.now() - last < 60_000) return;
+            quietKnocks.set(source, Date.now());
+          }
+          record({ event: 'handshake-failed', peer, reason });
         },
       }).catch((err: Error) => {
         throw new KeyholdError(`cannot listen on ${where}: ${err.message}`, 'pick another address or stop what holds it');
@@ -143,18 +157,19 @@ export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
       syncScopes().catch((err: Error) => log.error({ err: err.message }, 'scope sync failed'));
     }, options.pollIntervalMs ?? 250);
 
-    const handle = async (request: ControlRequest): Promise<unknown> => {
+    const handle = async (request: ControlRequest, peer: Peer): Promise<unknown> => {
+      const actor = peer as AuditPeer;
       switch (request.op) {
         case 'status':
           return session.status(sockets.paths());
         case 'lock':
-          session.lock('keyhold lock');
+          session.lock('keyhold lock', actor);
           return session.status(sockets.paths());
         case 'unlock': {
           checkVault(request.vaultId);
           const keks: FactorKeks = new Map(Object.entries(request.keks));
           try {
-            await session.unlock(keks, { idleMs: request.idleMs ?? null, ttlMs: request.ttlMs ?? null });
+            await session.unlock(keks, { idleMs: request.idleMs ?? null, ttlMs: request.ttlMs ?? null }, actor);
           } catch (err) {
             log.warn({ err: (err as Error).message }, 'unlock refused');
             throw err;
@@ -166,7 +181,7 @@ export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
         }
         case 'call': {
           checkVault(request.vaultId);
-          const api = session.api();
+          const api = session.api(actor);
           const method = api[request.method as keyof VaultApi] as (...args: unknown[]) => Promise<unknown>;
           const result = await method(...request.args);
           await syncScopes();

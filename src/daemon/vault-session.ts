@@ -6,6 +6,7 @@ import { EXIT, KeyholdError } from '../errors.js';
 import type { DaemonStatus, LockTimers } from '../control/protocol.js';
 import { TokenCache } from '../tokens/token-cache.js';
 import { localVaultApi, type VaultApi } from '../vault/api.js';
+import { MAX_PENDING_EVENTS, type AuditEvent, type AuditPeer } from '../audit/audit-log.js';
 import { KeyCache } from '../vault/key-cache.js';
 import type { FactorKeks } from '../vault/keyring.js';
 import type { VaultPaths } from '../vault/paths.js';
@@ -15,11 +16,13 @@ interface Unlocked {
   vault: Vault;
   keys: KeyCache;
   tokens: TokenCache;
-  api: VaultApi;
   unlockedAt: number;
   lockAt: number | null;
   idleMs: number | null;
 }
+
+/** Signing-path audit events reach the file within this long. */
+const AUDIT_BATCH_MS = 100;
 
 /** setTimeout's limit; longer waits are re-armed. */
 const MAX_TIMER_MS = 2 ** 31 - 1;
@@ -29,6 +32,8 @@ export class VaultSession {
   private lastActivity = Date.now();
   private timer: NodeJS.Timeout | null = null;
   private readonly listeners: ((unlocked: boolean) => void)[] = [];
+  private pending: { event: AuditEvent; time: Date }[] = [];
+  private droppedWhileLocked = 0;
 
   constructor(
     readonly paths: VaultPaths,
@@ -63,21 +68,46 @@ export class VaultSession {
   }
 
   /** The vault operations, for a CLI request through the control socket; exit 3 while locked. */
-  api(): VaultApi {
+  api(actor: AuditPeer): VaultApi {
     if (!this.current) throw new KeyholdError('the vault is locked', 'unlock it with `keyhold unlock`', EXIT.LOCKED);
     this.lastActivity = Date.now();
-    return this.current.api;
+    return localVaultApi(this.current.vault, actor);
+  }
+
+  /**
+   * Records an audit event: written within the batch window while unlocked; kept in memory while
+   * locked (nothing can be authenticated without the master key) and written at the next unlock.
+   */
+  record(event: AuditEvent): void {
+    if (this.current) return this.current.vault.record(event);
+    if (this.pending.length >= MAX_PENDING_EVENTS) {
+      this.pending.shift();
+      this.droppedWhileLocked++;
+    }
+    this.pending.push({ event, time: new Date() });
   }
 
   /** Unlocks with the KEKs a client proved; exit 4 if they do not open the vault. */
-  async unlock(keks: FactorKeks, timers: Partial<LockTimers> = {}): Promise<void> {
+  async unlock(keks: FactorKeks, timers: Partial<LockTimers> = {}, actor?: AuditPeer): Promise<void> {
     if (this.current) return;
-    const vault = await Vault.openWithKeks(this.paths, async (keyring) => {
-      if (keyring.vault_id !== this.vaultId) {
-        throw new KeyholdError(`${this.paths.keys} now belongs to another vault`, 'restart the daemon');
-      }
-      return keks;
-    });
+    const factors = [...keks.keys()];
+    let vault: Vault;
+    try {
+      vault = await Vault.openWithKeks(this.paths, async (keyring) => {
+        if (keyring.vault_id !== this.vaultId) {
+          throw new KeyholdError(`${this.paths.keys} now belongs to another vault`, 'restart the daemon');
+        }
+        return keks;
+      });
+    } catch (err) {
+      this.record({ event: 'unlock-failed', reason: (err as Error).message, names: factors, ...(actor ? { peer: actor } : {}) });
+      throw err;
+    }
+    vault.batchAudit(AUDIT_BATCH_MS);
+    if (this.droppedWhileLocked > 0) vault.record({ event: 'events-dropped', count: this.droppedWhileLocked });
+    for (const { event, time } of this.pending) vault.record(event, time);
+    this.pending = [];
+    this.droppedWhileLocked = 0;
     if (this.current) {
       vault.close();
       return;
@@ -91,20 +121,21 @@ export class VaultSession {
       vault,
       keys,
       tokens: new TokenCache(vault),
-      api: localVaultApi(vault),
       unlockedAt: now,
       lockAt: ttlMs === null ? null : now + ttlMs,
       idleMs,
     };
     this.lastActivity = now;
+    vault.record({ event: 'unlock', names: factors, ...(actor ? { peer: actor } : {}) });
     this.armTimer();
     this.log.info({ lockAt: this.current.lockAt && new Date(this.current.lockAt).toISOString(), idleMs }, 'vault unlocked');
     for (const listener of this.listeners) listener(true);
   }
 
-  lock(reason: string): void {
+  lock(reason: string, actor?: AuditPeer): void {
     const current = this.current;
     if (!current) return;
+    current.vault.record({ event: 'lock', reason, ...(actor ? { peer: actor } : {}) });
     this.current = null;
     if (this.timer) clearTimeout(this.timer);
     this.timer = null;

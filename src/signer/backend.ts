@@ -3,7 +3,8 @@
 import type { Identity } from '../agent-protocol/messages.js';
 
 export type Peer =
-  | { kind: 'unix'; pid: number; uid: number; gid: number }
+  /** `exe` is read from /proc at accept time (null if the process is already gone). */
+  | { kind: 'unix'; pid: number; uid: number; gid: number; exe: string | null }
   | { kind: 'tcp'; address: string; port: number };
 
 /** A host key the client bound this connection to with session-bind@openssh.com. */
@@ -16,6 +17,8 @@ export interface SessionBinding {
 export interface RequestContext {
   peer: Peer;
   bindings: readonly SessionBinding[];
+  /** The token a container connection authenticated with. */
+  tokenId?: string;
 }
 
 export type SignResult =

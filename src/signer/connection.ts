@@ -31,6 +31,8 @@ export interface ConnectionOptions {
   maxPendingWrite: number;
   /** Called before each request; false closes the connection without an answer (e.g. a revoked token). */
   admit?: () => boolean;
+  /** The token this connection authenticated with, for the backend's records. */
+  tokenId?: string;
 }
 
 const FAILURE = frame(encodeResponse({ type: 'failure' }));
@@ -42,7 +44,7 @@ export function serveConnection(socket: Socket, backend: AgentBackend, options: 
   const debug = log.isLevelEnabled('debug');
   const reader = new FrameReader();
   const bindings: SessionBinding[] = [];
-  const context: RequestContext = { peer, bindings };
+  const context: RequestContext = { peer, bindings, ...(options.tokenId ? { tokenId: options.tokenId } : {}) };
   let closed = false;
 
   const close = (reason: string, pending: Buffer[] = []) => {

@@ -9,7 +9,7 @@ import { peerCredentials } from '../libc.js';
 import type { AgentBackend, Peer } from './backend.js';
 import { serveConnection } from './connection.js';
 import type { HandshakeGuard } from './handshake-guard.js';
-import { clearStaleSocket, trackConnections, type ConnectionLimit } from './unix-listener.js';
+import { clearStaleSocket, processExe, trackConnections, type ConnectionLimit } from './unix-listener.js';
 
 export const HANDSHAKE_TIMEOUT_MS = 5_000;
 export const MAX_TOKEN_BYTES = 1024;
@@ -57,7 +57,7 @@ function peerOf(socket: Socket, kind: 'tcp' | 'unix'): { peer: Peer; source: str
   const fd = (socket as unknown as { _handle?: { fd?: number } })._handle?.fd;
   const cred = typeof fd === 'number' && fd >= 0 ? peerCredentials(fd) : null;
   if (!cred) return null;
-  return { peer: { kind: 'unix', ...cred }, source: `uid:${cred.uid}` };
+  return { peer: { kind: 'unix', ...cred, exe: processExe(cred.pid) }, source: `uid:${cred.uid}` };
 }
 
 function handleConnection(socket: Socket, kind: 'tcp' | 'unix', options: TokenListenerOptions): void {
@@ -121,6 +121,7 @@ function handleConnection(socket: Socket, kind: 'tcp' | 'unix', options: TokenLi
       idleTimeoutMs: options.idleTimeoutMs,
       maxPendingWrite: options.maxPendingWrite,
       admit: session.stillValid,
+      tokenId: session.tokenId,
     });
     socket.resume();
   };

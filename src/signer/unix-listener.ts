@@ -1,5 +1,5 @@
 // Unix-socket listeners: a 0600 socket at a path we own, peers checked with SO_PEERCRED.
-import { chmodSync, lstatSync, unlinkSync } from 'node:fs';
+import { chmodSync, lstatSync, readlinkSync, unlinkSync } from 'node:fs';
 import { createServer, type Server, type Socket } from 'node:net';
 import type { Logger } from 'pino';
 import { peerCredentials, type PeerCredentials } from '../libc.js';
@@ -20,6 +20,15 @@ export class ConnectionLimit {
 
   get count(): number {
     return this.open;
+  }
+}
+
+/** The executable of a peer process, read when it connects (it may exec something else later). */
+export function processExe(pid: number): string | null {
+  try {
+    return readlinkSync(`/proc/${pid}/exe`);
+  } catch {
+    return null;
   }
 }
 
@@ -72,7 +81,7 @@ export function listenUnix(options: UnixListenerOptions): Promise<Server> {
       socket.destroy();
       return;
     }
-    options.onConnection(socket, { kind: 'unix', ...cred });
+    options.onConnection(socket, { kind: 'unix', ...cred, exe: processExe(cred.pid) });
   }));
   return new Promise((resolve, reject) => {
     server.once('error', reject);

@@ -5,6 +5,8 @@ import { generatePrivateKey, parsePkcs8, type KeyKind } from './key-material.js'
 import type { EnrolledFactor, Factor } from './keyring.js';
 import type { AddKeyResult, KeyRecord, ScopeSummary, SecretInfo, SecretValue, Vault } from './vault.js';
 import type { TokenRecord } from '../tokens/tokens.js';
+import { readlinkSync } from 'node:fs';
+import type { AuditEvent, AuditPeer, VerifyResult } from '../audit/audit-log.js';
 
 export interface AddedKey {
   added: AddKeyResult;
@@ -33,6 +35,7 @@ export interface VaultApi {
   addFactor(enrolled: EnrolledFactor): Promise<Factor>;
   removeFactor(id: string): Promise<void>;
   replaceFactor(enrolled: EnrolledFactor): Promise<Factor>;
+  verifyAudit(): Promise<VerifyResult>;
 }
 
 export type VaultMethod = keyof VaultApi;
@@ -58,20 +61,26 @@ export const VAULT_METHODS: readonly VaultMethod[] = [
   'addFactor',
   'removeFactor',
   'replaceFactor',
+  'verifyAudit',
 ];
 
-export function localVaultApi(vault: Vault): VaultApi {
-  const added = (result: AddKeyResult): AddedKey => ({
-    added: result,
-    record: vault.listKeys().find((k) => k.fingerprint === result.fingerprint)!,
-  });
+/**
+ * The operations on a vault open in this process. `actor` is who asks (this CLI process, or the
+ * control socket's peer in the daemon); every change and every secret read goes to the audit log.
+ */
+export function localVaultApi(vault: Vault, actor: AuditPeer): VaultApi {
+  const audit = (event: AuditEvent) => vault.record({ ...event, peer: actor });
+  const added = (result: AddKeyResult, scope: string): AddedKey => {
+    audit({ event: result.created ? 'key-added' : 'key-assigned', scope, fingerprint: result.fingerprint });
+    return { added: result, record: vault.listKeys().find((k) => k.fingerprint === result.fingerprint)! };
+  };
   return {
     async generateKey(scope, kind, bits, comment) {
-      return added(vault.addKey(scope, await generatePrivateKey(kind, bits), comment));
+      return added(vault.addKey(scope, await generatePrivateKey(kind, bits), comment), scope);
     },
     async importKey(scope, pkcs8, comment) {
       try {
-        return added(vault.addKey(scope, parsePkcs8(pkcs8), comment));
+        return added(vault.addKey(scope, parsePkcs8(pkcs8), comment), scope);
       } finally {
         pkcs8.fill(0);
       }
@@ -81,60 +90,100 @@ export function localVaultApi(vault: Vault): VaultApi {
     },
     async assign(scope, fp) {
       vault.assign(scope, fp);
+      audit({ event: 'key-assigned', scope, fingerprint: fullFingerprint(fp) });
     },
     async unassign(scope, fp) {
       vault.unassign(scope, fp);
+      audit({ event: 'key-unassigned', scope, fingerprint: fullFingerprint(fp) });
     },
     async removeKey(fp) {
       vault.removeKey(fp);
+      audit({ event: 'key-removed', fingerprint: fullFingerprint(fp) });
     },
     async scopes() {
       return vault.scopes();
     },
     async issueToken(scope, subject, ttlMs) {
-      return vault.issueToken(scope, subject, ttlMs);
+      const issued = vault.issueToken(scope, subject, ttlMs);
+      audit({ event: 'token-issued', scope, token_id: issued.record.id, subject, ...(issued.record.expires ? { expires: issued.record.expires } : {}) });
+      return issued;
     },
     async listTokens(scope) {
       return vault.listTokens(scope);
     },
     async revokeToken(id) {
-      return vault.revokeToken(id);
+      const record = vault.revokeToken(id);
+      audit({ event: 'token-revoked', scope: record.scope, token_id: record.id, subject: record.subject });
+      return record;
     },
     async revokeTokens(scope, subject) {
-      return vault.revokeTokens(scope, subject);
+      const count = vault.revokeTokens(scope, subject);
+      audit({ event: 'token-revoked', scope, ...(subject !== undefined ? { subject } : {}), count });
+      return count;
     },
     async setSecret(scope, name, value) {
-      return vault.setSecret(scope, name, value);
+      const result = vault.setSecret(scope, name, value);
+      audit({ event: 'secret-set', scope, name });
+      return result;
     },
     async getSecret(scope, name) {
-      return vault.getSecret(scope, name);
+      const value = vault.getSecret(scope, name);
+      audit({ event: 'secret-read', scope, name });
+      return value;
     },
     async listSecrets(scope) {
       return vault.listSecrets(scope);
     },
     async removeSecret(scope, name) {
       vault.removeSecret(scope, name);
+      audit({ event: 'secret-removed', scope, name });
     },
     async secretValues(scopes) {
       if (!Array.isArray(scopes)) throw new TypeError('scopes must be a list');
-      return vault.secretValues(scopes);
+      const values = vault.secretValues(scopes);
+      for (const scope of new Set(scopes)) {
+        const names = values.filter((v) => v.scope === scope).map((v) => v.name);
+        if (names.length > 0) audit({ event: 'secret-read', scope, names });
+      }
+      return values;
     },
     async addFactor(enrolled) {
       try {
-        return vault.addFactor(enrolled);
+        const factor = vault.addFactor(enrolled);
+        audit({ event: 'factor-added', factor: factor.id, type: factor.type });
+        return factor;
       } finally {
         enrolled.kek.fill(0);
       }
     },
     async removeFactor(id) {
       vault.removeFactor(id);
+      audit({ event: 'factor-removed', factor: id });
     },
     async replaceFactor(enrolled) {
       try {
-        return vault.replaceFactor(enrolled);
+        const factor = vault.replaceFactor(enrolled);
+        audit({ event: 'factor-changed', factor: factor.id, type: factor.type });
+        return factor;
       } finally {
         enrolled.kek.fill(0);
       }
     },
+    async verifyAudit() {
+      return vault.verifyAudit();
+    },
   };
+}
+
+const fullFingerprint = (fp: string) => (fp.startsWith('SHA256:') ? fp : `SHA256:${fp}`);
+
+/** This process, as the actor of the audit events it causes. */
+export function thisProcess(): AuditPeer {
+  let exe: string | null = null;
+  try {
+    exe = readlinkSync('/proc/self/exe');
+  } catch {
+    /* not on Linux /proc */
+  }
+  return { kind: 'process', pid: process.pid, uid: process.getuid!(), exe };
 }

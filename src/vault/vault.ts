@@ -1,6 +1,7 @@
 // The unlocked vault: keys, scope assignments and the version counter that lets a running daemon
 // notice any change (its own or another process's) with one cheap check.
-import { existsSync, mkdirSync, unlinkSync } from 'node:fs';
+import { existsSync, mkdirSync, readFileSync, unlinkSync } from 'node:fs';
+import { auditKey, AuditWriter, readAnchor, verifyAuditText, type AuditEvent, type VerifyResult } from '../audit/audit-log.js';
 import { dirname } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import type { KeyObject } from 'node:crypto';
@@ -111,6 +112,8 @@ export class Vault {
   /** Held while open for factor changes (and zeroed at close): the master key, and the KEKs proved. */
   private readonly masterKey: Buffer;
   private readonly keks: FactorKeks;
+  private readonly audit: AuditWriter;
+  private readonly auditMacKey: Buffer;
 
   private constructor(
     readonly paths: VaultPaths,
@@ -123,6 +126,8 @@ export class Vault {
     this.masterKey = Buffer.alloc(MASTER_KEY_BYTES);
     masterKey.copy(this.masterKey);
     this.keks = new Map([...keks].map(([id, kek]) => [id, Buffer.from(kek)]));
+    this.auditMacKey = auditKey(masterKey, keyring.vault_id);
+    this.audit = new AuditWriter(paths.audit, db, this.auditMacKey);
     this.statements = {
       dataVersion: db.prepare('PRAGMA data_version').pluck(),
       version: db.prepare(`SELECT value FROM meta WHERE name = 'version'`).pluck(),
@@ -287,9 +292,42 @@ export class Vault {
     return rest as Factor;
   }
 
+  /** Queues an audit event; it is written at the next flush (at the latest, at close). */
+  record(event: AuditEvent, time?: Date): void {
+    this.audit.record(event, time);
+  }
+
+  /** Daemon mode: write audit events within `ms` of when they happen instead of at close. */
+  batchAudit(ms: number): void {
+    this.audit.batch(ms);
+  }
+
+  flushAudit(): void {
+    this.audit.flush();
+  }
+
+  /** Checks the whole audit log against this vault's key and anchor. */
+  verifyAudit(): VerifyResult {
+    this.flushAudit();
+    let text = '';
+    try {
+      text = readFileSync(this.paths.audit, 'utf8');
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw new KeyholdError(`cannot read ${this.paths.audit}: ${(err as Error).message}`);
+    }
+    return verifyAuditText(text, this.auditMacKey, readAnchor(this.db));
+  }
+
   close(): void {
-    if (this.db.open) this.db.close();
+    if (this.db.open) {
+      try {
+        this.audit.flush();
+      } finally {
+        this.db.close();
+      }
+    }
     this.masterKey.fill(0);
+    this.auditMacKey.fill(0);
     zeroKeks(this.keks);
   }
 
