@@ -18,6 +18,11 @@ export interface UserauthRequest {
 
 /** The userauth request in `data`, or null when `data` is something else (a git commit, a file…). */
 export function parseUserauthRequest(data: Buffer): UserauthRequest | null {
+  // Most signed data is something else: rule it out without building an exception (which costs
+  // more than the signature on the hot path).
+  if (data.length < 5) return null;
+  const idLength = data.readUInt32BE(0);
+  if (idLength === 0 || idLength > 128 || data.length <= 4 + idLength || data[4 + idLength] !== SSH_MSG_USERAUTH_REQUEST) return null;
   try {
     const r = new WireReader(data);
     const sessionId = r.string();

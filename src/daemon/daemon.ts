@@ -184,6 +184,7 @@ export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
           const api = session.api(actor);
           const method = api[request.method as keyof VaultApi] as (...args: unknown[]) => Promise<unknown>;
           const result = await method(...request.args);
+          session.changed();
           await syncScopes();
           return result;
         }

@@ -63,6 +63,28 @@ export class VaultSession {
     return current.keys;
   }
 
+  /**
+   * The vault's version, read once per turn of the event loop: every request handled in a turn
+   * arrived before the read, so each still sees every change committed before it arrived, and
+   * pipelined requests share one `PRAGMA data_version`.
+   */
+  private turnVersion: number | null = null;
+  private observeVersion(vault: Vault): number {
+    if (this.turnVersion === null) {
+      this.turnVersion = vault.observedVersion();
+      setImmediate(this.endTurn);
+    }
+    return this.turnVersion;
+  }
+  private readonly endTurn = () => {
+    this.turnVersion = null;
+  };
+
+  /** After a change made through this daemon: the next request reads the version afresh. */
+  changed(): void {
+    this.turnVersion = null;
+  }
+
   tokens(): TokenCache | null {
     return this.current?.tokens ?? null;
   }
@@ -112,7 +134,9 @@ export class VaultSession {
       vault.close();
       return;
     }
-    const keys = new KeyCache(vault);
+    this.turnVersion = null;
+    const observe = () => this.observeVersion(vault);
+    const keys = new KeyCache(vault, observe);
     keys.refresh();
     const now = Date.now();
     const ttlMs = timers.ttlMs !== undefined && timers.ttlMs !== null ? timers.ttlMs : this.defaults.ttlMs;
@@ -120,7 +144,7 @@ export class VaultSession {
     this.current = {
       vault,
       keys,
-      tokens: new TokenCache(vault),
+      tokens: new TokenCache(vault, observe),
       unlockedAt: now,
       lockAt: ttlMs === null ? null : now + ttlMs,
       idleMs,

@@ -13,10 +13,14 @@ export class TokenCache {
   private byHash = new Map<string, LiveToken>();
   private byId = new Map<string, LiveToken>();
 
-  constructor(private readonly vault: Vault) {}
+  /** `observe` reads the vault's version counter (the daemon passes a cheaper, per-turn one). */
+  constructor(
+    private readonly vault: Vault,
+    private readonly observe: () => number = () => vault.observedVersion(),
+  ) {}
 
   refresh(): void {
-    const version = this.vault.observedVersion();
+    const version = this.observe();
     if (version === this.builtFrom) return;
     const byHash = new Map<string, LiveToken>();
     const byId = new Map<string, LiveToken>();

@@ -25,11 +25,15 @@ export class KeyCache {
   private scopes = new Map<string, ScopeKeys>();
   private parsed = new Map<string, CachedKey>();
 
-  constructor(private readonly vault: Vault) {}
+  /** `observe` reads the vault's version counter (the daemon passes a cheaper, per-turn one). */
+  constructor(
+    private readonly vault: Vault,
+    private readonly observe: () => number = () => vault.observedVersion(),
+  ) {}
 
   /** Rebuilds when the vault changed; returns true if it did. */
   refresh(): boolean {
-    const version = this.vault.observedVersion();
+    const version = this.observe();
     if (version === this.builtFrom) return false;
     const rows = this.vault.scopeKeys();
     const scopes = new Map<string, ScopeKeys>();
