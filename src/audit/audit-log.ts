@@ -59,7 +59,7 @@ function hmac(key: Buffer, text: string): string {
 
 /** The exact line: the entry's JSON with `prev`, then `mac` over everything before it. */
 export function formatLine(key: Buffer, seq: number, time: string, event: AuditEvent, prev: string): { line: string; mac: string } {
-  const { event: name, ...fields } = event;
+  const { event: name, seq: _seq, time: _time, prev: _prev, mac: _mac, ...fields } = event;
   const body = JSON.stringify({ seq, time, event: name, ...fields, prev });
   const mac = hmac(key, body);
   return { line: `${body.slice(0, -1)},"mac":"${mac}"}`, mac };
@@ -104,8 +104,13 @@ function fileHead(fd: number, key: Buffer): { head: AuditAnchor | null; torn: bo
   const text = buffer.toString('utf8');
   const torn = !text.endsWith('\n');
   const lines = text.split('\n');
-  if (!torn) lines.pop();
-  else lines.pop(); // the torn fragment
+  const last = lines.pop()!;
+  // A crash can stop right before a line's newline: that line is complete and authentic, and the
+  // chain goes on from it (the writer adds the missing newline).
+  if (torn) {
+    const check = checkLine(key, last);
+    if (check.ok) return { head: { seq: check.entry.seq, mac: check.entry.mac }, torn };
+  }
   for (let i = lines.length - 1; i >= (size > length ? 1 : 0); i--) {
     const check = checkLine(key, lines[i]!);
     if (check.ok) return { head: { seq: check.entry.seq, mac: check.entry.mac }, torn };

@@ -15,7 +15,7 @@ import { listenToken, type ListenAddress } from '../signer/token-listener.js';
 import { closeServer, ConnectionLimit } from '../signer/unix-listener.js';
 import type { AgentBackend, Peer } from '../signer/backend.js';
 import type { AuditEvent, AuditPeer } from '../audit/audit-log.js';
-import type { VaultApi } from '../vault/api.js';
+import { thisProcess, type VaultApi } from '../vault/api.js';
 import { zeroKeks, type FactorKeks } from '../vault/keyring.js';
 import type { VaultPaths } from '../vault/paths.js';
 import { scopeBackend } from './scope-backend.js';
@@ -74,7 +74,7 @@ export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
     const initial = await options.unlockWith?.();
     if (initial) {
       try {
-        await session.unlock(initial);
+        await session.unlock(initial, {}, thisProcess());
       } finally {
         zeroKeks(initial);
       }

@@ -16,6 +16,7 @@ import {
   checkLine,
   formatLine,
   GENESIS_MAC,
+  MAX_PENDING_EVENTS,
   readAnchor,
   verifyAuditText,
   type AuditAnchor,
@@ -271,8 +272,8 @@ describe('tampering', () => {
     expectFail(verify(), 4, /bad mac/);
     // Even re-serialized unchanged but with the fields in another order.
     const reordered = [...lines];
-    const { mac, ...rest } = JSON.parse(reordered[1]!) as AuditEntry;
-    reordered[1] = JSON.stringify({ event: rest.event, ...rest, mac });
+    const { mac, event, ...rest } = JSON.parse(reordered[1]!) as AuditEntry;
+    reordered[1] = JSON.stringify({ event, ...rest, mac });
     expect(reordered[1]).not.toBe(lines[1]);
     t.write(join1(reordered));
     expectFail(verify(), 2, /bad mac/);
@@ -625,5 +626,40 @@ describe('a crash mid-append', () => {
     const r = t.vault.verifyAudit();
     expectOk(r, 2);
     expect(r.warnings).toEqual([{ line: 2, reason: expect.stringMatching(/incomplete/) }]);
+  });
+});
+
+describe('limits', () => {
+  it('more than MAX_PENDING_EVENTS queued → the oldest dropped, and an events-dropped line says how many', async () => {
+    const t = await newVault();
+    const extra = 5;
+    for (let i = 0; i < MAX_PENDING_EVENTS + extra; i++) t.vault.record({ event: 'test', count: i });
+    t.vault.flushAudit();
+    const entries = t.lines().map((l) => JSON.parse(l) as AuditEntry);
+    expect(entries).toHaveLength(MAX_PENDING_EVENTS + 1);
+    expect(entries[0]).toMatchObject({ seq: 1, event: 'events-dropped', count: extra });
+    expect(entries[1]).toMatchObject({ seq: 2, event: 'test', count: extra });
+    expect(entries.at(-1)).toMatchObject({ event: 'test', count: MAX_PENDING_EVENTS + extra - 1 });
+    expectOk(t.vault.verifyAudit(), MAX_PENDING_EVENTS + 1);
+  });
+});
+
+describe('a crash that cut the append just before its final newline', () => {
+  // The whole line (mac included) reached the file, the '\n' and the anchor did not. The writer
+  // takes the complete line for a torn fragment and writes its seq again after it, while verify
+  // counts it as an entry: from then on the log never verifies again.
+  it('the next writer continues after the complete last line (or the log stays verifiable)', async () => {
+    const t = await newVault();
+    for (const e of sampleEvents(3)) t.vault.record(e);
+    t.vault.flushAudit();
+    const last = JSON.parse(t.lines()[2]!) as AuditEntry;
+    const cut = formatLine(t.key, 4, new Date().toISOString(), { event: 'lock', reason: 'cut before newline' }, last.mac).line;
+    appendFileSync(t.paths.audit, cut);
+    expectOk(t.vault.verifyAudit(), 4);
+
+    t.vault.record({ event: 'unlock', names: ['pp-1'] });
+    t.vault.flushAudit();
+    const result = t.vault.verifyAudit();
+    expect(result, JSON.stringify(result)).toMatchObject({ ok: true });
   });
 });
