@@ -5,7 +5,7 @@
 import { afterEach, describe, expect, it } from 'vitest';
 import { spawn, type ChildProcess } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
-import { appendFileSync, existsSync, readFileSync } from 'node:fs';
+import { appendFileSync, existsSync, readdirSync, readFileSync, readlinkSync } from 'node:fs';
 import { join } from 'node:path';
 import {
   frameBytes,
@@ -143,6 +143,22 @@ interface Entry {
   data_sha256?: string;
 }
 
+/** Whether `pid` has the vault database (or its WAL) open. */
+function openVaultFile(pid: number): boolean {
+  try {
+    for (const fd of readdirSync(`/proc/${pid}/fd`)) {
+      try {
+        if (/vault\.db(-wal)?$/.test(readlinkSync(`/proc/${pid}/fd/${fd}`))) return true;
+      } catch {
+        /* closed meanwhile */
+      }
+    }
+  } catch {
+    /* exited */
+  }
+  return false;
+}
+
 const completeEntries = (k: KeyholdEnv): Entry[] => auditLines(k).filter((l) => MAC_LINE.test(l)).map((l) => JSON.parse(l) as Entry);
 
 /**
@@ -224,17 +240,29 @@ describe('kill -9 of CLI writers in the middle of their writes', () => {
         attempts.push(attempt);
         const launched = launch(k, args, input);
         let timer: NodeJS.Timeout | undefined;
-        if (kills < KILLS && Math.random() < 0.55) {
-          // Most of a CLI run is start-up; aim at its end, where it writes.
-          timer = setTimeout(() => {
-            const p = launched.proc;
-            if (p.exitCode === null && p.signalCode === null && p.kill('SIGKILL')) {
-              attempt.killed = true;
-              kills++;
-            }
-          }, rand(0.35, 1.1) * median());
+        let poll: NodeJS.Timeout | undefined;
+        const kill = () => {
+          const p = launched.proc;
+          if (p.exitCode === null && p.signalCode === null && p.kill('SIGKILL')) {
+            attempt.killed = true;
+            kills++;
+          }
+        };
+        const dice = Math.random();
+        if (kills < KILLS && dice < 0.3) {
+          // At a random moment; most of a CLI run is start-up, so aim at its second half.
+          timer = setTimeout(kill, rand(0.35, 1.1) * median());
+        } else if (kills < KILLS && dice < 0.6) {
+          // Targeted: once the process has the vault database open (the passphrase is checked and
+          // the writes are next), within the few milliseconds its write transaction and audit append take.
+          poll = setInterval(() => {
+            if (!openVaultFile(launched.proc.pid!)) return;
+            clearInterval(poll);
+            timer = setTimeout(kill, rand(0, 30));
+          }, 2);
         }
         attempt.outcome = await launched.done;
+        clearInterval(poll);
         clearTimeout(timer);
         if (attempt.outcome.code === 0) durations.push(attempt.outcome.ms);
       }
@@ -271,7 +299,7 @@ describe('kill -9 of CLI writers in the middle of their writes', () => {
     }
     for (const name of Object.keys(secrets)) expect(attempts.some((a) => `S_${a.label}` === name)).toBe(true);
     const landed = killed.filter((a) => a.kind === 'secret' && secrets[`S_${a.label}`] !== undefined).length;
-    console.log(`CLI storm: ${landed} killed secret writers had already committed (killed between commit and exit)`);
+    console.log(`CLI storm: ${landed} killed secret writers had committed before the kill`);
 
     const ackedTokens = acked.filter((a) => a.kind === 'token').map((a) => ({ ...(JSON.parse(a.outcome!.stdout) as { id: string }), subject: `t-${a.label}` }));
     for (const t of ackedTokens) expect(tokenRows.find((r) => r.id === t.id)?.subject, `acknowledged token ${t.id}`).toBe(t.subject);
@@ -334,6 +362,10 @@ describe('kill -9 of the daemon while it signs and writes', () => {
 
     const ackedSecrets = new Map<string, string>();
     const ackedTokens = new Map<string, string>();
+    const attemptedSecrets = new Map<string, string>();
+    let inFlightAtKill = 0;
+    let rawInFlight = 0;
+    const vaultId = (JSON.parse(readFileSync(`${k.vault}.keys`, 'utf8')) as { vault_id: string }).vault_id;
     const sent = new Set<string>();
     let signedTotal = 0;
 
@@ -360,6 +392,8 @@ describe('kill -9 of the daemon while it signs and writes', () => {
         expect(exported.code, exported.stderr).toBe(0);
         const secrets = JSON.parse(exported.stdout) as Record<string, string>;
         for (const [name, value] of ackedSecrets) expect(secrets[name], `acknowledged secret ${name} (round ${round})`).toBe(value);
+        // A write the daemon took but never answered is there in full or not at all.
+        for (const [name, value] of Object.entries(secrets)) expect(value, `secret ${name}`).toBe(attemptedSecrets.get(name));
       }
       expect(tokens.code, tokens.stderr).toBe(0);
       const rows = JSON.parse(tokens.stdout) as { id: string; subject: string }[];
@@ -399,12 +433,36 @@ describe('kill -9 of the daemon while it signs and writes', () => {
           } else {
             const name = `R${round}_${w}_${i}`;
             const value = `daemon-${round}-${w}-${i}-${randomBytes(8).toString('hex')}`;
+            attemptedSecrets.set(name, value);
             const out = await run(b, ['secret', 'set', 'd', name], value);
             if (out.code === 0) ackedSecrets.set(name, value);
+            // Through a daemon that died under it: exit 1 (lost the daemon), never 0.
+            else if (/lost the daemon|closed the control connection/.test(out.stderr)) inFlightAtKill++;
           }
         }
       };
-      const writers = Promise.all([writer(0), writer(1), writer(2)]);
+      // And a client of the control socket writing back to back, so that a kill lands mid-request.
+      const rawWriter = async () => {
+        const c = await RawAgentClient.connect(join(k.runtime, 'control.sock')).catch(() => null);
+        if (!c) return;
+        clients.push(c);
+        for (let i = 0; !stop; i++) {
+          const name = `RAW${round}_${i}`;
+          const value = `raw-${round}-${i}-${randomBytes(12).toString('hex')}`;
+          attemptedSecrets.set(name, value);
+          const request = { op: 'call', vaultId, method: 'setSecret', args: ['d', name, { $b64: Buffer.from(value).toString('base64') }] };
+          c.send(frameBytes(Buffer.from(JSON.stringify(request))));
+          const reply = await c.reply(5000).catch(() => null);
+          if (!reply) {
+            rawInFlight++;
+            break;
+          }
+          expect(JSON.parse(reply.toString()), `setSecret ${name}`).toMatchObject({ ok: true });
+          ackedSecrets.set(name, value);
+        }
+        c.close();
+      };
+      const writers = Promise.all([writer(0), writer(1), writer(2), rawWriter()]);
 
       await sleep(killDelays[round]! + rand(0, 400));
       process.kill(daemon.pid, 'SIGKILL');
@@ -416,7 +474,8 @@ describe('kill -9 of the daemon while it signs and writes', () => {
       daemon = await startDaemon(round + 1);
       await check(round);
     }
-    console.log(`daemon kills: ${killDelays.length} rounds, ${signedTotal} signatures, ${ackedSecrets.size} secrets and ${ackedTokens.size} tokens acknowledged`);
+    console.log(`daemon kills: ${killDelays.length} rounds, ${signedTotal} signatures, ${ackedSecrets.size} secrets and ${ackedTokens.size} tokens acknowledged, ${inFlightAtKill} CLI and ${rawInFlight} control-socket writes unanswered at a kill`);
+    expect(rawInFlight).toBeGreaterThan(0);
     expect(signedTotal).toBeGreaterThan(0);
 
     // A clean stop flushes; the log verifies with the passphrase too (no daemon).
