@@ -28,7 +28,12 @@ export const notFound = (message: string, hint?: string) => new KeyholdError(mes
 
 /** `keyhold: <what went wrong> (<what to do>)` */
 export function formatError(err: KeyholdError): string {
-  return `keyhold: ${err.message}${err.hint ? ` (${err.hint})` : ''}`;
+  return oneLine(`keyhold: ${err.message}${err.hint ? ` (${err.hint})` : ''}`);
+}
+
+/** Control characters (a newline in an echoed argument, say) shown escaped: errors stay one line. */
+export function oneLine(text: string): string {
+  return text.replace(/[\x00-\x1f\x7f]/g, (c) => (c === '\n' ? '\\n' : c === '\t' ? '\\t' : `\\x${c.charCodeAt(0).toString(16).padStart(2, '0')}`));
 }
 
 /**

@@ -3,6 +3,8 @@
 /** Largest frame payload accepted (the contract's 256 KiB; OpenSSH uses the same bound). */
 export const MAX_FRAME_LENGTH = 256 * 1024;
 
+const INITIAL_PARTIAL = 4096;
+
 export class FrameError extends Error {
   override name = 'FrameError';
 }
@@ -18,14 +20,16 @@ export function frame(payload: Buffer): Buffer {
  * Incremental frame reader. Chunks may split frames anywhere or hold several; each payload
  * (type byte + body) comes out once complete. A length of 0 or over MAX_FRAME_LENGTH throws
  * FrameError as soon as the 4 length bytes are known, so a peer cannot make us buffer it.
- * A partial frame is copied into one buffer of its announced size: one byte at a time costs
- * O(n), not O(n²).
+ * A partial frame is copied into one buffer that grows geometrically up to its announced size:
+ * one byte at a time costs O(n), not O(n²), and memory follows the bytes actually received.
  */
 export class FrameReader {
   private readonly header = Buffer.alloc(4);
   private headerFill = 0;
   private partial: Buffer | null = null;
   private partialFill = 0;
+  /** The announced length of the frame being assembled in `partial`. */
+  private partialLength = 0;
 
   constructor(private readonly maxLength = MAX_FRAME_LENGTH) {}
 
@@ -43,11 +47,18 @@ export class FrameReader {
     let offset = 0;
     while (offset < chunk.length) {
       if (this.partial) {
-        const take = Math.min(this.partial.length - this.partialFill, chunk.length - offset);
+        const take = Math.min(this.partialLength - this.partialFill, chunk.length - offset);
+        if (this.partialFill + take > this.partial.length) {
+          // Grow geometrically: memory follows the bytes received, not the length announced, so
+          // a peer that announces 256 KiB and sends 4 bytes holds 4 KiB, and copying stays O(n).
+          const grown = Buffer.allocUnsafe(Math.min(this.partialLength, Math.max(this.partial.length * 2, this.partialFill + take)));
+          this.partial.copy(grown, 0, 0, this.partialFill);
+          this.partial = grown;
+        }
         chunk.copy(this.partial, this.partialFill, offset, offset + take);
         this.partialFill += take;
         offset += take;
-        if (this.partialFill === this.partial.length) {
+        if (this.partialFill === this.partialLength) {
           const payload = this.partial;
           this.partial = null;
           this.partialFill = 0;
@@ -73,7 +84,8 @@ export class FrameReader {
         offset += length;
         onFrame(chunk.subarray(offset - length, offset));
       } else {
-        this.partial = Buffer.allocUnsafe(length);
+        this.partial = Buffer.allocUnsafe(Math.min(length, INITIAL_PARTIAL));
+        this.partialLength = length;
         this.partialFill = 0;
       }
     }

@@ -1,9 +1,9 @@
 import { isatty } from 'node:tty';
-import { readFileSync } from 'node:fs';
 import { hostname, userInfo } from 'node:os';
 import { basename } from 'node:path';
 import type { Argv } from 'yargs';
 import { authorizedKeyLine } from '../agent-protocol/public-key.js';
+import { readCapped } from '../read-capped.js';
 import { KeyholdError, notFound, usageError } from '../errors.js';
 import {
   describeSupportedKey,
@@ -53,14 +53,11 @@ function reportAdded(args: GlobalArgs, scope: string, added: AddKeyResult, recor
   process.stdout.write(authorizedKeyLine(added.publicBlob, added.comment) + '\n');
 }
 
+/** Key files are small (an RSA-16384 key is about 12 KB): anything far larger is not one. */
+const MAX_KEY_FILE = 1024 * 1024;
+
 function readKeyFile(file: string): Buffer {
-  try {
-    return readFileSync(file);
-  } catch (err) {
-    const code = (err as NodeJS.ErrnoException).code;
-    if (code === 'ENOENT') throw notFound(`no key file ${file}`, 'check the path');
-    throw new KeyholdError(`cannot read ${file}: ${code ?? 'error'}`, 'check the path and its permissions');
-  }
+  return readCapped(file, MAX_KEY_FILE, 'key file');
 }
 
 async function parseKeyFile(file: string, passphraseFile: string | undefined): Promise<ParsedKeyFile> {

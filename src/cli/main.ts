@@ -1,7 +1,7 @@
 // keyhold's command line: parse, dispatch, and turn every failure into `keyhold: … (…)` + exit code.
 import yargs, { type Argv } from 'yargs';
 import { hideBin } from 'yargs/helpers';
-import { EXIT, formatError, KeyholdError, QuietExit, usageError } from '../errors.js';
+import { EXIT, formatError, KeyholdError, oneLine, QuietExit, usageError } from '../errors.js';
 import { globalOptions, type GlobalArgs } from './common.js';
 import { initCommand } from './init.js';
 import { keyCommand } from './key.js';
@@ -27,9 +27,36 @@ function joinStdinValues(argv: string[]): string[] {
   return out;
 }
 
+/** Options that take a value; yargs would quietly use the default when the value is missing. */
+const VALUE_OPTIONS = new Set([
+  '--vault', '--passphrase-file', '--type', '--bits', '--comment', '--key-passphrase-file', '--scope', '-s', '--subject',
+  '--ttl', '--idle', '--idle-lock', '--lock-after', '--listen', '--connect', '--token-file', '--value-file',
+  '--new-passphrase-file', '--factor', '--key', '--ssh-key', '--policy', '--prefix', '--only', '--allow', '--format',
+  '-n', '--lines', '--value', '--token',
+]);
+
+function checkOptionValues(argv: string[]): void {
+  for (let i = 0; i < argv.length; i++) {
+    const arg = argv[i]!;
+    if (arg === '--') return;
+    if (!VALUE_OPTIONS.has(arg)) continue;
+    const next = argv[i + 1];
+    if (next === undefined || (next.startsWith('-') && next !== '-' && !/^-\d/.test(next))) {
+      throw usageError(`${arg} needs a value`, 'see `keyhold --help`');
+    }
+    i++;
+  }
+}
+
 export async function main(argv: string[]): Promise<number> {
   // Everything keyhold creates (vault, key file, sockets, runtime dir) is private to the user.
   process.umask(0o077);
+  try {
+    checkOptionValues(argv);
+  } catch (err) {
+    process.stderr.write(formatError(err as KeyholdError) + '\n');
+    return EXIT.USAGE;
+  }
   const parser: Argv<GlobalArgs> = globalOptions(yargs(joinStdinValues(argv)).scriptName('keyhold'));
   for (const register of [
     initCommand,
@@ -69,7 +96,7 @@ export async function main(argv: string[]): Promise<number> {
       return err.exitCode;
     }
     const message = err instanceof Error ? err.message : String(err);
-    process.stderr.write(`keyhold: unexpected error: ${message} (please report it)\n`);
+    process.stderr.write(`${oneLine(`keyhold: unexpected error: ${message} (please report it)`)}\n`);
     if (process.env.KEYHOLD_DEBUG) console.error(err);
     return EXIT.ERROR;
   }

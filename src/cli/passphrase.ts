@@ -1,6 +1,7 @@
 // Where a vault passphrase comes from, first that applies (see PRODUCT.md, "Passphrase sources").
 import { isatty } from 'node:tty';
-import { existsSync, readFileSync } from 'node:fs';
+import { existsSync } from 'node:fs';
+import { readCapped } from '../read-capped.js';
 import { join } from 'node:path';
 import { EXIT, KeyholdError, usageError } from '../errors.js';
 
@@ -25,11 +26,7 @@ function trimNewline(bytes: Buffer): Buffer {
 }
 
 function readSecretFile(path: string, what: string): Buffer {
-  try {
-    return path === '-' ? readFileSync(0) : readFileSync(path);
-  } catch (err) {
-    throw new KeyholdError(`cannot read ${what} ${path}: ${(err as NodeJS.ErrnoException).code ?? 'error'}`, 'check the path');
-  }
+  return readCapped(path, 64 * 1024, what);
 }
 
 function nonEmpty(passphrase: Buffer): Buffer {

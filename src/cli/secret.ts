@@ -1,8 +1,8 @@
 // `keyhold secret set|get|list|rm`: values are bytes, taken from stdin or a file, never from argv.
 import { isatty } from 'node:tty';
-import { readFileSync } from 'node:fs';
+import { readCapped } from '../read-capped.js';
 import type { Argv } from 'yargs';
-import { KeyholdError, notFound, usageError } from '../errors.js';
+import { EXIT, usageError } from '../errors.js';
 import { checkScopeName, checkSecretName, MAX_SECRET_BYTES } from '../vault/vault.js';
 import { printJson, printLines, table, withVault, type GlobalArgs } from './common.js';
 import { promptHidden } from './passphrase.js';
@@ -13,19 +13,10 @@ const ARGV_REFUSED = usageError(
 );
 
 function readValue(file: string | undefined): Promise<Buffer> | Buffer {
-  if (file !== undefined && file !== '-') {
-    try {
-      return readFileSync(file);
-    } catch (err) {
-      const code = (err as NodeJS.ErrnoException).code;
-      if (code === 'ENOENT') throw notFound(`no value file ${file}`, 'check the path');
-      throw new KeyholdError(`cannot read ${file}: ${code ?? 'error'}`, 'check the path and its permissions');
-    }
-  }
   // On a terminal, ask without echo (one line); otherwise take stdin's exact bytes. isatty(0), not
   // process.stdin.isTTY: touching process.stdin makes fd 0 non-blocking, and reading it then fails.
   if (file === undefined && isatty(0)) return promptHidden('Secret value: ');
-  return readFileSync(0);
+  return readCapped(file ?? '-', MAX_SECRET_BYTES, 'secret value (the limit is 1 MiB)', EXIT.USAGE);
 }
 
 const utf8 = new TextDecoder('utf-8', { fatal: true });

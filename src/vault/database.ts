@@ -1,7 +1,8 @@
 // The encrypted SQLite file: SQLCipher 4 format keyed with the raw 256-bit master key, WAL,
 // foreign keys, and forward-only schema migrations tracked in PRAGMA user_version.
 import Database from 'better-sqlite3-multiple-ciphers';
-import { chmodSync } from 'node:fs';
+import { accessSync, chmodSync, constants, statSync } from 'node:fs';
+import { dirname } from 'node:path';
 import { KeyholdError } from '../errors.js';
 
 export type Db = Database.Database;
@@ -92,6 +93,7 @@ function keyPragma(masterKey: Buffer): string {
  * keyhold vault is reported without a stack trace and without touching the file.
  */
 export function openDatabase(path: string, masterKey: Buffer, options: { create?: boolean } = {}): Db {
+  if (!options.create) checkUsable(path);
   let db: Db;
   try {
     db = new Database(path, { fileMustExist: !options.create });
@@ -106,6 +108,10 @@ export function openDatabase(path: string, masterKey: Buffer, options: { create?
     db.pragma('legacy = 4');
     db.pragma(keyPragma(masterKey));
     db.prepare('SELECT count(*) FROM sqlite_master').get();
+    // An existing vault has its schema: an empty or foreign file must not be migrated into one.
+    if (!options.create && !db.prepare(`SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'`).get()) {
+      throw new Error('no schema');
+    }
   } catch {
     db.close();
     throw new KeyholdError(
@@ -127,6 +133,34 @@ export function openDatabase(path: string, masterKey: Buffer, options: { create?
     throw new KeyholdError(`cannot prepare vault ${path}: ${(err as Error).message}`);
   }
   return db;
+}
+
+/**
+ * Errors SQLite would report badly: a missing file as "no vault", an unreadable one the same, a
+ * read-only file or directory as a wrong key or a crash at the first write.
+ */
+function checkUsable(path: string): void {
+  let stat;
+  try {
+    stat = statSync(path);
+  } catch (err) {
+    const code = (err as NodeJS.ErrnoException).code;
+    if (code === 'ENOENT') throw new KeyholdError(`no vault database at ${path}`, 'create a vault with `keyhold init`, or pass --vault');
+    throw new KeyholdError(`cannot open ${path}: ${code ?? 'error'}`, 'check the path and its permissions');
+  }
+  if (!stat.isFile()) throw new KeyholdError(`${path} is not a file`, 'pass the vault file with --vault');
+  if (stat.size === 0) throw new KeyholdError(`${path} is empty, not a keyhold vault`, 'restore vault.db from a backup');
+  for (const [target, what] of [
+    [path, 'the vault file'],
+    [dirname(path), 'its directory (SQLite keeps its journal beside it)'],
+  ] as const) {
+    try {
+      accessSync(target, constants.R_OK | constants.W_OK);
+    } catch (err) {
+      const code = (err as NodeJS.ErrnoException).code;
+      throw new KeyholdError(`cannot use ${target}: ${code === 'EACCES' || code === 'EROFS' ? 'permission denied' : (code ?? 'error')}`, `keyhold needs to read and write ${what}`);
+    }
+  }
 }
 
 function migrate(db: Db): void {

@@ -1,9 +1,10 @@
 // Private keys in and out of the vault: generation, import of the usual file formats, and the
 // PKCS#8 DER the vault stores. Everything ends up as a node:crypto KeyObject.
-import { createPrivateKey, generateKeyPair, type KeyObject } from 'node:crypto';
+import { createPrivateKey, createPublicKey, generateKeyPair, sign, verify, type KeyObject } from 'node:crypto';
 import { promisify } from 'node:util';
 import sshpk from 'sshpk';
-import { describeKey, type PublicKeyInfo } from '../agent-protocol/public-key.js';
+import { curveBySshType, describeKey, type PublicKeyInfo } from '../agent-protocol/public-key.js';
+import { WireReader } from '../agent-protocol/wire.js';
 import { EXIT, KeyholdError, usageError } from '../errors.js';
 
 export const KEY_TYPES = ['ed25519', 'rsa', 'ecdsa'] as const;
@@ -175,7 +176,37 @@ function parseOpenSsh(bytes: Buffer, name: string, passphrase?: Buffer): ParsedK
     if (err instanceof KeyholdError) throw err;
     throw unreadable(name);
   }
+  checkConsistent(key, bytes, name);
   return comment === undefined ? { key } : { key, comment };
+}
+
+/**
+ * An OpenSSH key file names its public key outside the (possibly encrypted) private section, as
+ * OpenSSH checks on load: the private key must match it, and must sign what that public key
+ * verifies. A damaged file is refused instead of importing some other key.
+ */
+function checkConsistent(key: KeyObject, file: Buffer, name: string): void {
+  const corrupt = () => new KeyholdError(`${name} is damaged: its private key does not match its public key`, 'import an intact copy');
+  let outerPublic: Buffer;
+  try {
+    const body = file.toString('latin1').replace(/-----(BEGIN|END) OPENSSH PRIVATE KEY-----/g, '').replace(/\s+/g, '');
+    const decoded = Buffer.from(body, 'base64');
+    const magic = Buffer.from('openssh-key-v1\0');
+    if (!decoded.subarray(0, magic.length).equals(magic)) throw corrupt();
+    const r = new WireReader(decoded.subarray(magic.length));
+    r.string(); // cipher
+    r.string(); // kdf
+    r.string(); // kdf options
+    if (r.uint32() !== 1) throw corrupt();
+    outerPublic = r.string();
+  } catch {
+    throw corrupt();
+  }
+  const info = describeKey(key);
+  if (!info.blob.equals(outerPublic)) throw corrupt();
+  const probe = Buffer.from('keyhold import check');
+  const hash = info.type === 'ssh-ed25519' ? null : info.type === 'ssh-rsa' ? 'sha256' : curveBySshType(info.type)!.hash;
+  if (!verify(hash, probe, createPublicKey(key), sign(hash, probe, key))) throw corrupt();
 }
 
 const toBig = (bytes: Buffer) => BigInt(`0x${bytes.toString('hex') || '0'}`);

@@ -57,7 +57,7 @@ function modelFrames(stream: Buffer): { frames: Buffer[]; error: boolean; rest: 
 type Target = { kind: 'unix'; path: string } | { kind: 'tcp'; port: number; localAddress?: string };
 
 class Conn {
-  private buffer = Buffer.alloc(0);
+  private buffer: Buffer = Buffer.alloc(0);
   readonly frames: Buffer[] = [];
   received = 0;
   closed = false;
@@ -537,7 +537,8 @@ const badHandshakeArb: fc.Arbitrary<Buffer> = fc.oneof(
   // one byte of the token changed (bit flip or any other value), length kept right
   fc.tuple(fc.nat(), fc.integer({ min: 1, max: 255 })).map(([at, x]) => {
     const t = tokenBytes();
-    t[at % t.length] ^= x;
+    const i = at % t.length;
+    t[i] = t[i]! ^ x;
     return tokenHandshake(t);
   }),
   // token truncated or extended, with a consistent length
@@ -571,6 +572,7 @@ describe('token listeners: property-based handshakes', () => {
       fc.asyncProperty(badHandshakeArb, async (bytes) => {
         expect(bytes.equals(tokenHandshake())).toBe(false);
         await expectRefused({ kind: 'tcp', port, localAddress: freshSource() }, bytes, 'tcp');
+        await healthy(['tcp']);
       }),
       { numRuns: 80 },
     );
@@ -591,6 +593,7 @@ describe('token listeners: property-based handshakes', () => {
       await fc.assert(
         fc.asyncProperty(withCuts(fc.oneof(randomStreamArb, mutatedStreamArb)), async (chunks) => {
           await checkStream(target, chunks, tokenHandshake());
+          await healthy([target === tcpTarget ? 'tcp' : 'unix']);
         }),
         { numRuns: 60 },
       );
@@ -676,16 +679,23 @@ describe('slow and idle clients', () => {
     const limit = Number(/Max open files\s+(\d+)/.exec(readFileSync('/proc/self/limits', 'utf8'))?.[1] ?? 1024);
     const daemonLimit = Number(/Max open files\s+(\d+)/.exec(readFileSync(`/proc/${pid}/limits`, 'utf8'))?.[1] ?? 1024);
     const count = Math.max(100, Math.min(2000, Math.min(limit, daemonLimit) - 200));
-    const baselineFds = fds();
+    // Connections of earlier cases may still be closing in the daemon: wait for a steady count.
+    let baselineFds = fds();
+    for (let steady = 0, deadline = Date.now() + 5000; steady < 5 && Date.now() < deadline; ) {
+      await sleep(50);
+      const now = fds();
+      steady = now === baselineFds ? steady + 1 : 0;
+      baselineFds = Math.min(baselineFds, now);
+    }
     const baselineRss = rssKb();
     console.log(`[idle] opening ${count} idle connections (fd limits: test ${limit}, daemon ${daemonLimit}); daemon fds ${baselineFds}, VmRSS ${baselineRss} kB`);
     const idle: Conn[] = [];
     try {
       // In batches, each accepted by the daemon before the next: a connect beyond the listen
       // backlog fails with EAGAIN on the client side, which would say nothing about the daemon.
+      const deadline = Date.now() + 20_000;
       for (let opened = 0; opened < count; opened += 200) {
         idle.push(...(await Promise.all(Array.from({ length: Math.min(200, count - opened) }, () => Conn.open(scopeTarget, 10_000)))));
-        const deadline = Date.now() + 10_000;
         while (fds() < baselineFds + idle.length && Date.now() < deadline) await sleep(20);
       }
       expect(idle.length).toBe(count);
@@ -708,6 +718,33 @@ describe('slow and idle clients', () => {
 });
 
 describe('frames at and over 256 KiB', () => {
+  it('500 connections each holding an almost complete 256 KiB frame: others are served; daemon RSS reported', async () => {
+    const pid = serve.proc.pid!;
+    const rssKb = () => Number(/VmRSS:\s+(\d+)/.exec(readFileSync(`/proc/${pid}/status`, 'utf8'))?.[1] ?? NaN);
+    const before = rssKb();
+    const held: Conn[] = [];
+    const body = Buffer.alloc(MAX_FRAME_LENGTH - 1, 0x41);
+    body[0] = 13;
+    try {
+      for (let i = 0; i < 500; i += 50) {
+        const batch = await Promise.all(Array.from({ length: 50 }, () => Conn.open(scopeTarget, 10_000)));
+        for (const c of batch) c.send(Buffer.concat([u32(MAX_FRAME_LENGTH), body]));
+        held.push(...batch);
+        await sleep(30);
+      }
+      await sleep(500);
+      await healthy(['scope', 'tcp']);
+      const rss = rssKb();
+      console.log(`[partial frames] 500 × ${MAX_FRAME_LENGTH - 1} bytes held: daemon VmRSS ${before} → ${rss} kB`);
+      expect(rss).toBeLessThan(1024 * 1024);
+      expect(held.filter((c) => c.closed || c.received > 0).length).toBe(0);
+    } finally {
+      for (const c of held) c.close();
+    }
+    await sleep(200);
+    await healthy();
+  });
+
   /** A sign request payload of exactly `size` bytes. */
   const signOfSize = (blob: Buffer, size: number, flags = 0) => {
     const overhead = 1 + 4 + blob.length + 4 + 4;
