@@ -19,6 +19,7 @@ import { thisProcess, type VaultApi } from '../vault/api.js';
 import { zeroKeks, type FactorKeks } from '../vault/keyring.js';
 import type { VaultPaths } from '../vault/paths.js';
 import { scopeBackend } from './scope-backend.js';
+import { SignPool } from './sign-pool.js';
 import { VaultSession } from './vault-session.js';
 
 export interface DaemonOptions {
@@ -41,6 +42,8 @@ export interface DaemonOptions {
   idleTimeoutMs?: number;
   maxConnections?: number;
   allowSha1?: boolean;
+  /** RSA signing threads (default: one per core; 0 signs everything on the main thread). */
+  signThreads?: number;
 }
 
 export interface Daemon {
@@ -80,11 +83,15 @@ export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
       }
     }
     const record = (event: AuditEvent) => session.record(event);
+    const pool = options.signThreads === 0 ? null : new SignPool(options.signThreads);
+    session.onChange((unlocked) => {
+      if (!unlocked) pool?.clear();
+    });
     const backends = new Map<string, AgentBackend>();
     const keys = () => session.keys();
     const backendFor = (scope: string) => {
       let backend = backends.get(scope);
-      if (!backend) backends.set(scope, (backend = scopeBackend(keys, scope, { allowSha1: options.allowSha1 ?? false, record })));
+      if (!backend) backends.set(scope, (backend = scopeBackend(keys, scope, { allowSha1: options.allowSha1 ?? false, record, pool })));
       return backend;
     };
     const limit = new ConnectionLimit(options.maxConnections ?? 16384);
@@ -210,6 +217,7 @@ export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
           await closeServers();
           await sockets.close();
           session.close();
+          await pool?.close();
           lock.release();
           log.info('keyhold daemon stopped');
         })();

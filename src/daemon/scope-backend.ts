@@ -3,16 +3,19 @@
 // signature and refusal is recorded for the audit log.
 import { createHash } from 'node:crypto';
 import { fingerprint } from '../agent-protocol/public-key.js';
-import { signatureAlgorithmFor, signSsh } from '../agent-protocol/signature.js';
+import { signatureAlgorithmFor, signSsh, type SignatureAlgorithm } from '../agent-protocol/signature.js';
 import { parseUserauthRequest } from '../agent-protocol/userauth.js';
 import type { AuditEvent } from '../audit/audit-log.js';
 import type { AgentBackend, RequestContext, SignResult } from '../signer/backend.js';
-import type { KeyCache } from '../vault/key-cache.js';
+import type { CachedKey, KeyCache } from '../vault/key-cache.js';
+import type { SignPool } from './sign-pool.js';
 
 export interface ScopeBackendOptions {
   /** SHA-1 `ssh-rsa` signatures; refused unless explicitly allowed. */
   allowSha1: boolean;
   record: (event: AuditEvent) => void;
+  /** Signing threads for RSA (see sign-pool.ts); without one, everything signs inline. */
+  pool?: SignPool | null;
 }
 
 /** Who asked, a digest of what was signed and, for an SSH login, as whom and to which host. */
@@ -35,7 +38,8 @@ function signDetails(scope: string, data: Buffer, context: RequestContext): Audi
 }
 
 export function scopeBackend(keys: () => KeyCache | null, scope: string, options: ScopeBackendOptions): AgentBackend {
-  const sign = (keyBlob: Buffer, data: Buffer, flags: number): SignResult => {
+  type Planned = SignResult | { ok: 'pooled'; entry: CachedKey; algorithm: SignatureAlgorithm };
+  const plan = (keyBlob: Buffer, flags: number): Planned => {
     const cache = keys();
     if (!cache) return { ok: false, reason: 'locked' };
     const entry = cache.scope(scope).byBlob.get(keyBlob.toString('latin1'));
@@ -44,21 +48,41 @@ export function scopeBackend(keys: () => KeyCache | null, scope: string, options
     if (algorithm === 'ssh-rsa' && !options.allowSha1) {
       return { ok: false, reason: 'sha1-refused', fingerprint: entry.fingerprint };
     }
-    return { ok: true, signature: signSsh(entry.key, algorithm, data), fingerprint: entry.fingerprint, algorithm };
+    return { ok: 'pooled', entry, algorithm };
+  };
+  const audit = (result: SignResult, data: Buffer, context: RequestContext): SignResult => {
+    const event = signDetails(scope, data, context);
+    if (result.ok) {
+      options.record({ ...event, fingerprint: result.fingerprint, algorithm: result.algorithm });
+    } else {
+      options.record({ ...event, event: 'sign-refused', reason: result.reason, ...(result.fingerprint ? { fingerprint: result.fingerprint } : {}) });
+    }
+    return result;
   };
   return {
     identities() {
       return keys()?.scope(scope).identities ?? [];
     },
-    sign(keyBlob, data, flags, context): SignResult {
-      const result = sign(keyBlob, data, flags);
-      const event = signDetails(scope, data, context);
-      if (result.ok) {
-        options.record({ ...event, fingerprint: result.fingerprint, algorithm: result.algorithm });
-      } else {
-        options.record({ ...event, event: 'sign-refused', reason: result.reason, ...(result.fingerprint ? { fingerprint: result.fingerprint } : {}) });
+    sign(keyBlob, data, flags, context): SignResult | Promise<SignResult> {
+      const planned = plan(keyBlob, flags);
+      if (planned.ok !== 'pooled') return audit(planned, data, context);
+      const { entry, algorithm } = planned;
+      const signed = (signature: Buffer): SignResult => ({ ok: true, signature, fingerprint: entry.fingerprint, algorithm });
+      if (options.pool && entry.type === 'ssh-rsa') {
+        // The data is a view into a socket chunk: the audit digest is taken now, not later.
+        const event = signDetails(scope, data, context);
+        return options.pool.sign(entry.fingerprint, entry.key, algorithm, data).then(
+          (signature) => {
+            options.record({ ...event, fingerprint: entry.fingerprint, algorithm });
+            return signed(signature);
+          },
+          () => {
+            options.record({ ...event, event: 'sign-refused', reason: 'error', fingerprint: entry.fingerprint });
+            return { ok: false, reason: 'error', fingerprint: entry.fingerprint } as SignResult;
+          },
+        );
       }
-      return result;
+      return audit(signed(signSsh(entry.key, algorithm, data)), data, context);
     },
   };
 }

@@ -27,5 +27,6 @@ export type SignResult =
 
 export interface AgentBackend {
   identities(context: RequestContext): readonly Identity[];
-  sign(keyBlob: Buffer, data: Buffer, flags: number, context: RequestContext): SignResult;
+  /** May answer later (a signing thread); replies still go out in request order. */
+  sign(keyBlob: Buffer, data: Buffer, flags: number, context: RequestContext): SignResult | Promise<SignResult>;
 }

@@ -13,12 +13,14 @@ import {
 } from '../agent-protocol/messages.js';
 import { fingerprint } from '../agent-protocol/public-key.js';
 import { verifySsh } from '../agent-protocol/signature.js';
-import type { AgentBackend, Peer, RequestContext, SessionBinding } from './backend.js';
+import type { AgentBackend, Peer, RequestContext, SessionBinding, SignResult } from './backend.js';
 
 export const SUPPORTED_EXTENSIONS = [EXT_QUERY, EXT_SESSION_BIND] as const;
 
 /** As OpenSSH's agent: a session id longer than this is not a real one. */
 const MAX_SESSION_ID = 128;
+/** Requests a client may have waiting for a signing thread before we stop reading its socket. */
+const MAX_IN_FLIGHT = 64;
 /** As OpenSSH's agent: bindings recorded per connection (one per hop of a forwarding chain). */
 const MAX_BINDINGS = 16;
 
@@ -47,15 +49,23 @@ export function serveConnection(socket: Socket, backend: AgentBackend, options: 
   const context: RequestContext = { peer, bindings, ...(options.tokenId ? { tokenId: options.tokenId } : {}) };
   let closed = false;
 
-  const close = (reason: string, pending: Buffer[] = []) => {
+  const close = (reason: string) => {
     if (closed) return;
     closed = true;
     if (debug) log.debug({ peer, reason }, 'closing agent connection');
-    if (pending.length > 0) socket.end(Buffer.concat(pending));
-    else socket.destroy();
+    socket.destroy();
   };
 
-  const respond = (payload: Buffer): Buffer => {
+  const signReply = (result: SignResult): Buffer => {
+    if (!result.ok) {
+      if (debug) log.debug({ peer, reason: result.reason, fingerprint: result.fingerprint }, 'sign refused');
+      return FAILURE;
+    }
+    if (debug) log.debug({ peer, fingerprint: result.fingerprint, algorithm: result.algorithm }, 'signed');
+    return frame(encodeResponse({ type: 'signature', signature: result.signature }));
+  };
+
+  const respond = (payload: Buffer): Buffer | Promise<Buffer> => {
     let request;
     try {
       request = parseRequest(payload);
@@ -68,12 +78,7 @@ export function serveConnection(socket: Socket, backend: AgentBackend, options: 
         return frame(encodeResponse({ type: 'identities', identities: [...backend.identities(context)] }));
       case 'sign': {
         const result = backend.sign(request.keyBlob, request.data, request.flags, context);
-        if (!result.ok) {
-          if (debug) log.debug({ peer, reason: result.reason, fingerprint: result.fingerprint }, 'sign refused');
-          return FAILURE;
-        }
-        if (debug) log.debug({ peer, fingerprint: result.fingerprint, algorithm: result.algorithm }, 'signed');
-        return frame(encodeResponse({ type: 'signature', signature: result.signature }));
+        return result instanceof Promise ? result.then(signReply, () => FAILURE) : signReply(result);
       }
       case 'extension':
         return extension(request.name, request.contents);
@@ -125,9 +130,48 @@ export function serveConnection(socket: Socket, backend: AgentBackend, options: 
   socket.on('error', (err) => {
     if (debug) log.debug({ peer, err: err.message }, 'agent connection error');
   });
+  // Replies that are not ready yet (a signing thread) hold back the ones after them: answers go
+  // out in request order. `inFlight` bounds how many a client may have waiting.
+  let ordered: Promise<void> | null = null;
+  let inFlight = 0;
+  const send = (replies: Buffer[]) => {
+    if (closed || replies.length === 0) return;
+    socket.write(replies.length === 1 ? replies[0]! : Buffer.concat(replies));
+    if (socket.writableLength > options.maxPendingWrite) {
+      socket.pause();
+      socket.once('drain', () => socket.resume());
+    }
+  };
+  const queue = (replies: (Buffer | Promise<Buffer>)[], then?: () => void) => {
+    if (!ordered && replies.every((r) => !(r instanceof Promise))) {
+      send(replies as Buffer[]);
+      then?.();
+      return;
+    }
+    inFlight += replies.length;
+    if (inFlight > MAX_IN_FLIGHT) socket.pause();
+    const mine: Promise<void> = (ordered ?? Promise.resolve())
+      .then(() => Promise.all(replies))
+      .then(
+        (ready) => send(ready),
+        () => close('reply failed'),
+      )
+      .then(() => {
+        inFlight -= replies.length;
+        if (inFlight <= MAX_IN_FLIGHT / 2 && !closed && socket.isPaused() && socket.writableLength <= options.maxPendingWrite) socket.resume();
+        if (ordered === mine) ordered = null;
+        then?.();
+      });
+    ordered = mine;
+  };
+
+  socket.setTimeout(options.idleTimeoutMs, () => close('idle timeout'));
+  socket.on('error', (err) => {
+    if (debug) log.debug({ peer, err: err.message }, 'agent connection error');
+  });
   socket.on('data', (chunk: Buffer) => {
     if (closed) return;
-    const responses: Buffer[] = [];
+    const replies: (Buffer | Promise<Buffer>)[] = [];
     try {
       reader.push(chunk, (payload) => {
         if (closed) return;
@@ -136,25 +180,26 @@ export function serveConnection(socket: Socket, backend: AgentBackend, options: 
           return;
         }
         try {
-          responses.push(respond(payload));
+          replies.push(respond(payload));
         } catch (err) {
           log.error({ peer, err: (err as Error).message }, 'request failed');
-          responses.push(FAILURE);
+          replies.push(FAILURE);
         }
       });
     } catch (err) {
       if (err instanceof FrameError) {
         log.info({ peer, reason: err.message }, 'protocol error; closing agent connection');
-        close(err.message, responses);
+        // Answer what came before the bad frame, then close.
+        queue(replies, () => {
+          if (closed) return;
+          closed = true;
+          if (replies.length === 0) socket.destroy();
+          else socket.end(() => socket.destroy());
+        });
         return;
       }
       throw err;
     }
-    if (closed || responses.length === 0) return;
-    socket.write(responses.length === 1 ? responses[0]! : Buffer.concat(responses));
-    if (socket.writableLength > options.maxPendingWrite) {
-      socket.pause();
-      socket.once('drain', () => socket.resume());
-    }
+    if (!closed) queue(replies);
   });
 }
