@@ -68,7 +68,7 @@ export function scopeBackend(keys: () => KeyCache | null, scope: string, options
       if (planned.ok !== 'pooled') return audit(planned, data, context);
       const { entry, algorithm } = planned;
       const signed = (signature: Buffer): SignResult => ({ ok: true, signature, fingerprint: entry.fingerprint, algorithm });
-      if (options.pool && entry.type === 'ssh-rsa') {
+      if (options.pool && entry.type === 'ssh-rsa' && options.pool.offload()) {
         // The data is a view into a socket chunk: the audit digest is taken now, not later.
         const event = signDetails(scope, data, context);
         return options.pool.sign(entry.fingerprint, entry.key, algorithm, data).then(

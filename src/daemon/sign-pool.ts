@@ -39,6 +39,23 @@ export class SignPool {
     });
   }
 
+  private inlineTaken = false;
+  private readonly endTurn = () => {
+    this.inlineTaken = false;
+  };
+
+  /**
+   * Whether a signature should go to a thread. A lone request signs inline (the thread hop only
+   * adds latency, and at 1×1 the bench shows it); once the threads are busy, or a second request
+   * arrives in the same turn of the event loop, the work spreads over the threads.
+   */
+  offload(): boolean {
+    if (this.inlineTaken || this.threads.some((t) => t.busy > 0)) return true;
+    this.inlineTaken = true;
+    setImmediate(this.endTurn);
+    return false;
+  }
+
   sign(fingerprint: string, key: KeyObject, algorithm: SignatureAlgorithm, data: Buffer): Promise<Buffer> {
     const thread = this.threads.reduce((a, b) => (b.busy < a.busy ? b : a));
     const id = this.nextId++;
