@@ -59,8 +59,13 @@ function serveControlConnection(socket: Socket, peer: Peer, handle: ControlHandl
             const request = parseControlRequest(decodeMessage(copy));
             response = { ok: true, result: (await handle(request, peer)) ?? null };
           } catch (err) {
-            if (!(err instanceof Error && err.name === 'KeyholdError')) log.error({ err: (err as Error).message }, 'control request failed');
-            response = errorResponse(err instanceof SyntaxError ? usageError('bad control request: not JSON') : err);
+            // Only the kind of an unexpected failure is logged: its message may quote the request,
+            // which can hold a KEK or a secret value.
+            if (err instanceof SyntaxError) err = usageError('bad control request: not JSON');
+            else if (!(err instanceof Error && err.name === 'KeyholdError')) {
+              log.error({ error: (err as Error).name, code: (err as NodeJS.ErrnoException).code }, 'control request failed');
+            }
+            response = errorResponse(err);
           } finally {
             copy.fill(0);
           }
