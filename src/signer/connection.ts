@@ -19,6 +19,8 @@ export const SUPPORTED_EXTENSIONS = [EXT_QUERY, EXT_SESSION_BIND] as const;
 
 /** As OpenSSH's agent: a session id longer than this is not a real one. */
 const MAX_SESSION_ID = 128;
+/** How long a connection closed for a protocol error keeps draining what the client still sends. */
+const LINGER_MS = 2_000;
 /** Requests a client may have waiting for a signing thread before we stop reading its socket. */
 const MAX_IN_FLIGHT = 64;
 /** As OpenSSH's agent: bindings recorded per connection (one per hop of a forwarding chain). */
@@ -193,8 +195,12 @@ export function serveConnection(socket: Socket, backend: AgentBackend, options: 
         queue(replies, () => {
           if (closed) return;
           closed = true;
-          if (replies.length === 0) socket.destroy();
-          else socket.end(() => socket.destroy());
+          if (replies.length === 0) return void socket.destroy();
+          // A lingering close: keep reading (and discarding) for a moment, so that a client still
+          // writing does not get a reset that throws away the replies it has not read yet.
+          socket.end();
+          const linger = setTimeout(() => socket.destroy(), LINGER_MS);
+          socket.once('close', () => clearTimeout(linger));
         });
         return;
       }

@@ -9,29 +9,18 @@ import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import fc from 'fast-check';
 import { createPublicKey, randomBytes, verify as cryptoVerify } from 'node:crypto';
 import { mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
-import { connect, createServer, type AddressInfo, type Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { MAX_FRAME_LENGTH } from '../../src/agent-protocol/framing.js';
 import { parseQueryContents, parseRequest, parseResponse, type AgentResponse } from '../../src/agent-protocol/messages.js';
 import { verifySsh } from '../../src/agent-protocol/signature.js';
 import { initVault, keyholdOk, makeKeyholdEnv, startServe, stopAllServes, type KeyholdEnv, type ServeHandle } from '../helpers/keyhold.js';
+import { frame as frameOf, freePort, RawConn, signPayload, sshString, tokenHandshake as handshakeBytes, u32, type Target } from '../helpers/raw-wire.js';
 
 // ---------------------------------------------------------------------------------------------
 // Bytes
 // ---------------------------------------------------------------------------------------------
 
-const u32 = (n: number): Buffer => {
-  const b = Buffer.alloc(4);
-  b.writeUInt32BE(n >>> 0);
-  return b;
-};
-const sshString = (b: Buffer | string): Buffer => {
-  const bytes = typeof b === 'string' ? Buffer.from(b) : b;
-  return Buffer.concat([u32(bytes.length), bytes]);
-};
-const frameOf = (payload: Buffer): Buffer => Buffer.concat([u32(payload.length), payload]);
-const signPayload = (blob: Buffer, data: Buffer, flags = 0): Buffer => Buffer.concat([Buffer.of(13), sshString(blob), sshString(data), u32(flags)]);
 const IDENTITIES = Buffer.of(11);
 const QUERY = Buffer.concat([Buffer.of(27), sshString('query')]);
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
@@ -48,108 +37,6 @@ function modelFrames(stream: Buffer): { frames: Buffer[]; error: boolean; rest: 
     offset += 4 + length;
   }
   return { frames, error: false, rest: stream.length - offset };
-}
-
-// ---------------------------------------------------------------------------------------------
-// A raw connection (Unix or TCP) with event-driven waits
-// ---------------------------------------------------------------------------------------------
-
-type Target = { kind: 'unix'; path: string } | { kind: 'tcp'; port: number; localAddress?: string };
-
-class Conn {
-  private buffer: Buffer = Buffer.alloc(0);
-  readonly frames: Buffer[] = [];
-  received = 0;
-  closed = false;
-  private readonly waiters = new Set<() => void>();
-
-  private constructor(readonly socket: Socket) {
-    socket.on('data', (d: Buffer) => {
-      this.received += d.length;
-      this.buffer = this.buffer.length === 0 ? d : Buffer.concat([this.buffer, d]);
-      while (this.buffer.length >= 4 && this.buffer.length >= 4 + this.buffer.readUInt32BE(0)) {
-        const length = this.buffer.readUInt32BE(0);
-        this.frames.push(Buffer.from(this.buffer.subarray(4, 4 + length)));
-        this.buffer = this.buffer.subarray(4 + length);
-      }
-      this.wake();
-    });
-    socket.on('close', () => {
-      this.closed = true;
-      this.wake();
-    });
-    socket.on('error', () => {});
-  }
-
-  static open(target: Target, timeoutMs = 5000): Promise<Conn> {
-    return new Promise((resolve, reject) => {
-      const socket =
-        target.kind === 'tcp'
-          ? connect({ host: '127.0.0.1', port: target.port, ...(target.localAddress ? { localAddress: target.localAddress } : {}) })
-          : connect(target.path);
-      const timer = setTimeout(() => {
-        socket.destroy();
-        reject(new Error('connect timed out'));
-      }, timeoutMs);
-      socket.once('connect', () => {
-        clearTimeout(timer);
-        socket.removeAllListeners('error');
-        resolve(new Conn(socket));
-      });
-      socket.once('error', (err) => {
-        clearTimeout(timer);
-        reject(err);
-      });
-    });
-  }
-
-  private wake(): void {
-    for (const w of [...this.waiters]) w();
-  }
-
-  /** Waits (on socket events, not by polling) until `pred` holds. */
-  async until(pred: () => boolean, timeoutMs: number, what: string): Promise<void> {
-    const deadline = Date.now() + timeoutMs;
-    while (!pred()) {
-      const left = deadline - Date.now();
-      if (left <= 0) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what} (frames ${this.frames.length}, closed ${this.closed})`);
-      await new Promise<void>((resolve) => {
-        const done = () => {
-          clearTimeout(timer);
-          this.waiters.delete(done);
-          resolve();
-        };
-        const timer = setTimeout(done, left);
-        this.waiters.add(done);
-      });
-    }
-  }
-
-  /** Bytes of an incomplete reply frame. */
-  get pending(): number {
-    return this.buffer.length;
-  }
-
-  send(bytes: Buffer): void {
-    if (!this.socket.destroyed) this.socket.write(bytes);
-  }
-
-  /** Half-close: no more bytes from us (the daemon then sees EOF). */
-  end(): void {
-    if (!this.socket.destroyed) this.socket.end();
-  }
-
-  close(): void {
-    this.socket.destroy();
-  }
-}
-
-async function freePort(): Promise<number> {
-  const server = createServer();
-  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
-  const port = (server.address() as AddressInfo).port;
-  await new Promise<void>((resolve) => server.close(() => resolve()));
-  return port;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -281,7 +168,7 @@ function expectReply(request: Buffer, reply: Buffer, what: string): void {
 async function checkStream(target: Target, chunks: Buffer[], prefix: Buffer = Buffer.alloc(0)): Promise<void> {
   const stream = Buffer.concat(chunks);
   const model = modelFrames(stream);
-  const c = await Conn.open(target);
+  const c = await RawConn.open(target);
   try {
     if (prefix.length > 0) c.send(prefix);
     for (let i = 0; i < chunks.length; i++) {
@@ -303,16 +190,13 @@ async function checkStream(target: Target, chunks: Buffer[], prefix: Buffer = Bu
   }
 }
 
-const tokenHandshake = (t: string | Buffer = token): Buffer => {
-  const bytes = typeof t === 'string' ? Buffer.from(t) : t;
-  return Buffer.concat([u32(bytes.length), bytes]);
-};
+const tokenHandshake = (t: string | Buffer = token): Buffer => handshakeBytes(t);
 
 /** A separate client still gets the right identities and signatures that verify (node:crypto for ed25519). */
 async function healthy(targets: ('scope' | 'tcp' | 'unix')[] = ['scope']): Promise<void> {
   for (const which of targets) {
     const target = which === 'scope' ? scopeTarget : which === 'tcp' ? tcpTarget : unixTarget;
-    const c = await Conn.open(target);
+    const c = await RawConn.open(target);
     try {
       const d1 = randomBytes(32);
       const d2 = randomBytes(32);
@@ -512,7 +396,7 @@ describe('scope socket: property-based streams', () => {
 
 /** A handshake that must never authenticate: sent with a request after it, then EOF from us. */
 async function expectRefused(target: Target, bytes: Buffer, what: string): Promise<void> {
-  const c = await Conn.open(target);
+  const c = await RawConn.open(target);
   try {
     c.send(Buffer.concat([bytes, frameOf(IDENTITIES)]));
     c.end();
@@ -555,7 +439,7 @@ const badHandshakeArb: fc.Arbitrary<Buffer> = fc.oneof(
 describe('token listeners: property-based handshakes', () => {
   it('control: the valid token, a request and EOF from the client is answered (so a refusal below is observable)', async () => {
     for (const target of [tcpTarget, unixTarget]) {
-      const c = await Conn.open(target);
+      const c = await RawConn.open(target);
       c.send(Buffer.concat([tokenHandshake(), frameOf(IDENTITIES)]));
       c.end();
       await c.until(() => c.closed, 5000, 'close after EOF');
@@ -604,7 +488,7 @@ describe('token listeners: property-based handshakes', () => {
   it('the valid handshake split at every offset, then a request: answered (TCP)', async () => {
     const bytes = Buffer.concat([tokenHandshake(), frameOf(IDENTITIES)]);
     for (let at = 1; at < bytes.length; at++) {
-      const c = await Conn.open(tcpTarget);
+      const c = await RawConn.open(tcpTarget);
       c.send(bytes.subarray(0, at));
       await sleep(1);
       c.send(bytes.subarray(at));
@@ -623,7 +507,7 @@ describe('token listeners: property-based handshakes', () => {
 
 describe('slow and idle clients', () => {
   it('20 clients dribbling a sign request one byte per 200 ms do not hold up a client signing 50 times', async () => {
-    const slow = await Promise.all(Array.from({ length: 20 }, () => Conn.open(scopeTarget)));
+    const slow = await Promise.all(Array.from({ length: 20 }, () => RawConn.open(scopeTarget)));
     const slowData = slow.map((_, i) => Buffer.from(`slow client ${i}`));
     const slowFrames = slowData.map((d) => frameOf(signPayload(edBlob, d)));
     let sent = 0;
@@ -638,7 +522,7 @@ describe('slow and idle clients', () => {
     })();
     try {
       await sleep(450); // a few bytes of each slow frame are in
-      const fast = await Conn.open(scopeTarget);
+      const fast = await RawConn.open(scopeTarget);
       for (let n = 0; n < 50; n++) {
         const data = Buffer.from(`fast ${n} ${randomBytes(8).toString('hex')}`);
         fast.send(frameOf(signPayload(n % 2 ? rsaBlob : edBlob, data, 4)));
@@ -689,13 +573,13 @@ describe('slow and idle clients', () => {
     }
     const baselineRss = rssKb();
     console.log(`[idle] opening ${count} idle connections (fd limits: test ${limit}, daemon ${daemonLimit}); daemon fds ${baselineFds}, VmRSS ${baselineRss} kB`);
-    const idle: Conn[] = [];
+    const idle: RawConn[] = [];
     try {
       // In batches, each accepted by the daemon before the next: a connect beyond the listen
       // backlog fails with EAGAIN on the client side, which would say nothing about the daemon.
       const deadline = Date.now() + 20_000;
       for (let opened = 0; opened < count; opened += 200) {
-        idle.push(...(await Promise.all(Array.from({ length: Math.min(200, count - opened) }, () => Conn.open(scopeTarget, 10_000)))));
+        idle.push(...(await Promise.all(Array.from({ length: Math.min(200, count - opened) }, () => RawConn.open(scopeTarget, 10_000)))));
         while (fds() < baselineFds + idle.length && Date.now() < deadline) await sleep(20);
       }
       expect(idle.length).toBe(count);
@@ -722,12 +606,12 @@ describe('frames at and over 256 KiB', () => {
     const pid = serve.proc.pid!;
     const rssKb = () => Number(/VmRSS:\s+(\d+)/.exec(readFileSync(`/proc/${pid}/status`, 'utf8'))?.[1] ?? NaN);
     const before = rssKb();
-    const held: Conn[] = [];
+    const held: RawConn[] = [];
     const body = Buffer.alloc(MAX_FRAME_LENGTH - 1, 0x41);
     body[0] = 13;
     try {
       for (let i = 0; i < 500; i += 50) {
-        const batch = await Promise.all(Array.from({ length: 50 }, () => Conn.open(scopeTarget, 10_000)));
+        const batch = await Promise.all(Array.from({ length: 50 }, () => RawConn.open(scopeTarget, 10_000)));
         for (const c of batch) c.send(Buffer.concat([u32(MAX_FRAME_LENGTH), body]));
         held.push(...batch);
         await sleep(30);
@@ -758,7 +642,7 @@ describe('frames at and over 256 KiB', () => {
     it(`${via}: a sign request of exactly 256 KiB (ed25519, and RSA) is signed; 256 KiB + 1 (body sent in full) closes with nothing written`, async () => {
       const prefix = via === 'tcp' ? tokenHandshake() : Buffer.alloc(0);
       const target = via === 'tcp' ? tcpTarget : scopeTarget;
-      const c = await Conn.open(target);
+      const c = await RawConn.open(target);
       const ed = signOfSize(edBlob, MAX_FRAME_LENGTH);
       const rsa = signOfSize(rsaBlob, MAX_FRAME_LENGTH, 2);
       c.send(Buffer.concat([prefix, frameOf(ed.payload), frameOf(rsa.payload)]));
@@ -784,7 +668,7 @@ describe('frames at and over 256 KiB', () => {
       [scopeTarget, Buffer.alloc(0)],
       [tcpTarget, tokenHandshake()],
     ] as const) {
-      const c = await Conn.open(target);
+      const c = await RawConn.open(target);
       const data = Buffer.from('before the bad length');
       c.send(Buffer.concat([prefix, frameOf(signPayload(edBlob, data)), u32(0xffffffff), randomBytes(64)]));
       await c.until(() => c.closed, 5000, 'close');

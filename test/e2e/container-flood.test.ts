@@ -3,98 +3,14 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { randomBytes } from 'node:crypto';
 import { mkdtempSync, rmSync } from 'node:fs';
-import { connect, createServer, type AddressInfo, type Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { frame } from '../../src/agent-protocol/framing.js';
 import { encodeRequest, parseResponse, type Identity } from '../../src/agent-protocol/messages.js';
 import { initVault, keyholdOk, makeKeyholdEnv, startServe, stopAllServes, waitFor, type KeyholdEnv, type ServeHandle } from '../helpers/keyhold.js';
-
-// ---------------------------------------------------------------------------------------------
-// A raw client for TCP or Unix
-// ---------------------------------------------------------------------------------------------
-
-type Target = { kind: 'tcp'; port: number; localAddress?: string } | { kind: 'unix'; path: string };
-
-class Conn {
-  private buffer = Buffer.alloc(0);
-  received = 0;
-  closed = false;
-
-  private constructor(readonly socket: Socket) {
-    socket.on('data', (d: Buffer) => {
-      this.received += d.length;
-      this.buffer = Buffer.concat([this.buffer, d]);
-    });
-    socket.on('close', () => (this.closed = true));
-    socket.on('error', () => {});
-  }
-
-  static open(target: Target, timeoutMs = 5000): Promise<Conn> {
-    return new Promise((resolve, reject) => {
-      const socket =
-        target.kind === 'tcp'
-          ? connect({ host: '127.0.0.1', port: target.port, ...(target.localAddress ? { localAddress: target.localAddress } : {}) })
-          : connect(target.path);
-      const timer = setTimeout(() => {
-        socket.destroy();
-        reject(new Error('connect timed out'));
-      }, timeoutMs);
-      socket.once('connect', () => {
-        clearTimeout(timer);
-        socket.removeAllListeners('error');
-        resolve(new Conn(socket));
-      });
-      socket.once('error', (err) => {
-        clearTimeout(timer);
-        reject(err);
-      });
-    });
-  }
-
-  send(bytes: Buffer): void {
-    if (!this.socket.destroyed) this.socket.write(bytes);
-  }
-
-  async reply(timeoutMs = 5000): Promise<Buffer> {
-    await waitFor(
-      () => (this.buffer.length >= 4 && this.buffer.length >= 4 + this.buffer.readUInt32BE(0)) || this.closed,
-      timeoutMs,
-      'agent reply',
-    );
-    if (this.buffer.length < 4 || this.buffer.length < 4 + this.buffer.readUInt32BE(0)) throw new Error('connection closed without a reply');
-    const length = this.buffer.readUInt32BE(0);
-    const payload = this.buffer.subarray(4, 4 + length);
-    this.buffer = this.buffer.subarray(4 + length);
-    return payload;
-  }
-
-  async waitClosed(timeoutMs: number): Promise<boolean> {
-    try {
-      await waitFor(() => this.closed, timeoutMs, 'close');
-      return true;
-    } catch {
-      return false;
-    }
-  }
-
-  close(): void {
-    this.socket.destroy();
-  }
-}
+import { freePort, RawConn, tokenHandshake, u32, type Target } from '../helpers/raw-wire.js';
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
-
-function u32(n: number): Buffer {
-  const b = Buffer.alloc(4);
-  b.writeUInt32BE(n >>> 0);
-  return b;
-}
-
-function handshake(token: string): Buffer {
-  const bytes = Buffer.from(token);
-  return Buffer.concat([u32(bytes.length), bytes]);
-}
 
 const REQUEST_IDENTITIES = frame(encodeRequest({ type: 'request-identities' }));
 
@@ -102,14 +18,6 @@ function identitiesOf(payload: Buffer): Identity[] {
   const response = parseResponse(payload);
   if (response.type !== 'identities') throw new Error(`expected an identities answer, got ${response.type}`);
   return response.identities;
-}
-
-async function freePort(): Promise<number> {
-  const server = createServer();
-  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
-  const port = (server.address() as AddressInfo).port;
-  await new Promise<void>((resolve) => server.close(() => resolve()));
-  return port;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -155,7 +63,7 @@ function daemonAlive(): boolean {
 function badPayload(i: number): Buffer {
   switch (i % 5) {
     case 0:
-      return Buffer.concat([handshake('khp_' + randomBytes(32).toString('base64url')), REQUEST_IDENTITIES]);
+      return Buffer.concat([tokenHandshake('khp_' + randomBytes(32).toString('base64url')), REQUEST_IDENTITIES]);
     case 1:
       return Buffer.concat([u32(0), REQUEST_IDENTITIES]);
     case 2:
@@ -163,7 +71,7 @@ function badPayload(i: number): Buffer {
     case 3:
       return REQUEST_IDENTITIES;
     default:
-      return Buffer.concat([handshake(token.slice(0, -1) + (token.endsWith('A') ? 'B' : 'A')), REQUEST_IDENTITIES]);
+      return Buffer.concat([tokenHandshake(token.slice(0, -1) + (token.endsWith('A') ? 'B' : 'A')), REQUEST_IDENTITIES]);
   }
 }
 
@@ -187,16 +95,16 @@ async function flood(target: Target, total: number, concurrency: number): Promis
   const worker = async () => {
     while (next < total && Date.now() < deadline) {
       const i = next++;
-      let conn: Conn;
+      let conn: RawConn;
       try {
-        conn = await Conn.open(target);
+        conn = await RawConn.open(target);
       } catch {
         result.connectErrors++;
         continue;
       }
       result.connections++;
       conn.send(badPayload(i));
-      const closed = await conn.waitClosed(10_000);
+      const closed = await conn.closedWithin(10_000);
       if (!closed) result.notClosed++;
       result.bytesReceived += conn.received;
       if (conn.received > 0) result.withBytes++;
@@ -212,9 +120,9 @@ async function validLoop(running: () => boolean): Promise<{ served: number; serv
   const out = { served: 0, servedDuringFlood: 0, errors: [] as string[] };
   while (running()) {
     try {
-      const conn = await Conn.open({ kind: 'tcp', port });
+      const conn = await RawConn.open({ kind: 'tcp', port });
       try {
-        conn.send(Buffer.concat([handshake(token), REQUEST_IDENTITIES]));
+        conn.send(Buffer.concat([tokenHandshake(token), REQUEST_IDENTITIES]));
         const ids = identitiesOf(await conn.reply(3000));
         if (ids.length !== keyCount) out.errors.push(`${ids.length} identities instead of ${keyCount}`);
         out.served++;
@@ -230,9 +138,9 @@ async function validLoop(running: () => boolean): Promise<{ served: number; serv
   return out;
 }
 
-async function validTcpClient(localAddress?: string): Promise<Conn> {
-  const conn = await Conn.open({ kind: 'tcp', port, ...(localAddress ? { localAddress } : {}) });
-  conn.send(Buffer.concat([handshake(token), REQUEST_IDENTITIES]));
+async function validTcpClient(localAddress?: string): Promise<RawConn> {
+  const conn = await RawConn.open({ kind: 'tcp', port, ...(localAddress ? { localAddress } : {}) });
+  conn.send(Buffer.concat([tokenHandshake(token), REQUEST_IDENTITIES]));
   return conn;
 }
 
@@ -262,7 +170,7 @@ describe('a flood of bad handshakes', () => {
     }
     // …while the flooding source is refused for a while, even with a valid token, with nothing written.
     const blocked = await validTcpClient('127.0.0.2');
-    expect(await blocked.waitClosed(5000), 'a valid token from the flooding source was kept open').toBe(true);
+    expect(await blocked.closedWithin(5000), 'a valid token from the flooding source was kept open').toBe(true);
     expect(blocked.received, 'bytes written to the blocked source').toBe(0);
     expect(daemonAlive(), daemonLog()).toBe(true);
   });

@@ -3,7 +3,6 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { randomBytes } from 'node:crypto';
 import { mkdtempSync, rmSync, statSync } from 'node:fs';
-import { connect, createServer, type AddressInfo, type Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { frame } from '../../src/agent-protocol/framing.js';
@@ -11,88 +10,9 @@ import { encodeRequest, parseResponse, type Identity } from '../../src/agent-pro
 import { fingerprint } from '../../src/agent-protocol/public-key.js';
 import { verifySsh } from '../../src/agent-protocol/signature.js';
 import { initVault, keyholdOk, makeKeyholdEnv, startServe, stopAllServes, waitFor, type KeyholdEnv, type ServeHandle } from '../helpers/keyhold.js';
-
-// ---------------------------------------------------------------------------------------------
-// A raw client for TCP or Unix
-// ---------------------------------------------------------------------------------------------
-
-type Target = { kind: 'tcp'; port: number; localAddress?: string } | { kind: 'unix'; path: string };
-
-class Conn {
-  private buffer = Buffer.alloc(0);
-  received = 0;
-  closed = false;
-
-  private constructor(readonly socket: Socket) {
-    socket.on('data', (d: Buffer) => {
-      this.received += d.length;
-      this.buffer = Buffer.concat([this.buffer, d]);
-    });
-    socket.on('close', () => (this.closed = true));
-    socket.on('error', () => {});
-  }
-
-  static open(target: Target, timeoutMs = 5000): Promise<Conn> {
-    return new Promise((resolve, reject) => {
-      const socket =
-        target.kind === 'tcp'
-          ? connect({ host: '127.0.0.1', port: target.port, ...(target.localAddress ? { localAddress: target.localAddress } : {}) })
-          : connect(target.path);
-      const timer = setTimeout(() => {
-        socket.destroy();
-        reject(new Error('connect timed out'));
-      }, timeoutMs);
-      socket.once('connect', () => {
-        clearTimeout(timer);
-        socket.removeAllListeners('error');
-        resolve(new Conn(socket));
-      });
-      socket.once('error', (err) => {
-        clearTimeout(timer);
-        reject(err);
-      });
-    });
-  }
-
-  send(bytes: Buffer): void {
-    this.socket.write(bytes);
-  }
-
-  /** Next reply payload (type byte + body). */
-  async reply(timeoutMs = 5000): Promise<Buffer> {
-    await waitFor(
-      () => (this.buffer.length >= 4 && this.buffer.length >= 4 + this.buffer.readUInt32BE(0)) || this.closed,
-      timeoutMs,
-      'agent reply',
-    );
-    if (this.buffer.length < 4 || this.buffer.length < 4 + this.buffer.readUInt32BE(0)) throw new Error('connection closed without a reply');
-    const length = this.buffer.readUInt32BE(0);
-    const payload = this.buffer.subarray(4, 4 + length);
-    this.buffer = this.buffer.subarray(4 + length);
-    return payload;
-  }
-
-  async waitClosed(timeoutMs = 5000): Promise<void> {
-    await waitFor(() => this.closed, timeoutMs, 'the daemon to close the connection');
-  }
-
-  close(): void {
-    this.socket.destroy();
-  }
-}
+import { freePort, RawConn, tokenHandshake, u32, type Target } from '../helpers/raw-wire.js';
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
-
-function u32(n: number): Buffer {
-  const b = Buffer.alloc(4);
-  b.writeUInt32BE(n >>> 0);
-  return b;
-}
-
-function handshake(token: string | Buffer): Buffer {
-  const bytes = typeof token === 'string' ? Buffer.from(token) : token;
-  return Buffer.concat([u32(bytes.length), bytes]);
-}
 
 const REQUEST_IDENTITIES = frame(encodeRequest({ type: 'request-identities' }));
 
@@ -110,14 +30,6 @@ function signatureOf(payload: Buffer): Buffer {
   const response = parseResponse(payload);
   if (response.type !== 'signature') throw new Error(`expected a signature, got ${response.type}`);
   return response.signature;
-}
-
-async function freePort(): Promise<number> {
-  const server = createServer();
-  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
-  const port = (server.address() as AddressInfo).port;
-  await new Promise<void>((resolve) => server.close(() => resolve()));
-  return port;
 }
 
 // Bad handshakes over TCP each come from their own loopback address, so the per-source slow-down
@@ -167,15 +79,15 @@ function daemonLog(): string {
 }
 
 /** Opens a session with a valid token; the handshake and the first request in one write. */
-async function session(target: Target, token: string): Promise<{ conn: Conn; identities: Identity[] }> {
-  const conn = await Conn.open(target);
-  conn.send(Buffer.concat([handshake(token), REQUEST_IDENTITIES]));
+async function session(target: Target, token: string): Promise<{ conn: RawConn; identities: Identity[] }> {
+  const conn = await RawConn.open(target);
+  conn.send(Buffer.concat([tokenHandshake(token), REQUEST_IDENTITIES]));
   const identities = identitiesOf(await conn.reply());
   return { conn, identities };
 }
 
 /** A refused handshake: the daemon closes the connection and never writes a byte. */
-async function expectRefused(conn: Conn, what: string, timeoutMs = 6000): Promise<void> {
+async function expectRefused(conn: RawConn, what: string, timeoutMs = 6000): Promise<void> {
   await conn.waitClosed(timeoutMs).catch((err: Error) => {
     throw new Error(`${what}: ${err.message} (received ${conn.received} bytes)${daemonLog()}`);
   });
@@ -220,11 +132,11 @@ describe('a valid token', () => {
 
   for (const via of ['tcp', 'unix'] as const) {
     it(`${via}: handshake + requests in one write: the scope's identities, signatures that verify`, async () => {
-      const conn = await Conn.open(targets[via]());
+      const conn = await RawConn.open(targets[via]());
       try {
         const data = randomBytes(64);
         // One write: handshake, identities request.
-        conn.send(Buffer.concat([handshake(tokens.web!.token), REQUEST_IDENTITIES]));
+        conn.send(Buffer.concat([tokenHandshake(tokens.web!.token), REQUEST_IDENTITIES]));
         const ids = identitiesOf(await conn.reply());
         expect(ids.map((i) => fingerprint(i.keyBlob)).sort(), daemonLog()).toEqual(webKeys.map((x) => x.fingerprint).sort());
         expect(ids.map((i) => fingerprint(i.keyBlob))).not.toContain(otherKey.fingerprint);
@@ -246,9 +158,9 @@ describe('a valid token', () => {
     });
 
     it(`${via}: handshake, then frames in later writes (and the handshake itself split in pieces)`, async () => {
-      const conn = await Conn.open(targets[via]());
+      const conn = await RawConn.open(targets[via]());
       try {
-        const hs = handshake(tokens.web!.token);
+        const hs = tokenHandshake(tokens.web!.token);
         // Length split across writes, token split across writes.
         for (const piece of [hs.subarray(0, 2), hs.subarray(2, 4), hs.subarray(4, 20), hs.subarray(20)]) {
           conn.send(piece);
@@ -346,16 +258,16 @@ describe('a token session follows vault changes', () => {
 
 describe('a refused handshake closes the connection with nothing written', () => {
   const cases: { name: string; bytes: () => Buffer }[] = [
-    { name: 'an unknown token', bytes: () => handshake('khp_' + randomBytes(32).toString('base64url')) },
+    { name: 'an unknown token', bytes: () => tokenHandshake('khp_' + randomBytes(32).toString('base64url')) },
     {
       name: 'the valid token with one character changed',
       bytes: () => {
         const t = tokens.web!.token;
-        return handshake(t.slice(0, 30) + (t[30] === 'A' ? 'B' : 'A') + t.slice(31));
+        return tokenHandshake(t.slice(0, 30) + (t[30] === 'A' ? 'B' : 'A') + t.slice(31));
       },
     },
-    { name: 'an expired token', bytes: () => handshake(tokens.expired!.token) },
-    { name: 'a revoked token', bytes: () => handshake(tokens.revoked!.token) },
+    { name: 'an expired token', bytes: () => tokenHandshake(tokens.expired!.token) },
+    { name: 'a revoked token', bytes: () => tokenHandshake(tokens.revoked!.token) },
     { name: 'n = 0', bytes: () => u32(0) },
     { name: 'n = 1025', bytes: () => Buffer.concat([u32(1025), Buffer.alloc(1025, 0x41)]) },
     { name: 'n = 2^32-1', bytes: () => u32(0xffffffff) },
@@ -364,7 +276,7 @@ describe('a refused handshake closes the connection with nothing written', () =>
 
   for (const c of cases) {
     it(`tcp: ${c.name} (followed by a request that must not be answered)`, async () => {
-      const conn = await Conn.open(tcp(freshSource()));
+      const conn = await RawConn.open(tcp(freshSource()));
       // The request after the bad handshake would get an answer if the daemon served it.
       conn.send(Buffer.concat([c.bytes(), REQUEST_IDENTITIES]));
       await expectRefused(conn, `tcp ${c.name}`);
@@ -376,7 +288,7 @@ describe('a refused handshake closes the connection with nothing written', () =>
   it(`unix: ${cases.map((c) => c.name).join(', ')}: each closed with nothing written`, async () => {
     await Promise.all(
       cases.map(async (c) => {
-        const conn = await Conn.open(unix());
+        const conn = await RawConn.open(unix());
         conn.send(Buffer.concat([c.bytes(), REQUEST_IDENTITIES]));
         await expectRefused(conn, `unix ${c.name}`);
       }),
@@ -384,11 +296,11 @@ describe('a refused handshake closes the connection with nothing written', () =>
   });
 
   it('tcp: nothing sent for more than 5 s, or a handshake dribbled byte by byte: closed at ~5 s, nothing written', async () => {
-    const silent = await Conn.open(tcp(freshSource()));
-    const dribble = await Conn.open(tcp(freshSource()));
+    const silent = await RawConn.open(tcp(freshSource()));
+    const dribble = await RawConn.open(tcp(freshSource()));
     const opened = Date.now();
     // A valid handshake, one byte every 400 ms: it would take ~19 s to complete.
-    const hs = handshake(tokens.web!.token);
+    const hs = tokenHandshake(tokens.web!.token);
     let sent = 0;
     const timer = setInterval(() => {
       if (sent < hs.length && !dribble.closed) dribble.send(hs.subarray(sent, ++sent));
@@ -438,8 +350,8 @@ describe('revocation and expiry reach open connections', () => {
         });
         expect(conn.received - before, 'bytes answered after the revocation').toBe(0);
         // A new handshake with the revoked token is refused.
-        const again = await Conn.open(tcp(freshSource()));
-        again.send(Buffer.concat([handshake(t.token), REQUEST_IDENTITIES]));
+        const again = await RawConn.open(tcp(freshSource()));
+        again.send(Buffer.concat([tokenHandshake(t.token), REQUEST_IDENTITIES]));
         await expectRefused(again, 'revoked token, new connection');
         // The other token's connection goes on.
         bystander.conn.send(REQUEST_IDENTITIES);
@@ -489,8 +401,8 @@ describe('revocation and expiry reach open connections', () => {
         });
         expect(s.conn.received - before).toBe(0);
       }
-      const fresh = await Conn.open(tcp(freshSource()));
-      fresh.send(Buffer.concat([handshake(t.token), REQUEST_IDENTITIES]));
+      const fresh = await RawConn.open(tcp(freshSource()));
+      fresh.send(Buffer.concat([tokenHandshake(t.token), REQUEST_IDENTITIES]));
       await expectRefused(fresh, 'expired 2 s token');
     } finally {
       open.conn.close();

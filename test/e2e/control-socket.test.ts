@@ -2,10 +2,9 @@
 // at most 4 MiB), and the token listener while the vault is locked.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import fc from 'fast-check';
-import { spawn, spawnSync } from 'node:child_process';
+import { spawnSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { chmodSync, existsSync, readFileSync, statSync } from 'node:fs';
-import { connect, createServer, type AddressInfo, type Socket } from 'node:net';
 import { join } from 'node:path';
 import { encodeRequest, parseResponse, type Identity } from '../../src/agent-protocol/messages.js';
 import { frame } from '../../src/agent-protocol/framing.js';
@@ -24,6 +23,7 @@ import {
   type KeyholdEnv,
   type ServeHandle,
 } from '../helpers/keyhold.js';
+import { connectAs, freePort, RawConn, tokenHandshake } from '../helpers/raw-wire.js';
 
 const NOBODY = 65534;
 const MAX_FRAME = 4 * 1024 * 1024;
@@ -42,14 +42,6 @@ let keyBlob: Buffer;
 let webToken: string;
 let port: number;
 let controlPath: string;
-
-async function freePort(): Promise<number> {
-  const server = createServer();
-  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
-  const p = (server.address() as AddressInfo).port;
-  await new Promise<void>((resolve) => server.close(() => resolve()));
-  return p;
-}
 
 function daemonLog(): string {
   return `\n--- keyhold serve stderr (tail) ---\n${serve?.stderr().slice(-3000) ?? ''}`;
@@ -172,16 +164,6 @@ async function expectHealthy(what: string): Promise<void> {
   const list = sshAddList();
   expect(list.status, `${what}: ssh-add -l: ${list.stdout}${list.stderr}`).toBe(0);
   expect(list.stdout).toContain(keyFp);
-}
-
-/** Waits until the connection is closed or `ms` passed; true if closed. */
-async function closedWithin(c: RawAgentClient, ms: number): Promise<boolean> {
-  try {
-    await c.waitClosed(ms);
-    return true;
-  } catch {
-    return false;
-  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -397,7 +379,7 @@ describe('garbage on the control socket', () => {
         const conn = await openControl();
         try {
           conn.send(Buffer.from(bytes));
-          await closedWithin(conn, 150);
+          await conn.closedWithin(150);
           while (conn.pendingBytes >= 4) {
             const r = await readResponse(conn, 1000);
             expect(r.ok, JSON.stringify(r)).toBe(false);
@@ -611,56 +593,6 @@ describe('unlock requests with garbage KEKs', () => {
 // 4. Peer check
 // ---------------------------------------------------------------------------------------------
 
-/** Connects as `uid`, sends the bytes given in hex, reports what came back. */
-const CLIENT_SCRIPT = `
-const net = require('node:net');
-const out = { uid: process.getuid(), connected: false, bytes: '', closed: false, error: null };
-const s = net.connect(process.argv[1]);
-const done = () => { process.stdout.write(JSON.stringify(out)); process.exit(0); };
-s.on('connect', () => { out.connected = true; s.write(Buffer.from(process.argv[2], 'hex')); });
-s.on('data', (d) => { out.bytes += d.toString('hex'); });
-s.on('error', (e) => { out.error = e.code || e.message; });
-s.on('close', () => { out.closed = true; setTimeout(done, 50); });
-setTimeout(done, 3000);
-`;
-
-interface ClientReport {
-  uid: number;
-  connected: boolean;
-  bytes: string;
-  closed: boolean;
-  error: string | null;
-}
-
-function connectAs(uid: number, path: string, bytes: Buffer): Promise<ClientReport> {
-  return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, ['-e', CLIENT_SCRIPT, path, bytes.toString('hex')], {
-      uid,
-      gid: uid,
-      cwd: '/',
-      env: { PATH: process.env.PATH ?? '/usr/bin:/bin' },
-      stdio: ['ignore', 'pipe', 'pipe'],
-    });
-    let stdout = '';
-    let stderr = '';
-    child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
-    child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
-    const timer = setTimeout(() => child.kill('SIGKILL'), 10_000);
-    child.once('error', (err) => {
-      clearTimeout(timer);
-      reject(err);
-    });
-    child.once('close', (code) => {
-      clearTimeout(timer);
-      try {
-        resolve(JSON.parse(stdout) as ClientReport);
-      } catch {
-        reject(new Error(`client as uid ${uid} exited ${code}: ${stdout} ${stderr}`));
-      }
-    });
-  });
-}
-
 describe('control socket peer check', () => {
   it('control.sock is a 0600 socket in a 0700 runtime dir', () => {
     const st = statSync(controlPath);
@@ -703,69 +635,14 @@ describe('control socket peer check', () => {
 // 5. Token listener while locked
 // ---------------------------------------------------------------------------------------------
 
-class TcpConn {
-  private buffer = Buffer.alloc(0);
-  received = 0;
-  closed = false;
-
-  private constructor(readonly socket: Socket) {
-    socket.on('data', (d: Buffer) => {
-      this.received += d.length;
-      this.buffer = Buffer.concat([this.buffer, d]);
-    });
-    socket.on('close', () => (this.closed = true));
-    socket.on('error', () => {});
-  }
-
-  static open(localAddress?: string): Promise<TcpConn> {
-    return new Promise((resolve, reject) => {
-      const socket = connect({ host: '127.0.0.1', port, ...(localAddress ? { localAddress } : {}) });
-      const timer = setTimeout(() => {
-        socket.destroy();
-        reject(new Error('connect timed out'));
-      }, 5000);
-      socket.once('connect', () => {
-        clearTimeout(timer);
-        socket.removeAllListeners('error');
-        resolve(new TcpConn(socket));
-      });
-      socket.once('error', (err) => {
-        clearTimeout(timer);
-        reject(err);
-      });
-    });
-  }
-
-  send(bytes: Buffer): void {
-    this.socket.write(bytes);
-  }
-
-  async reply(timeoutMs = 5000): Promise<Buffer> {
-    await waitFor(() => (this.buffer.length >= 4 && this.buffer.length >= 4 + this.buffer.readUInt32BE(0)) || this.closed, timeoutMs, 'agent reply');
-    if (this.buffer.length < 4 || this.buffer.length < 4 + this.buffer.readUInt32BE(0)) throw new Error(`connection closed without a reply${daemonLog()}`);
-    const length = this.buffer.readUInt32BE(0);
-    const payload = this.buffer.subarray(4, 4 + length);
-    this.buffer = this.buffer.subarray(4 + length);
-    return payload;
-  }
-
-  async waitClosed(timeoutMs = 5000): Promise<void> {
-    await waitFor(() => this.closed, timeoutMs, 'the daemon to close the connection');
-  }
-
-  close(): void {
-    this.socket.destroy();
-  }
+/** A raw TCP connection to the token listener whose errors carry the daemon's log. */
+async function openTcp(localAddress?: string): Promise<RawConn> {
+  const conn = await RawConn.open({ kind: 'tcp', port, ...(localAddress ? { localAddress } : {}) });
+  conn.context = daemonLog;
+  return conn;
 }
 
 const REQUEST_IDENTITIES = frame(encodeRequest({ type: 'request-identities' }));
-
-function handshake(token: string): Buffer {
-  const bytes = Buffer.from(token);
-  const n = Buffer.alloc(4);
-  n.writeUInt32BE(bytes.length);
-  return Buffer.concat([n, bytes]);
-}
 
 function identitiesOf(payload: Buffer): Identity[] {
   const response = parseResponse(payload);
@@ -773,9 +650,9 @@ function identitiesOf(payload: Buffer): Identity[] {
   return response.identities;
 }
 
-async function tokenSession(localAddress?: string): Promise<{ conn: TcpConn; identities: Identity[] }> {
-  const conn = await TcpConn.open(localAddress);
-  conn.send(Buffer.concat([handshake(webToken), REQUEST_IDENTITIES]));
+async function tokenSession(localAddress?: string): Promise<{ conn: RawConn; identities: Identity[] }> {
+  const conn = await openTcp(localAddress);
+  conn.send(Buffer.concat([tokenHandshake(webToken), REQUEST_IDENTITIES]));
   return { conn, identities: identitiesOf(await conn.reply()) };
 }
 
@@ -806,8 +683,8 @@ describe('the token listener while the vault is locked', () => {
     expect(status.status).toBe(3);
     expect((JSON.parse(status.stdout) as { locked: boolean }).locked).toBe(true);
     for (let i = 0; i < 30; i++) {
-      const conn = await TcpConn.open(SOURCE);
-      conn.send(Buffer.concat([handshake(webToken), REQUEST_IDENTITIES]));
+      const conn = await openTcp(SOURCE);
+      conn.send(Buffer.concat([tokenHandshake(webToken), REQUEST_IDENTITIES]));
       await conn.waitClosed(5000).catch((err: Error) => {
         throw new Error(`locked handshake #${i + 1}: ${err.message}${daemonLog()}`);
       });
@@ -840,15 +717,15 @@ describe('the token listener while the vault is locked', () => {
     const bad = 'khp_' + randomBytes(32).toString('base64url');
     await Promise.all(
       Array.from({ length: 20 }, async () => {
-        const conn = await TcpConn.open(BLAMED);
-        conn.send(Buffer.concat([handshake(bad), REQUEST_IDENTITIES]));
+        const conn = await openTcp(BLAMED);
+        conn.send(Buffer.concat([tokenHandshake(bad), REQUEST_IDENTITIES]));
         await conn.waitClosed(10_000);
         expect(conn.received).toBe(0);
       }),
     );
     // Now even the valid token is refused from that source...
-    const conn = await TcpConn.open(BLAMED);
-    conn.send(Buffer.concat([handshake(webToken), REQUEST_IDENTITIES]));
+    const conn = await openTcp(BLAMED);
+    conn.send(Buffer.concat([tokenHandshake(webToken), REQUEST_IDENTITIES]));
     await conn.waitClosed(5000);
     expect(conn.received).toBe(0);
     // ...while the source that only met a locked vault is served.

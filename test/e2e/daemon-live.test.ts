@@ -16,56 +16,11 @@ import {
   type KeyholdEnv,
   type ServeHandle,
 } from '../helpers/keyhold.js';
+import { identitiesFrame, parseIdentities, signRequestFrame, verifyEd25519 } from '../helpers/raw-wire.js';
 
-// --- a minimal, independent agent-protocol client codec -------------------------------------
-
-const u32 = (n: number) => {
-  const b = Buffer.alloc(4);
-  b.writeUInt32BE(n);
-  return b;
-};
-const sshString = (b: Buffer | string) => {
-  const bytes = typeof b === 'string' ? Buffer.from(b) : b;
-  return Buffer.concat([u32(bytes.length), bytes]);
-};
-const REQUEST_IDENTITIES = frameBytes(Buffer.of(11));
-const signRequest = (blob: Buffer, data: Buffer, flags = 0) =>
-  frameBytes(Buffer.concat([Buffer.of(13), sshString(blob), sshString(data), u32(flags)]));
-
-function readString(buf: Buffer, offset: number): [Buffer, number] {
-  const len = buf.readUInt32BE(offset);
-  if (offset + 4 + len > buf.length) throw new Error('truncated string in reply');
-  return [buf.subarray(offset + 4, offset + 4 + len), offset + 4 + len];
-}
-
-function parseIdentities(payload: Buffer): { blob: Buffer; comment: string }[] {
-  expect(payload[0], 'IDENTITIES_ANSWER').toBe(12);
-  const count = payload.readUInt32BE(1);
-  let off = 5;
-  const out: { blob: Buffer; comment: string }[] = [];
-  for (let i = 0; i < count; i++) {
-    const [blob, o1] = readString(payload, off);
-    const [comment, o2] = readString(payload, o1);
-    out.push({ blob: Buffer.from(blob), comment: comment.toString() });
-    off = o2;
-  }
-  expect(off).toBe(payload.length);
-  return out;
-}
-
+const REQUEST_IDENTITIES = identitiesFrame();
+const signRequest = signRequestFrame;
 const blobOfLine = (line: string) => Buffer.from(line.trim().split(' ')[1]!, 'base64');
-
-function verifyEd25519(blob: Buffer, data: Buffer, reply: Buffer): boolean {
-  expect(reply[0], 'SIGN_RESPONSE').toBe(14);
-  const [sigBlob] = readString(reply, 1);
-  const [alg, o] = readString(sigBlob, 0);
-  expect(alg.toString()).toBe('ssh-ed25519');
-  const [sig] = readString(sigBlob, o);
-  const [, ko] = readString(blob, 0);
-  const [raw] = readString(blob, ko);
-  const key = createPublicKey({ key: { kty: 'OKP', crv: 'Ed25519', x: raw.toString('base64url') }, format: 'jwk' });
-  return verify(null, data, key, sig);
-}
 
 async function identities(client: RawAgentClient) {
   client.send(REQUEST_IDENTITIES);

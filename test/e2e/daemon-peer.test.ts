@@ -1,7 +1,6 @@
 // A scope socket serves only the daemon's uid (or root), checked with SO_PEERCRED: opening the
 // file mode up does not let another user in.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { spawn } from 'node:child_process';
 import { chmodSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import {
@@ -15,58 +14,9 @@ import {
   type KeyholdEnv,
   type ServeHandle,
 } from '../helpers/keyhold.js';
+import { connectAs } from '../helpers/raw-wire.js';
 
 const NOBODY = 65534;
-
-/** Connects as `uid`, sends REQUEST_IDENTITIES, reports what came back. */
-const CLIENT_SCRIPT = `
-const net = require('node:net');
-const out = { uid: process.getuid(), connected: false, bytes: '', closed: false, error: null };
-const s = net.connect(process.argv[1]);
-const done = () => { process.stdout.write(JSON.stringify(out)); process.exit(0); };
-s.on('connect', () => { out.connected = true; s.write(Buffer.from([0, 0, 0, 1, 11])); });
-s.on('data', (d) => { out.bytes += d.toString('hex'); });
-s.on('error', (e) => { out.error = e.code || e.message; });
-s.on('close', () => { out.closed = true; setTimeout(done, 50); });
-setTimeout(done, 2000);
-`;
-
-interface ClientReport {
-  uid: number;
-  connected: boolean;
-  bytes: string;
-  closed: boolean;
-  error: string | null;
-}
-
-function connectAs(uid: number, path: string): Promise<ClientReport> {
-  return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, ['-e', CLIENT_SCRIPT, path], {
-      uid,
-      gid: uid,
-      cwd: '/',
-      env: { PATH: process.env.PATH ?? '/usr/bin:/bin' },
-      stdio: ['ignore', 'pipe', 'pipe'],
-    });
-    let stdout = '';
-    let stderr = '';
-    child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
-    child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
-    const timer = setTimeout(() => child.kill('SIGKILL'), 10_000);
-    child.once('error', (err) => {
-      clearTimeout(timer);
-      reject(err);
-    });
-    child.once('close', (code) => {
-      clearTimeout(timer);
-      try {
-        resolve(JSON.parse(stdout) as ClientReport);
-      } catch {
-        reject(new Error(`client as uid ${uid} exited ${code}: ${stdout} ${stderr}`));
-      }
-    });
-  });
-}
 
 describe('scope socket peer check', () => {
   let k: KeyholdEnv;
@@ -96,7 +46,7 @@ describe('scope socket peer check', () => {
     for (const dir of [k.dir, k.runtime, join(k.runtime, 'scopes')]) chmodSync(dir, 0o755);
     chmodSync(sock, 0o666);
 
-    const report = await connectAs(NOBODY, sock);
+    const report = await connectAs(NOBODY, sock, frameBytes(Buffer.of(11)), 2000);
     expect(report.uid).toBe(NOBODY);
     // The kernel let it connect (so the refusal is the daemon's, not the file mode's)...
     expect(report.connected).toBe(true);

@@ -1,7 +1,6 @@
 // End-to-end: real `ssh` logins, `git push` over ssh and agent forwarding (`ssh -A`) against a real
 // sshd on 127.0.0.1, with a keyhold scope socket as the agent.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { createServer, connect, type Server, type Socket } from 'node:net';
@@ -10,35 +9,11 @@ import { join } from 'node:path';
 import { FrameReader } from '../../src/agent-protocol/framing.js';
 import { parseRequest, parseSessionBind } from '../../src/agent-protocol/messages.js';
 import { initVault, keyholdOk, makeKeyholdEnv, startServe, stopAllServes, type KeyholdEnv, type ServeHandle } from '../helpers/keyhold.js';
-import { startSshd, stopAllSshd, type SshdHandle } from '../helpers/sshd.js';
+import { run, startSshd, stopAllSshd, type Run, type SshdHandle } from '../helpers/sshd.js';
 
 // ---------------------------------------------------------------------------------------------
 // Small local helpers
 // ---------------------------------------------------------------------------------------------
-
-interface Run {
-  code: number | null;
-  stdout: string;
-  stderr: string;
-}
-
-function run(cmd: string, args: string[], opts: { env?: NodeJS.ProcessEnv; cwd?: string; timeoutMs?: number } = {}): Promise<Run> {
-  return new Promise((resolve, reject) => {
-    const child = spawn(cmd, args, {
-      env: opts.env ?? process.env,
-      cwd: opts.cwd,
-      stdio: ['ignore', 'pipe', 'pipe'],
-      timeout: opts.timeoutMs ?? 20_000,
-      killSignal: 'SIGKILL',
-    });
-    let stdout = '';
-    let stderr = '';
-    child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
-    child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
-    child.once('error', reject);
-    child.once('close', (code) => resolve({ code, stdout, stderr }));
-  });
-}
 
 async function waitUntil(check: () => boolean, timeoutMs: number, what: string): Promise<void> {
   const deadline = Date.now() + timeoutMs;

@@ -1,7 +1,6 @@
 // Runs the real keyhold CLI and daemon (bin/keyhold, built dist/) in throwaway directories.
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
-import { connect, type Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 
@@ -134,59 +133,5 @@ export function fileContains(path: string, needle: Buffer | string): boolean {
   return existsSync(path) && readFileSync(path).includes(needle);
 }
 
-/** A raw agent connection: send bytes, read framed replies, see whether the daemon closed it. */
-export class RawAgentClient {
-  private buffer = Buffer.alloc(0);
-  closed = false;
-
-  private constructor(readonly socket: Socket) {
-    socket.on('data', (d: Buffer) => (this.buffer = Buffer.concat([this.buffer, d])));
-    socket.on('close', () => (this.closed = true));
-    socket.on('error', () => {});
-  }
-
-  static connect(path: string): Promise<RawAgentClient> {
-    return new Promise((res, rej) => {
-      const socket = connect(path);
-      socket.once('connect', () => res(new RawAgentClient(socket)));
-      socket.once('error', rej);
-    });
-  }
-
-  send(bytes: Buffer): void {
-    this.socket.write(bytes);
-  }
-
-  /** Next reply payload (type byte + body), or throws after the timeout. */
-  async reply(timeoutMs = 5000): Promise<Buffer> {
-    await waitFor(
-      () => (this.buffer.length >= 4 && this.buffer.length >= 4 + this.buffer.readUInt32BE(0)) || this.closed,
-      timeoutMs,
-      'agent reply',
-    );
-    if (this.buffer.length < 4 || this.buffer.length < 4 + this.buffer.readUInt32BE(0)) throw new Error('connection closed');
-    const length = this.buffer.readUInt32BE(0);
-    const payload = this.buffer.subarray(4, 4 + length);
-    this.buffer = this.buffer.subarray(4 + length);
-    return payload;
-  }
-
-  get pendingBytes(): number {
-    return this.buffer.length;
-  }
-
-  async waitClosed(timeoutMs = 5000): Promise<void> {
-    await waitFor(() => this.closed, timeoutMs, 'connection close');
-  }
-
-  close(): void {
-    this.socket.destroy();
-  }
-}
-
-/** uint32 length + payload */
-export function frameBytes(payload: Buffer): Buffer {
-  const header = Buffer.alloc(4);
-  header.writeUInt32BE(payload.length);
-  return Buffer.concat([header, payload]);
-}
+// The raw agent client and the frame encoder live in raw-wire.ts; re-exported for existing imports.
+export { RawConn as RawAgentClient, frame as frameBytes } from './raw-wire.js';

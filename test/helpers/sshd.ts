@@ -11,6 +11,32 @@ import path from 'node:path';
 
 export const SSHD_PATH = '/usr/sbin/sshd';
 
+/** What a finished command printed, and how it exited. */
+export interface Run {
+  code: number | null;
+  stdout: string;
+  stderr: string;
+}
+
+/** Runs a command (ssh, ssh-add, git, …) to completion, capturing its output; SIGKILL after `timeoutMs`. */
+export function run(cmd: string, args: string[], opts: { env?: NodeJS.ProcessEnv; cwd?: string; timeoutMs?: number } = {}): Promise<Run> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(cmd, args, {
+      env: opts.env ?? process.env,
+      cwd: opts.cwd,
+      stdio: ['ignore', 'pipe', 'pipe'],
+      timeout: opts.timeoutMs ?? 20_000,
+      killSignal: 'SIGKILL',
+    });
+    let stdout = '';
+    let stderr = '';
+    child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
+    child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+    child.once('error', reject);
+    child.once('close', (code) => resolve({ code, stdout, stderr }));
+  });
+}
+
 const STARTUP_TIMEOUT_MS = 10_000;
 const STOP_GRACE_MS = 2_000;
 const MAX_PORT_ATTEMPTS = 5;
