@@ -8,12 +8,14 @@ import { createHash, randomBytes } from 'node:crypto';
 import { appendFileSync, existsSync, readdirSync, readFileSync, readlinkSync } from 'node:fs';
 import { join } from 'node:path';
 import {
+  daemonPid,
   frameBytes,
   initVault,
-  KEYHOLD_BIN,
   keyhold,
+  KEYHOLD_BIN,
   keyholdOk,
   makeKeyholdEnv,
+  processAlive,
   RawAgentClient,
   startServe,
   stopAllServes,
@@ -32,33 +34,14 @@ const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 const rand = (lo: number, hi: number) => lo + Math.random() * (hi - lo);
 const MAC_LINE = /,"mac":"[0-9a-f]{64}"\}$/;
 
-function alive(pid: number): boolean {
-  try {
-    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
-    const state = stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3);
-    return state !== 'Z' && state !== 'X';
-  } catch {
-    return false;
-  }
-}
-
-function daemonPid(k: KeyholdEnv): number | null {
-  try {
-    const pid = Number(readFileSync(join(k.runtime, 'daemon.pid'), 'utf8').trim());
-    return Number.isInteger(pid) && pid > 0 ? pid : null;
-  } catch {
-    return null;
-  }
-}
-
 async function killAndWait(pid: number, signal: NodeJS.Signals): Promise<void> {
-  if (!alive(pid)) return;
+  if (!processAlive(pid)) return;
   try {
     process.kill(pid, signal);
   } catch {
     return;
   }
-  await waitFor(() => !alive(pid), 10_000, `pid ${pid} to exit`);
+  await waitFor(() => !processAlive(pid), 10_000, `pid ${pid} to exit`);
 }
 
 afterEach(async () => {
@@ -67,7 +50,7 @@ afterEach(async () => {
   children.clear();
   await stopAllServes();
   for (const k of envs.splice(0)) {
-    const pid = daemonPid(k);
+    const pid = daemonPid(k.runtime);
     if (pid !== null && pid !== process.pid) {
       await killAndWait(pid, 'SIGTERM').catch(() => killAndWait(pid, 'SIGKILL'));
     }
@@ -355,7 +338,7 @@ describe('kill -9 of the daemon while it signs and writes', () => {
       }
       const unlocked = await run(k, ['unlock']);
       expect(unlocked.code, unlocked.stderr).toBe(0);
-      const pid = daemonPid(k);
+      const pid = daemonPid(k.runtime);
       expect(pid).not.toBeNull();
       return { pid: pid! };
     };
@@ -466,7 +449,7 @@ describe('kill -9 of the daemon while it signs and writes', () => {
 
       await sleep(killDelays[round]! + rand(0, 400));
       process.kill(daemon.pid, 'SIGKILL');
-      await waitFor(() => !alive(daemon.pid), 10_000, 'the daemon to die');
+      await waitFor(() => !processAlive(daemon.pid), 10_000, 'the daemon to die');
       if (daemon.serve) await daemon.serve.stop();
       stop = true;
       await Promise.all([signer, writers]);

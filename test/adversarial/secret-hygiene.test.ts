@@ -17,6 +17,7 @@ import {
   frameBytes,
   KEYHOLD_BIN,
   makeKeyholdEnv,
+  processAlive,
   startServe,
   stopAllServes,
   waitFor,
@@ -250,16 +251,6 @@ function readProc(pid: number, what: 'cmdline' | 'environ', label: string): Buff
   return bytes;
 }
 
-function alive(pid: number): boolean {
-  try {
-    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
-    const state = stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3);
-    return state !== 'Z' && state !== 'X';
-  } catch {
-    return false;
-  }
-}
-
 // ---------------------------------------------------------------------------------------------
 // The session
 // ---------------------------------------------------------------------------------------------
@@ -387,7 +378,7 @@ beforeAll(async () => {
   const unlocked = await kh(['unlock'], { env: { ...bare, KEYHOLD_PASSPHRASE: passphrase } });
   expect(unlocked.stderr.toString()).toMatch(/KEYHOLD_PASSPHRASE/);
   bgDaemonPid = Number(readFileSync(join(k.runtime, 'daemon.pid'), 'utf8').trim());
-  expect(alive(bgDaemonPid)).toBe(true);
+  expect(processAlive(bgDaemonPid)).toBe(true);
   expect(readProc(bgDaemonPid, 'environ', 'background daemon').toString()).toContain('KEYHOLD_LOG_LEVEL=debug');
   readProc(bgDaemonPid, 'cmdline', 'background daemon');
 
@@ -453,7 +444,7 @@ writeFileSync(process.argv[2], JSON.stringify({ pid: process.pid, chain, hashes 
   await kh(['audit', 'tail', '-n', '100', '--json']);
 
   process.kill(bgDaemonPid, 'SIGTERM');
-  await waitFor(() => !alive(bgDaemonPid), 10_000, 'the background daemon to stop');
+  await waitFor(() => !processAlive(bgDaemonPid), 10_000, 'the background daemon to stop');
   daemonLog = readFileSync(join(k.runtime, 'daemon.log'));
 
   // --- phase B: `keyhold serve` with a TCP token listener, stderr captured ---------------------
@@ -535,7 +526,7 @@ afterAll(async () => {
   if (bridge && bridge.exitCode === null) bridge.kill('SIGKILL');
   await stopAllServes();
   await stopAllSshAgents();
-  if (bgDaemonPid && alive(bgDaemonPid)) process.kill(bgDaemonPid, 'SIGKILL');
+  if (bgDaemonPid && processAlive(bgDaemonPid)) process.kill(bgDaemonPid, 'SIGKILL');
   k?.cleanup();
 });
 

@@ -19,6 +19,7 @@ import {
   RawAgentClient,
   startServe,
   stopAllServes,
+  stopBackgroundDaemon,
   waitFor,
   type KeyholdEnv,
   type ServeHandle,
@@ -191,12 +192,7 @@ afterAll(async () => {
   await stopAllSshd();
   await stopAllServes();
   // A daemon a test may have started in the background (none expected: serve holds the runtime dir).
-  try {
-    const pid = Number(readFileSync(join(k.runtime, 'daemon.pid'), 'utf8').trim());
-    if (pid > 0 && pid !== process.pid) process.kill(pid, 'SIGTERM');
-  } catch {
-    /* none */
-  }
+  if (k) await stopBackgroundDaemon(k.runtime);
   k?.cleanup();
   if (work) rmSync(work, { recursive: true, force: true });
 }, 30_000);

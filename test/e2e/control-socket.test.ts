@@ -19,6 +19,7 @@ import {
   RawAgentClient,
   startServe,
   stopAllServes,
+  stopBackgroundDaemon,
   waitFor,
   type KeyholdEnv,
   type ServeHandle,
@@ -62,28 +63,9 @@ beforeAll(async () => {
 }, 60_000);
 
 afterAll(async () => {
-  const servePid = serve?.proc.pid;
   await stopAllServes();
   // A daemon that `keyhold unlock` might have started in the background (it should not have: one runs).
-  const pidFile = k ? join(k.runtime, 'daemon.pid') : null;
-  if (pidFile && existsSync(pidFile)) {
-    const pid = Number(readFileSync(pidFile, 'utf8').trim());
-    if (Number.isInteger(pid) && pid > 0 && pid !== servePid) {
-      try {
-        process.kill(pid, 'SIGTERM');
-        await waitFor(() => {
-          try {
-            process.kill(pid, 0);
-            return false;
-          } catch {
-            return true;
-          }
-        }, 5000, 'background daemon exit');
-      } catch {
-        /* not running */
-      }
-    }
-  }
+  if (k) await stopBackgroundDaemon(k.runtime);
   k?.cleanup();
 }, 30_000);
 

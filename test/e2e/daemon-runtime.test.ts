@@ -10,6 +10,7 @@ import {
   keyholdOk,
   makeKeyholdEnv,
   RawAgentClient,
+  serveExpectingExit,
   startServe,
   stopAllServes,
   type KeyholdEnv,
@@ -26,23 +27,6 @@ function vaultWith(scopes: string[]): KeyholdEnv {
   return k;
 }
 
-/** Runs `keyhold serve` expecting it to exit by itself; kills it (and fails) if it does not. */
-function serveExpectingExit(k: KeyholdEnv, timeoutMs = 10_000): Promise<{ code: number | null; stderr: string }> {
-  return new Promise((resolve, reject) => {
-    const proc = spawn(process.execPath, [KEYHOLD_BIN, 'serve'], { env: k.env, stdio: ['ignore', 'pipe', 'pipe'] });
-    let stderr = '';
-    proc.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
-    proc.stdout.resume();
-    const timer = setTimeout(() => {
-      proc.kill('SIGKILL');
-      reject(new Error(`keyhold serve did not exit within ${timeoutMs} ms: ${stderr}`));
-    }, timeoutMs);
-    proc.once('exit', (code) => {
-      clearTimeout(timer);
-      resolve({ code, stderr });
-    });
-  });
-}
 
 async function identitiesComments(path: string): Promise<string[]> {
   const c = await RawAgentClient.connect(path);
@@ -109,7 +93,7 @@ describe('runtime dir', () => {
     const k = vaultWith(['web']);
     mkdirSync(k.runtime, { mode: 0o755 });
     chmodSync(k.runtime, 0o755);
-    const { code, stderr } = await serveExpectingExit(k);
+    const { code, stderr } = await serveExpectingExit(k, [], 10_000);
     expect(code).toBe(1);
     expect(stderr).toContain(k.runtime);
     expect(stderr).toMatch(/^keyhold: .+ \(.+\)$/m);
@@ -122,7 +106,7 @@ describe('runtime dir', () => {
     const k = vaultWith(['web']);
     mkdirSync(k.runtime, { mode: 0o700 });
     chmodSync(k.runtime, 0o710);
-    const { code, stderr } = await serveExpectingExit(k);
+    const { code, stderr } = await serveExpectingExit(k, [], 10_000);
     expect(code).toBe(1);
     expect(stderr).toContain(k.runtime);
   });
@@ -132,7 +116,7 @@ describe('runtime dir', () => {
     const k = vaultWith(['web']);
     mkdirSync(k.runtime, { mode: 0o700 });
     chownSync(k.runtime, 65534, 65534);
-    const { code, stderr } = await serveExpectingExit(k);
+    const { code, stderr } = await serveExpectingExit(k, [], 10_000);
     expect(code).toBe(1);
     expect(stderr).toContain(k.runtime);
     expect(stderr).toMatch(/owned/);
@@ -143,7 +127,7 @@ describe('runtime dir', () => {
     const k = vaultWith(['web']);
     mkdirSync(join(k.runtime, 'scopes'), { recursive: true, mode: 0o700 });
     chmodSync(join(k.runtime, 'scopes'), 0o777);
-    const { code, stderr } = await serveExpectingExit(k);
+    const { code, stderr } = await serveExpectingExit(k, [], 10_000);
     expect(code).toBe(1);
     expect(stderr).toContain(join(k.runtime, 'scopes'));
   });
@@ -183,7 +167,7 @@ describe('leftovers and concurrency', () => {
   it('a second serve on the same runtime dir exits 1 naming the running pid', async () => {
     const k = vaultWith(['web']);
     const first = await startServe(k);
-    const { code, stderr } = await serveExpectingExit(k);
+    const { code, stderr } = await serveExpectingExit(k, [], 10_000);
     expect(code).toBe(1);
     expect(stderr).toContain(`pid ${first.proc.pid}`);
     expect(stderr).not.toMatch(/^\s+at /m);

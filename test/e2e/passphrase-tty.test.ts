@@ -5,7 +5,7 @@ import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { spawn } from 'node:child_process';
 import { existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { KEYHOLD_BIN, keyhold, keyholdOk, makeKeyholdEnv, type KeyholdEnv } from '../helpers/keyhold.js';
+import { KEYHOLD_BIN, keyhold, keyholdOk, makeKeyholdEnv, stopBackgroundDaemon, type KeyholdEnv } from '../helpers/keyhold.js';
 
 interface Exchange {
   /** Text to wait for, then bytes to type. */
@@ -122,24 +122,7 @@ describe('passphrase prompt on a terminal', () => {
         expect(again.output).not.toContain('Vault passphrase');
         expect(again.output).toContain('tty-key');
       } finally {
-        const pidFile = join(k.runtime, 'daemon.pid');
-        if (existsSync(pidFile)) {
-          const pid = Number(readFileSync(pidFile, 'utf8'));
-          try {
-            process.kill(pid, 'SIGTERM');
-          } catch {
-            /* gone */
-          }
-          const deadline = Date.now() + 5000;
-          while (Date.now() < deadline) {
-            try {
-              process.kill(pid, 0);
-              await new Promise((r) => setTimeout(r, 50));
-            } catch {
-              break;
-            }
-          }
-        }
+        await stopBackgroundDaemon(k.runtime);
       }
     });
   });

@@ -10,7 +10,14 @@ import { chmodSync, existsSync, mkdirSync, readdirSync, readFileSync, writeFileS
 import { dirname, join } from 'node:path';
 import { vaultPaths } from '../../src/vault/paths.js';
 import { Vault } from '../../src/vault/vault.js';
-import { KEYHOLD_BIN, makeKeyholdEnv, waitFor, type KeyholdEnv } from '../helpers/keyhold.js';
+import {
+  KEYHOLD_BIN,
+  makeKeyholdEnv,
+  processAlive,
+  stopBackgroundDaemon,
+  waitFor,
+  type KeyholdEnv,
+} from '../helpers/keyhold.js';
 
 const MIB = 1024 * 1024;
 /** Linux MAX_ARG_STRLEN: one argv or environment string, its NUL included. */
@@ -98,43 +105,8 @@ function parseEnv0(bytes: Buffer): Map<string, Buffer> {
   return out;
 }
 
-function alive(pid: number): boolean {
-  try {
-    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
-    const state = stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3);
-    return state !== 'Z' && state !== 'X';
-  } catch {
-    return false;
-  }
-}
-
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
-
-async function killDaemon(k: KeyholdEnv): Promise<void> {
-  let pid: number;
-  try {
-    pid = Number(readFileSync(join(k.runtime, 'daemon.pid'), 'utf8').trim());
-  } catch {
-    return;
-  }
-  if (!Number.isInteger(pid) || pid <= 0 || pid === process.pid || !alive(pid)) return;
-  try {
-    process.kill(pid, 'SIGTERM');
-  } catch {
-    return;
-  }
-  const deadline = Date.now() + 5000;
-  while (alive(pid) && Date.now() < deadline) await sleep(25);
-  if (alive(pid)) {
-    try {
-      process.kill(pid, 'SIGKILL');
-    } catch {
-      /* gone */
-    }
-    const hard = Date.now() + 3000;
-    while (alive(pid) && Date.now() < hard) await sleep(25);
-  }
-}
+const killDaemon = (k: KeyholdEnv) => stopBackgroundDaemon(k.runtime);
 
 const noNul = (b: Buffer) => {
   for (let i = 0; i < b.length; i++) if (b[i] === 0) b[i] = 0x01;
@@ -901,7 +873,7 @@ describe('no value in the clear', () => {
 
     // the daemon that served all this logs at debug level
     const pid = Number(readFileSync(join(k.runtime, 'daemon.pid'), 'utf8').trim());
-    expect(alive(pid)).toBe(true);
+    expect(processAlive(pid)).toBe(true);
     expect(readFileSync(`/proc/${pid}/environ`, 'latin1').split('\0')).toContain('KEYHOLD_LOG_LEVEL=debug');
     const log = readFileSync(join(k.runtime, 'daemon.log'));
     expect(log.toString()).toContain('vault unlocked');

@@ -8,15 +8,19 @@ import { createHash } from 'node:crypto';
 import { copyFileSync, existsSync, lstatSync, mkdirSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import {
+  daemonPid,
   frameBytes,
   initVault,
-  KEYHOLD_BIN,
   keyhold,
+  KEYHOLD_BIN,
   keyholdOk,
   makeKeyholdEnv,
+  processAlive,
   RawAgentClient,
+  serveExpectingExit,
   startServe,
   stopAllServes,
+  stopBackgroundDaemon,
   waitFor,
   type KeyholdEnv,
 } from '../helpers/keyhold.js';
@@ -26,49 +30,8 @@ const clients: RawAgentClient[] = [];
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
-function alive(pid: number): boolean {
-  try {
-    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
-    // "pid (comm) S ..." — a zombie (Z) or dead (X) process has exited.
-    const state = stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3);
-    return state !== 'Z' && state !== 'X';
-  } catch {
-    return false;
-  }
-}
-
 const pidFile = (k: KeyholdEnv) => join(k.runtime, 'daemon.pid');
-
-function daemonPid(k: KeyholdEnv): number | null {
-  try {
-    const pid = Number(readFileSync(pidFile(k), 'utf8').trim());
-    return Number.isInteger(pid) && pid > 0 ? pid : null;
-  } catch {
-    return null;
-  }
-}
-
-/** Stops the daemon of k's runtime dir (background ones from `keyhold unlock` included). */
-async function killDaemon(k: KeyholdEnv): Promise<void> {
-  const pid = daemonPid(k);
-  if (pid === null || pid === process.pid || !alive(pid)) return;
-  try {
-    process.kill(pid, 'SIGTERM');
-  } catch {
-    return;
-  }
-  const deadline = Date.now() + 5000;
-  while (alive(pid) && Date.now() < deadline) await sleep(25);
-  if (alive(pid)) {
-    try {
-      process.kill(pid, 'SIGKILL');
-    } catch {
-      /* gone */
-    }
-    const hard = Date.now() + 3000;
-    while (alive(pid) && Date.now() < hard) await sleep(25);
-  }
-}
+const killDaemon = (k: KeyholdEnv) => stopBackgroundDaemon(k.runtime);
 
 afterEach(async () => {
   for (const c of clients.splice(0)) c.close();
@@ -192,24 +155,6 @@ async function signType(path: string, blob: Buffer): Promise<number> {
   return reply[0]!;
 }
 
-/** Runs `keyhold serve ARGS` expecting it to exit by itself (kills it and fails if not). */
-function serveExpectingExit(k: KeyholdEnv, args: string[] = [], timeoutMs = 15_000): Promise<{ code: number | null; stderr: string }> {
-  return new Promise((resolve, reject) => {
-    const proc = spawn(process.execPath, [KEYHOLD_BIN, 'serve', ...args], { env: k.env, stdio: ['ignore', 'pipe', 'pipe'] });
-    let stderr = '';
-    proc.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
-    proc.stdout.resume();
-    const timer = setTimeout(() => {
-      proc.kill('SIGKILL');
-      reject(new Error(`keyhold serve did not exit within ${timeoutMs} ms: ${stderr}`));
-    }, timeoutMs);
-    proc.once('exit', (code) => {
-      clearTimeout(timer);
-      resolve({ code, stderr });
-    });
-  });
-}
-
 const mode = (path: string) => lstatSync(path).mode & 0o777;
 
 describe('unlock starts the daemon', () => {
@@ -220,9 +165,9 @@ describe('unlock starts the daemon', () => {
     expect(r.status, r.stderr).toBe(0);
     // Unlocked by the time unlock returned: no waiting.
     expect(statusCode(k)).toBe(0);
-    const pid = daemonPid(k);
+    const pid = daemonPid(k.runtime);
     expect(pid).not.toBeNull();
-    expect(alive(pid!)).toBe(true);
+    expect(processAlive(pid!)).toBe(true);
     expect(statusJson(k).json.pid).toBe(pid);
     const control = join(k.runtime, 'control.sock');
     expect(lstatSync(control).isSocket()).toBe(true);
@@ -610,11 +555,11 @@ describe('serve at start', () => {
   it('serve while a background daemon (from unlock) runs exits 1 naming its pid', async () => {
     const k = freshVault();
     keyholdOk(k, ['unlock']);
-    const pid = daemonPid(k)!;
+    const pid = daemonPid(k.runtime)!;
     const { code, stderr } = await serveExpectingExit(k);
     expect(code).toBe(1);
     expect(stderr).toContain(`pid ${pid}`);
-    expect(daemonPid(k)).toBe(pid);
+    expect(daemonPid(k.runtime)).toBe(pid);
     expect(statusCode(k)).toBe(0);
   });
 });

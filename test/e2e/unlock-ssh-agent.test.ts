@@ -6,12 +6,16 @@ import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSy
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import {
-  KEYHOLD_BIN,
+  daemonPid,
+  isKeyholdServe,
   keyhold,
+  KEYHOLD_BIN,
   keyholdOk,
   makeKeyholdEnv,
+  processAlive,
   startServe,
   stopAllServes,
+  stopBackgroundDaemon,
   waitFor,
   type KeyholdEnv,
   type RunResult,
@@ -128,47 +132,6 @@ function expectNoKeysOffered(k: KeyholdEnv, scope: string): void {
 /** Generates a vault key in `scope`; returns its fingerprint. */
 function generateVaultKey(k: KeyholdEnv, scope: string): string {
   return (JSON.parse(keyholdOk(k, ['key', 'generate', scope, '--json'])) as { fingerprint: string }).fingerprint;
-}
-
-function processAlive(pid: number): boolean {
-  try {
-    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
-    const state = stat.slice(stat.lastIndexOf(')') + 2)[0];
-    return state !== 'Z' && state !== 'X';
-  } catch {
-    return false;
-  }
-}
-
-function isKeyholdServe(pid: number): boolean {
-  try {
-    const argv = readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0');
-    return argv.includes(KEYHOLD_BIN) && argv.includes('serve');
-  } catch {
-    return false;
-  }
-}
-
-function daemonPid(runtime: string): number | null {
-  try {
-    const pid = Number(readFileSync(join(runtime, 'daemon.pid'), 'utf8').trim());
-    return Number.isInteger(pid) && pid > 0 ? pid : null;
-  } catch {
-    return null;
-  }
-}
-
-/** Stops the daemon named by `<runtime>/daemon.pid` (if it is a live keyhold serve) and waits for it to exit. */
-async function stopBackgroundDaemon(runtime: string): Promise<void> {
-  const pid = daemonPid(runtime);
-  if (pid === null || !processAlive(pid) || !isKeyholdServe(pid)) return;
-  process.kill(pid, 'SIGTERM');
-  try {
-    await waitFor(() => !processAlive(pid), 5000, `daemon ${pid} to exit`);
-  } catch {
-    process.kill(pid, 'SIGKILL');
-    await waitFor(() => !processAlive(pid), 5000, `daemon ${pid} to die`);
-  }
 }
 
 interface Run {

@@ -135,3 +135,76 @@ export function fileContains(path: string, needle: Buffer | string): boolean {
 
 // The raw agent client and the frame encoder live in raw-wire.ts; re-exported for existing imports.
 export { RawConn as RawAgentClient, frame as frameBytes } from './raw-wire.js';
+
+/** Whether `pid` runs (a zombie or dead process has exited). */
+export function processAlive(pid: number): boolean {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    const state = stat.slice(stat.lastIndexOf(')') + 2)[0];
+    return state !== 'Z' && state !== 'X';
+  } catch {
+    return false;
+  }
+}
+
+/** The pid in `<runtime>/daemon.pid`, or null. */
+export function daemonPid(runtime: string): number | null {
+  try {
+    const pid = Number(readFileSync(join(runtime, 'daemon.pid'), 'utf8').trim());
+    return Number.isInteger(pid) && pid > 0 ? pid : null;
+  } catch {
+    return null;
+  }
+}
+
+export function isKeyholdServe(pid: number): boolean {
+  try {
+    const argv = readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0');
+    return argv.includes(KEYHOLD_BIN) && argv.includes('serve');
+  } catch {
+    return false;
+  }
+}
+
+/**
+ * Stops the daemon named by `<runtime>/daemon.pid` (one `keyhold unlock` started in the
+ * background, say) if it is a live `keyhold serve`, and waits for it: SIGTERM, then SIGKILL.
+ */
+export async function stopBackgroundDaemon(runtime: string): Promise<void> {
+  const pid = daemonPid(runtime);
+  if (pid === null || pid === process.pid || !processAlive(pid) || !isKeyholdServe(pid)) return;
+  try {
+    process.kill(pid, 'SIGTERM');
+    await waitFor(() => !processAlive(pid), 5000, `daemon ${pid} to exit`);
+  } catch {
+    try {
+      process.kill(pid, 'SIGKILL');
+    } catch {
+      return;
+    }
+    await waitFor(() => !processAlive(pid), 3000, `daemon ${pid} to die`);
+  }
+}
+
+/** Runs `keyhold serve ARGS` expecting it to exit by itself (kills it and fails if it does not). */
+export function serveExpectingExit(
+  k: KeyholdEnv,
+  args: string[] = [],
+  timeoutMs = 15_000,
+  env: NodeJS.ProcessEnv = k.env,
+): Promise<{ code: number | null; stderr: string }> {
+  return new Promise((resolve, reject) => {
+    const proc = spawn(process.execPath, [KEYHOLD_BIN, 'serve', ...args], { env, stdio: ['ignore', 'pipe', 'pipe'] });
+    let stderr = '';
+    proc.stderr!.on('data', (d: Buffer) => (stderr += d.toString()));
+    proc.stdout!.resume();
+    const timer = setTimeout(() => {
+      proc.kill('SIGKILL');
+      reject(new Error(`keyhold serve did not exit within ${timeoutMs} ms: ${stderr}`));
+    }, timeoutMs);
+    proc.once('exit', (code) => {
+      clearTimeout(timer);
+      resolve({ code, stderr });
+    });
+  });
+}
