@@ -30,3 +30,14 @@ export interface AgentBackend {
   /** May answer later (a signing thread); replies still go out in request order. */
   sign(keyBlob: Buffer, data: Buffer, flags: number, context: RequestContext): SignResult | Promise<SignResult>;
 }
+
+/**
+ * Memory a connection may hold for partially received frames, drawn from budgets shared with other
+ * connections (per token, per source, overall). A connection reserves bytes as a partial frame
+ * grows and releases them once the frame is complete or the connection closes; a refused
+ * reservation closes the connection.
+ */
+export interface MemoryBudget {
+  reserve(bytes: number): boolean;
+  release(bytes: number): void;
+}

@@ -13,7 +13,7 @@ import {
 } from '../agent-protocol/messages.js';
 import { fingerprint } from '../agent-protocol/public-key.js';
 import { verifySsh } from '../agent-protocol/signature.js';
-import type { AgentBackend, Peer, RequestContext, SessionBinding, SignResult } from './backend.js';
+import type { AgentBackend, MemoryBudget, Peer, RequestContext, SessionBinding, SignResult } from './backend.js';
 
 export const SUPPORTED_EXTENSIONS = [EXT_QUERY, EXT_SESSION_BIND] as const;
 
@@ -37,6 +37,8 @@ export interface ConnectionOptions {
   admit?: () => boolean;
   /** The token this connection authenticated with, for the backend's records. */
   tokenId?: string;
+  /** Where bytes of partially received frames are accounted (token listeners); none: unlimited. */
+  memory?: MemoryBudget;
 }
 
 const FAILURE = frame(encodeResponse({ type: 'failure' }));
