@@ -60,10 +60,15 @@ export function hardenProcess(): { dumpable: boolean; coreLimit: boolean } {
 
 const LOCK_EX = 2;
 const LOCK_NB = 4;
+const LOCK_UN = 8;
 
 /** Takes an exclusive advisory lock on an open file without waiting; false if another holds it. */
 export function tryLockFile(fd: number): boolean {
   return load().flock(fd, LOCK_EX | LOCK_NB) === 0;
+}
+
+export function unlockFile(fd: number): void {
+  load().flock(fd, LOCK_UN);
 }
 
 const F_SETFD = 2;

@@ -1,10 +1,13 @@
 // The audit log, `<vault>.audit.jsonl` (0600): one JSON object a line, each chained to the one
 // before by `prev` and authenticated by `mac` (HMAC-SHA256 under a key derived from the master
-// key). The vault's meta table keeps the latest seq and mac, so that deleting or truncating lines
-// shows. Writers append under the database's write lock, which serializes them across processes.
+// key). The vault's meta table keeps a recent seq and mac (the anchor, which may trail the file by
+// about a second), so that deleting or truncating lines shows. Writers in several processes
+// append under an advisory lock on the log file itself, never under the database's write lock.
 import { createHmac, hkdfSync, timingSafeEqual } from 'node:crypto';
-import { closeSync, constants, fstatSync, fsyncSync, openSync, readSync, writeSync } from 'node:fs';
-import type { Db } from '../vault/database.js';
+import { closeSync, constants, fstatSync, fsync, fsyncSync, ftruncateSync, openSync, readSync, statSync, writeSync } from 'node:fs';
+import { KeyholdError } from '../errors.js';
+import { tryLockFile, unlockFile } from '../libc.js';
+import { isBusyError, type Db } from '../vault/database.js';
 
 export const GENESIS_MAC = '0'.repeat(64);
 const MAC_SUFFIX = /,"mac":"([0-9a-f]{64})"\}$/;
@@ -118,79 +121,440 @@ function fileHead(fd: number, key: Buffer): { head: AuditAnchor | null; torn: bo
   return { head: null, torn };
 }
 
+/** A written batch reaches the disk (fsync) within this long: the contract's 100 ms, with room. */
+const SYNC_DELAY_MS = 50;
+/** How often the vault's anchor catches up with the file. It may trail the file; see verifyAuditText. */
+const ANCHOR_INTERVAL_MS = 1_000;
+/** While the log cannot be written: how often to try again, and how often to say so again. */
+const RETRY_MS = 1_000;
+const REPEAT_LOG_MS = 60_000;
+/** How long an append waits for another process's append (the file lock) before it counts as a failure. */
+const LOCK_WAIT_MS = 2_000;
+
+/** The log cannot be written now: sign requests are refused until it can. */
+export class AuditUnavailableError extends Error {
+  override name = 'AuditUnavailableError';
+
+  constructor(readonly code: string) {
+    super(`the audit log cannot be written (${code})`);
+  }
+}
+
+/** Another process holds the log's file lock (it is appending); not a failure unless it lasts. */
+class LogBusy extends Error {}
+
+interface Queued {
+  time: string;
+  event: AuditEvent;
+  /** A signature that is refused when its line cannot be written: counted, not kept. */
+  signature: boolean;
+}
+
+interface Turn {
+  promise: Promise<void>;
+  resolve(): void;
+  reject(err: Error): void;
+  busySince: number | null;
+}
+
+export interface AuditFailure {
+  code: string;
+  since: string;
+}
+
+export interface AuditLogger {
+  error(fields: object, message: string): void;
+  info(fields: object, message: string): void;
+}
+
+function errorCode(err: unknown): string {
+  return (err as NodeJS.ErrnoException).code ?? (err instanceof LogBusy ? 'locked by another process' : (err as Error).name ?? 'error');
+}
+
+
+/**
+ * Appends chained lines to the log. Writers in several processes serialize on an advisory lock on
+ * the log file itself, not on the database: a process holding the vault's write lock never holds
+ * up an append, and appends never wait on a database transaction.
+ *
+ * Two modes. A CLI process queues events and `flush()`es them (write, fsync, anchor) before it
+ * reports success. The daemon (`serve()`) writes every turn of the event loop: each `record()`
+ * returns the promise of its turn's single write(2), which the caller awaits before it answers, so
+ * no signature or change is acknowledged before its line is in the file (it then survives kill -9);
+ * fsync follows within SYNC_DELAY_MS for the whole group, and the anchor in the vault catches up
+ * about once a second, off the request path and without waiting for the database lock.
+ */
 export class AuditWriter {
-  private queue: { time: string; event: AuditEvent }[] = [];
-  private timer: NodeJS.Timeout | null = null;
+  private queue: Queued[] = [];
   private dropped = 0;
+  private fd: number | null = null;
+  private ino = -1;
+  /** The file's size after our last append; another writer's append shows as a difference. */
+  private size = -1;
+  private head: AuditAnchor | null = null;
+  private tornEnd = false;
+  private turn: Turn | null = null;
+  private daemon: { log: AuditLogger } | null = null;
+  private syncTimer: NodeJS.Timeout | null = null;
+  private syncing = false;
+  private unsynced: AuditAnchor | null = null;
+  private synced: AuditAnchor | null = null;
+  private anchoredSeq = 0;
+  private anchorTimer: NodeJS.Timeout | null = null;
+  private failing: (AuditFailure & { refused: number; loggedAt: number; retry: NodeJS.Timeout | null }) | null = null;
+  private closed = false;
 
   constructor(
     private readonly path: string,
     private readonly db: Db,
     private readonly key: Buffer,
-    /** Batch window: events are written at most this long after they happen; null = only on flush(). */
-    private batchMs: number | null = null,
   ) {}
 
-  /** From now on, write queued events within `ms` (the daemon: signatures must not wait on fsync). */
-  batch(ms: number): void {
-    this.batchMs = ms;
+  /**
+   * Daemon mode: from now on every turn's events are written before the turn's `record()`
+   * promises resolve. Failures are logged (once, then once a minute), never thrown at a timer.
+   */
+  serve(log: AuditLogger): void {
+    this.daemon = { log };
+    if (this.queue.length > 0) void this.scheduleTurn();
   }
 
-  record(event: AuditEvent, time = new Date()): void {
+  /** Null while the log can be written; otherwise since when and why not. */
+  get failure(): AuditFailure | null {
+    return this.failing && { code: this.failing.code, since: this.failing.since };
+  }
+
+  /** A sign request refused without signing because the log cannot be written (counted for the resume line). */
+  countRefusal(): void {
+    if (this.failing) this.failing.refused++;
+  }
+
+  /**
+   * Queues an event. In daemon mode, resolves once its line is written (rejects with
+   * AuditUnavailableError if it cannot be); a CLI process writes it at `flush()`.
+   */
+  record(event: AuditEvent, time = new Date(), options: { signature?: boolean } = {}): Promise<void> {
     if (this.queue.length >= MAX_PENDING_EVENTS) {
       this.queue.shift();
       this.dropped++;
     }
-    this.queue.push({ time: time.toISOString(), event });
-    if (this.batchMs !== null && !this.timer) {
-      this.timer = setTimeout(() => {
-        this.timer = null;
-        this.flush();
-      }, this.batchMs);
-      this.timer.unref();
+    this.queue.push({ time: time.toISOString(), event, signature: options.signature ?? false });
+    if (!this.daemon) return Promise.resolve();
+    if (this.failing) {
+      this.queue = this.queue.filter((q) => !q.signature);
+      return Promise.reject(new AuditUnavailableError(this.failing.code));
     }
+    return this.scheduleTurn();
   }
 
-  /** Appends every queued event, fsyncs, and moves the vault's anchor, in one write transaction. */
-  flush(): void {
-    if (this.timer) {
-      clearTimeout(this.timer);
-      this.timer = null;
+  /** Everything recorded so far is written (daemon mode); resolves at once when nothing is queued. */
+  written(): Promise<void> {
+    if (this.failing) return Promise.reject(new AuditUnavailableError(this.failing.code));
+    return this.turn?.promise ?? Promise.resolve();
+  }
+
+  private scheduleTurn(): Promise<void> {
+    if (this.turn) return this.turn.promise;
+    let resolve!: () => void;
+    let reject!: (err: Error) => void;
+    const promise = new Promise<void>((res, rej) => {
+      resolve = res;
+      reject = rej;
+    });
+    // Events nobody awaits (a handshake failure) must not become unhandled rejections.
+    promise.catch(() => {});
+    this.turn = { promise, resolve, reject, busySince: null };
+    setImmediate(this.writeTurn);
+    return promise;
+  }
+
+  private readonly writeTurn = (): void => {
+    const turn = this.turn;
+    if (!turn) return;
+    const batch = this.takeQueue();
+    try {
+      this.appendLocked(batch);
+    } catch (err) {
+      if (err instanceof LogBusy && (turn.busySince ??= Date.now()) > Date.now() - LOCK_WAIT_MS) {
+        // Another process is appending: this turn's events wait a moment, later ones join them.
+        this.queue = [...batch, ...this.queue];
+        setTimeout(this.writeTurn, 2);
+        return;
+      }
+      this.turn = null;
+      this.fail(err, batch);
+      turn.reject(new AuditUnavailableError(errorCode(err)));
+      return;
     }
-    if (this.queue.length === 0 || !this.db.open) return;
+    this.turn = null;
+    turn.resolve();
+    this.scheduleSync();
+  };
+
+  private takeQueue(): Queued[] {
     const batch = this.queue;
     this.queue = [];
     if (this.dropped > 0) {
-      batch.unshift({ time: new Date().toISOString(), event: { event: 'events-dropped', count: this.dropped } });
+      batch.unshift({ time: new Date().toISOString(), event: { event: 'events-dropped', count: this.dropped }, signature: false });
       this.dropped = 0;
     }
+    return batch;
+  }
+
+  /** Enters (or stays in) the failed state: signatures of the batch are counted as refused, other events kept. */
+  private fail(err: unknown, batch: Queued[]): void {
+    const code = errorCode(err);
+    const refused = batch.filter((q) => q.signature).length;
+    this.queue = [...batch.filter((q) => !q.signature), ...this.queue].slice(-MAX_PENDING_EVENTS);
+    if (this.failing) {
+      this.failing.refused += refused;
+      return;
+    }
+    const now = Date.now();
+    this.failing = { code, since: new Date(now).toISOString(), refused, loggedAt: now, retry: null };
+    this.daemon?.log.error({ path: this.path, code }, 'cannot write the audit log: refusing to sign until it can be written again');
+    this.armRetry();
+  }
+
+  private armRetry(): void {
+    const failing = this.failing;
+    if (!failing || !this.daemon) return;
+    failing.retry = setTimeout(() => {
+      failing.retry = null;
+      this.retry();
+    }, RETRY_MS);
+    failing.retry.unref();
+  }
+
+  /** While failing: tries to write what was kept plus a line saying what happened meanwhile. */
+  private retry(): void {
+    const failing = this.failing;
+    if (!failing) return;
+    const resumed: Queued = {
+      time: new Date().toISOString(),
+      event: { event: 'audit-resumed', reason: failing.code, since: failing.since, refused: failing.refused },
+      signature: false,
+    };
+    const batch = [...this.takeQueue(), resumed];
+    try {
+      this.appendLocked(batch);
+    } catch (err) {
+      this.queue = [...batch.slice(0, -1), ...this.queue].slice(-MAX_PENDING_EVENTS);
+      failing.code = errorCode(err);
+      if (Date.now() - failing.loggedAt >= REPEAT_LOG_MS) {
+        failing.loggedAt = Date.now();
+        this.daemon?.log.error({ path: this.path, code: failing.code, since: failing.since, refused: failing.refused }, 'still cannot write the audit log: refusing to sign');
+      }
+      this.armRetry();
+      return;
+    }
+    this.failing = null;
+    this.daemon?.log.info({ path: this.path, since: failing.since, refused: failing.refused }, 'the audit log can be written again: signing resumed');
+    this.scheduleSync();
+  }
+
+  /** Appends under the log's file lock; in daemon mode a held lock throws LogBusy instead of waiting. */
+  private appendLocked(batch: Queued[]): void {
+    if (batch.length === 0) return;
+    const fd = this.openLog();
+    if (!tryLockFile(fd)) {
+      if (this.daemon) throw new LogBusy();
+      const deadline = Date.now() + LOCK_WAIT_MS * 5;
+      const pause = new Int32Array(new SharedArrayBuffer(4));
+      while (!tryLockFile(fd)) {
+        if (Date.now() > deadline) throw new KeyholdError(`${this.path} stays locked by another process`, 'see which keyhold process hangs');
+        Atomics.wait(pause, 0, 0, 5);
+      }
+    }
+    try {
+      this.append(fd, batch);
+    } finally {
+      unlockFile(fd);
+    }
+  }
+
+  /** The open log, reopened when the path no longer names the file we hold (removed, replaced). */
+  private openLog(): number {
+    if (this.fd !== null) {
+      let ino = -1;
+      try {
+        ino = statSync(this.path).ino;
+      } catch {
+        /* removed: reopened below */
+      }
+      if (ino === this.ino) return this.fd;
+      if (this.syncing) throw new LogBusy();
+      closeSync(this.fd);
+      this.fd = null;
+    }
+    const fd = openSync(this.path, constants.O_RDWR | constants.O_CREAT | constants.O_APPEND | constants.O_NOFOLLOW, 0o600);
+    this.fd = fd;
+    this.ino = fstatSync(fd).ino;
+    this.size = -1;
+    return fd;
+  }
+
+  private append(fd: number, batch: Queued[]): void {
+    const start = fstatSync(fd).size;
+    if (start !== this.size || this.head === null) this.resync(fd);
+    let { seq, mac } = this.head!;
+    const lines: string[] = this.tornEnd ? [''] : [];
+    for (const { time, event } of batch) {
+      const formatted = formatLine(this.key, ++seq, time, event, mac);
+      lines.push(formatted.line);
+      mac = formatted.mac;
+    }
+    const bytes = Buffer.from(lines.join('\n') + '\n');
+    try {
+      let written = 0;
+      while (written < bytes.length) written += writeSync(fd, bytes, written);
+    } catch (err) {
+      // Disk full or an I/O error part-way: take the partial lines back, so that the chain on
+      // disk ends where it did and the next append continues from there.
+      try {
+        ftruncateSync(fd, start);
+      } catch {
+        this.size = -1;
+      }
+      throw err;
+    }
+    this.head = { seq, mac };
+    this.tornEnd = false;
+    this.size = start + bytes.length;
+    this.unsynced = this.head;
+  }
+
+  /**
+   * Finds where the chain goes on: the file's last authentic line, unless the file lost lines the
+   * vault remembers; then from the anchor, so that the gap shows in `audit verify`.
+   */
+  private resync(fd: number): void {
+    const { head, torn } = fileHead(fd, this.key);
+    let anchor: AuditAnchor = { seq: 0, mac: GENESIS_MAC };
+    try {
+      anchor = readAnchor(this.db);
+    } catch (err) {
+      // The database is busy or gone: the file's own head is the best we know.
+      if (!head) throw err;
+    }
+    this.head = head && head.seq >= anchor.seq ? head : anchor;
+    this.anchoredSeq = Math.max(this.anchoredSeq, anchor.seq);
+    this.tornEnd = torn;
+    this.size = fstatSync(fd).size;
+  }
+
+  private scheduleSync(): void {
+    if (!this.daemon || this.syncTimer || this.syncing || !this.unsynced) return;
+    this.syncTimer = setTimeout(() => {
+      this.syncTimer = null;
+      this.syncAsync();
+    }, SYNC_DELAY_MS);
+    this.syncTimer.unref();
+  }
+
+  /** One fsync for every line written since the last, on libuv's thread pool (the loop does not wait). */
+  private syncAsync(): void {
+    const fd = this.fd;
+    const target = this.unsynced;
+    if (fd === null || !target) return;
+    this.unsynced = null;
+    this.syncing = true;
+    fsync(fd, (err) => {
+      this.syncing = false;
+      if (this.closed) {
+        if (this.fd !== fd) closeSync(fd);
+        return;
+      }
+      if (err) {
+        this.unsynced ??= target;
+        this.fail(err, []);
+        return;
+      }
+      this.synced = target;
+      this.scheduleAnchor();
+      this.scheduleSync();
+    });
+  }
+
+  private scheduleAnchor(): void {
+    if (this.anchorTimer || !this.synced || this.synced.seq <= this.anchoredSeq) return;
+    this.anchorTimer = setTimeout(() => {
+      this.anchorTimer = null;
+      try {
+        this.moveAnchor(this.synced!);
+      } catch (err) {
+        // A process holding the database's write lock, or a full disk: the anchor trails the
+        // file a little longer. Nothing on the request path waits for it.
+        if (!isBusyError(err)) this.daemon?.log.info({ code: errorCode(err) }, 'audit anchor not updated; will retry');
+      }
+      this.scheduleAnchor();
+    }, ANCHOR_INTERVAL_MS);
+    this.anchorTimer.unref();
+  }
+
+  /** Moves the vault's anchor forward to `to` (never back: another writer may be ahead). */
+  private moveAnchor(to: AuditAnchor): void {
     this.db
       .transaction(() => {
-        const anchor = readAnchor(this.db);
-        const fd = openSync(this.path, constants.O_RDWR | constants.O_CREAT | constants.O_APPEND | constants.O_NOFOLLOW, 0o600);
-        try {
-          const { head, torn } = fileHead(fd, this.key);
-          // Continue from the file's last authentic line unless the file lost lines the vault
-          // remembers: then from the anchor, so that the gap shows in `audit verify`.
-          let { seq, mac } = head && head.seq >= anchor.seq ? head : anchor;
-          const lines: string[] = torn ? [''] : [];
-          for (const { time, event } of batch) {
-            const formatted = formatLine(this.key, ++seq, time, event, mac);
-            lines.push(formatted.line);
-            mac = formatted.mac;
-          }
-          const bytes = Buffer.from(lines.join('\n') + '\n');
-          let written = 0;
-          while (written < bytes.length) written += writeSync(fd, bytes, written);
-          fsyncSync(fd);
-          const upsert = this.db.prepare('INSERT INTO meta (name, value) VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET value = excluded.value');
-          upsert.run('audit_seq', seq);
-          upsert.run('audit_mac', mac);
-        } finally {
-          closeSync(fd);
-        }
+        if (readAnchor(this.db).seq >= to.seq) return;
+        const upsert = this.db.prepare('INSERT INTO meta (name, value) VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET value = excluded.value');
+        upsert.run('audit_seq', to.seq);
+        upsert.run('audit_mac', to.mac);
       })
       .immediate();
+    this.anchoredSeq = Math.max(this.anchoredSeq, to.seq);
+  }
+
+  /**
+   * Writes every queued event, fsyncs, and moves the anchor, before returning (a CLI process
+   * before it reports success; the daemon at lock and shutdown). Throws if the log cannot be
+   * written; the events stay queued.
+   */
+  flush(): void {
+    if (this.syncTimer) clearTimeout(this.syncTimer);
+    this.syncTimer = null;
+    const batch = this.takeQueue();
+    if (this.failing) batch.push({ time: new Date().toISOString(), event: { event: 'audit-resumed', reason: this.failing.code, since: this.failing.since, refused: this.failing.refused }, signature: false });
+    try {
+      this.appendLocked(batch);
+    } catch (err) {
+      this.queue = [...batch.filter((q) => q.event.event !== 'audit-resumed'), ...this.queue];
+      throw err;
+    }
+    if (this.failing?.retry) clearTimeout(this.failing.retry);
+    this.failing = null;
+    const target = this.unsynced ?? this.synced;
+    if (this.fd !== null && this.unsynced) fsyncSync(this.fd);
+    this.unsynced = null;
+    if (!target || target.seq <= this.anchoredSeq || !this.db.open) return;
+    this.synced = target;
+    try {
+      this.moveAnchor(target);
+    } catch (err) {
+      if (!this.daemon || !isBusyError(err)) throw err;
+    }
+  }
+
+  /** Stops the timers and closes the file; call after a last flush. */
+  close(): void {
+    this.closed = true;
+    for (const timer of [this.syncTimer, this.anchorTimer, this.failing?.retry ?? null]) if (timer) clearTimeout(timer);
+    this.syncTimer = this.anchorTimer = null;
+    if (this.fd !== null && !this.syncing) closeSync(this.fd);
+    this.fd = null;
+  }
+
+  /**
+   * Events not written yet, with a line on the failure if there is one: the daemon keeps them
+   * across a lock that happens while the log cannot be written, and writes them at the next unlock.
+   */
+  takeUnwritten(): { time: Date; event: AuditEvent }[] {
+    const events = this.takeQueue().map((q) => ({ time: new Date(q.time), event: q.event }));
+    if (this.failing) {
+      const { code, since, refused } = this.failing;
+      events.push({ time: new Date(), event: { event: 'audit-unavailable', reason: code, since, refused } });
+    }
+    return events;
   }
 }
 

@@ -18,6 +18,7 @@ import type { AuditEvent, AuditPeer } from '../audit/audit-log.js';
 import { thisProcess, type VaultApi } from '../vault/api.js';
 import { zeroKeks, type FactorKeks } from '../vault/keyring.js';
 import type { VaultPaths } from '../vault/paths.js';
+import { isBusyError } from '../vault/database.js';
 import { scopeBackend } from './scope-backend.js';
 import { SignPool } from './sign-pool.js';
 import { VaultSession } from './vault-session.js';
@@ -82,7 +83,7 @@ export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
         zeroKeks(initial);
       }
     }
-    const record = (event: AuditEvent) => session.record(event);
+    const record = (event: AuditEvent, options?: { signature?: boolean }) => session.record(event, options);
     const pool = options.signThreads === 0 ? null : new SignPool(options.signThreads);
     session.onChange((unlocked) => {
       if (!unlocked) pool?.clear();
@@ -91,7 +92,13 @@ export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
     const keys = () => session.keys();
     const backendFor = (scope: string) => {
       let backend = backends.get(scope);
-      if (!backend) backends.set(scope, (backend = scopeBackend(keys, scope, { allowSha1: options.allowSha1 ?? false, record, pool })));
+      if (!backend) backends.set(scope, (backend = scopeBackend(keys, scope, {
+        allowSha1: options.allowSha1 ?? false,
+        record,
+        auditFailure: () => session.auditFailure,
+        countAuditRefusal: () => session.countAuditRefusal(),
+        pool,
+      })));
       return backend;
     };
     const limit = new ConnectionLimit(options.maxConnections ?? 16384);
@@ -135,7 +142,7 @@ export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
             if (Date.now() - last < 60_000) return;
             quietKnocks.set(source, Date.now());
           }
-          record({ event: 'handshake-failed', peer, reason });
+          void record({ event: 'handshake-failed', peer, reason });
         },
       }).catch((err: Error) => {
         throw new KeyholdError(`cannot listen on ${where}: ${err.message}`, 'pick another address or stop what holds it');
@@ -183,17 +190,32 @@ export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
           } finally {
             for (const kek of keks.values()) kek.fill(0);
           }
+          await session.auditWritten().catch(() => log.warn('unlock not yet in the audit log (it cannot be written now)'));
           await syncScopes();
           return session.status(sockets.paths());
         }
         case 'call': {
           checkVault(request.vaultId);
+          const failure = session.auditFailure;
+          if (failure) {
+            throw new KeyholdError(`the audit log cannot be written (${failure.code}) since ${failure.since}; nothing was done`, 'free space on its disk; keyhold resumes by itself');
+          }
           const api = session.api(actor);
           const method = api[request.method as keyof VaultApi] as (...args: unknown[]) => Promise<unknown>;
-          const result = await method(...request.args);
-          session.changed();
-          await syncScopes();
-          return result;
+          try {
+            // Another process may hold the vault's write lock: wait for it here, without blocking
+            // the event loop (the database's own busy timeout is 0 in the daemon).
+            const result = await retryWhileBusy(() => method(...copyBuffers(request.args)));
+            session.changed();
+            // Acknowledged only once audited: a change (or a secret read) is in the log before its reply.
+            await session.auditWritten().catch((err: Error) => {
+              throw new KeyholdError(`done, but its audit line could not be written (${(err as { code?: string }).code ?? err.message})`, 'free space on the disk of the audit log');
+            });
+            await syncScopes();
+            return result;
+          } finally {
+            zeroBuffers(request.args);
+          }
         }
       }
     };
@@ -230,6 +252,39 @@ export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
     lock.release();
     throw err;
   }
+}
+
+/** How long a change through the daemon waits for another process's write lock on the vault. */
+const WRITE_LOCK_WAIT_MS = 10_000;
+
+/** Runs a vault operation again while another process holds the database's write lock. */
+async function retryWhileBusy<T>(attempt: () => Promise<T>): Promise<T> {
+  const deadline = Date.now() + WRITE_LOCK_WAIT_MS;
+  for (let delay = 5; ; delay = Math.min(delay * 2, 250)) {
+    try {
+      return await attempt();
+    } catch (err) {
+      if (!isBusyError(err)) throw err;
+      if (Date.now() + delay > deadline) {
+        throw new KeyholdError('the vault is busy: another process has held its write lock for 10 s', 'try again once that process has finished');
+      }
+      await new Promise((resolve) => setTimeout(resolve, delay));
+    }
+  }
+}
+
+/** Each attempt gets its own copies: vault operations zero the key material they are given. */
+function copyBuffers(value: unknown): any {
+  if (Buffer.isBuffer(value)) return Buffer.from(value);
+  if (Array.isArray(value)) return value.map(copyBuffers);
+  if (value !== null && typeof value === 'object') return Object.fromEntries(Object.entries(value).map(([k, v]) => [k, copyBuffers(v)]));
+  return value;
+}
+
+function zeroBuffers(value: unknown): void {
+  if (Buffer.isBuffer(value)) value.fill(0);
+  else if (Array.isArray(value)) value.forEach(zeroBuffers);
+  else if (value !== null && typeof value === 'object') Object.values(value).forEach(zeroBuffers);
 }
 
 function isLoopback(host: string): boolean {

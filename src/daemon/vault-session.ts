@@ -6,7 +6,7 @@ import { EXIT, KeyholdError } from '../errors.js';
 import type { DaemonStatus, LockTimers } from '../control/protocol.js';
 import { TokenCache } from '../tokens/token-cache.js';
 import { localVaultApi, type VaultApi } from '../vault/api.js';
-import { MAX_PENDING_EVENTS, type AuditEvent, type AuditPeer } from '../audit/audit-log.js';
+import { MAX_PENDING_EVENTS, type AuditEvent, type AuditFailure, type AuditPeer } from '../audit/audit-log.js';
 import { KeyCache } from '../vault/key-cache.js';
 import type { FactorKeks } from '../vault/keyring.js';
 import type { VaultPaths } from '../vault/paths.js';
@@ -20,9 +20,6 @@ interface Unlocked {
   lockAt: number | null;
   idleMs: number | null;
 }
-
-/** Signing-path audit events reach the file within this long. */
-const AUDIT_BATCH_MS = 100;
 
 /** setTimeout's limit; longer waits are re-armed. */
 const MAX_TIMER_MS = 2 ** 31 - 1;
@@ -59,7 +56,12 @@ export class VaultSession {
     const current = this.current;
     if (!current) return null;
     if (activity) this.lastActivity = Date.now();
-    current.keys.refresh();
+    try {
+      current.keys.refresh();
+    } catch (err) {
+      // The database cannot be read right now (busy, I/O error): sign from the keys we hold.
+      this.log.warn({ code: (err as { code?: string }).code }, 'cannot read the vault; serving the cached keys');
+    }
     return current.keys;
   }
 
@@ -71,7 +73,12 @@ export class VaultSession {
   private turnVersion: number | null = null;
   private observeVersion(vault: Vault): number {
     if (this.turnVersion === null) {
-      this.turnVersion = vault.observedVersion();
+      try {
+        this.turnVersion = vault.observedVersion();
+      } catch {
+        // Unreadable for now: the caches stay as they are until a later turn can read it.
+        this.turnVersion = this.current?.keys.version ?? -1;
+      }
       setImmediate(this.endTurn);
     }
     return this.turnVersion;
@@ -100,13 +107,32 @@ export class VaultSession {
    * Records an audit event: written within the batch window while unlocked; kept in memory while
    * locked (nothing can be authenticated without the master key) and written at the next unlock.
    */
-  record(event: AuditEvent): void {
-    if (this.current) return this.current.vault.record(event);
+  record(event: AuditEvent, options?: { signature?: boolean }): Promise<void> {
+    if (this.current) return this.current.vault.record(event, undefined, options);
+    this.keepWhileLocked(event, new Date());
+    return Promise.resolve();
+  }
+
+  private keepWhileLocked(event: AuditEvent, time: Date): void {
     if (this.pending.length >= MAX_PENDING_EVENTS) {
       this.pending.shift();
       this.droppedWhileLocked++;
     }
-    this.pending.push({ event, time: new Date() });
+    this.pending.push({ event, time });
+  }
+
+  /** Everything recorded so far is in the log file (rejects if it cannot be written). */
+  auditWritten(): Promise<void> {
+    return this.current?.vault.auditWritten() ?? Promise.resolve();
+  }
+
+  /** Null while the audit log can be written (or while locked, when nothing is written). */
+  get auditFailure(): AuditFailure | null {
+    return this.current?.vault.auditFailure ?? null;
+  }
+
+  countAuditRefusal(): void {
+    this.current?.vault.countAuditRefusal();
   }
 
   /** Unlocks with the KEKs a client proved; exit 4 if they do not open the vault. */
@@ -122,12 +148,12 @@ export class VaultSession {
         return keks;
       });
     } catch (err) {
-      this.record({ event: 'unlock-failed', reason: (err as Error).message, names: factors, ...(actor ? { peer: actor } : {}) });
+      void this.record({ event: 'unlock-failed', reason: (err as Error).message, names: factors, ...(actor ? { peer: actor } : {}) });
       throw err;
     }
-    vault.batchAudit(AUDIT_BATCH_MS);
-    if (this.droppedWhileLocked > 0) vault.record({ event: 'events-dropped', count: this.droppedWhileLocked });
-    for (const { event, time } of this.pending) vault.record(event, time);
+    vault.serveAudit(this.log);
+    if (this.droppedWhileLocked > 0) void vault.record({ event: 'events-dropped', count: this.droppedWhileLocked });
+    for (const { event, time } of this.pending) void vault.record(event, time);
     this.pending = [];
     this.droppedWhileLocked = 0;
     if (this.current) {
@@ -150,7 +176,7 @@ export class VaultSession {
       idleMs,
     };
     this.lastActivity = now;
-    vault.record({ event: 'unlock', names: factors, ...(actor ? { peer: actor } : {}) });
+    void vault.record({ event: 'unlock', names: factors, ...(actor ? { peer: actor } : {}) });
     this.armTimer();
     this.log.info({ lockAt: this.current.lockAt && new Date(this.current.lockAt).toISOString(), idleMs }, 'vault unlocked');
     for (const listener of this.listeners) listener(true);
@@ -159,12 +185,23 @@ export class VaultSession {
   lock(reason: string, actor?: AuditPeer): void {
     const current = this.current;
     if (!current) return;
-    current.vault.record({ event: 'lock', reason, ...(actor ? { peer: actor } : {}) });
+    void current.vault.record({ event: 'lock', reason, ...(actor ? { peer: actor } : {}) });
     this.current = null;
     if (this.timer) clearTimeout(this.timer);
     this.timer = null;
     current.keys.clear();
-    current.vault.close();
+    try {
+      current.vault.flushAudit();
+    } catch (err) {
+      // The log cannot be written now (disk full, say): keep the events for the next unlock.
+      this.log.error({ code: (err as { code?: string }).code ?? (err as Error).name }, 'audit log not written at lock; kept in memory');
+      for (const { event, time } of current.vault.takeUnwrittenAudit()) this.keepWhileLocked(event, time);
+    }
+    try {
+      current.vault.close({ flushAudit: false });
+    } catch (err) {
+      this.log.error({ code: (err as { code?: string }).code ?? (err as Error).name }, 'error while closing the vault');
+    }
     this.log.info({ reason }, 'vault locked');
     for (const listener of this.listeners) listener(false);
   }

@@ -23,7 +23,7 @@ export interface RequestContext {
 
 export type SignResult =
   | { ok: true; signature: Buffer; fingerprint: string; algorithm: string }
-  | { ok: false; reason: 'locked' | 'unknown-key' | 'sha1-refused' | 'error'; fingerprint?: string };
+  | { ok: false; reason: 'locked' | 'unknown-key' | 'sha1-refused' | 'audit-unavailable' | 'error'; fingerprint?: string };
 
 export interface AgentBackend {
   identities(context: RequestContext): readonly Identity[];

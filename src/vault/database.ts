@@ -7,6 +7,11 @@ import { KeyholdError } from '../errors.js';
 
 export type Db = Database.Database;
 
+/** Another connection holds the lock this statement needs (SQLITE_BUSY and its extended codes). */
+export function isBusyError(err: unknown): boolean {
+  return String((err as { code?: unknown } | null)?.code ?? '').startsWith('SQLITE_BUSY');
+}
+
 interface Migration {
   version: number;
   up(db: Db): void;

@@ -1,7 +1,7 @@
 // The unlocked vault: keys, scope assignments and the version counter that lets a running daemon
 // notice any change (its own or another process's) with one cheap check.
 import { existsSync, mkdirSync, readFileSync, unlinkSync } from 'node:fs';
-import { auditKey, AuditWriter, readAnchor, verifyAuditText, type AuditEvent, type VerifyResult } from '../audit/audit-log.js';
+import { auditKey, AuditWriter, readAnchor, verifyAuditText, type AuditEvent, type AuditFailure, type AuditLogger, type VerifyResult } from '../audit/audit-log.js';
 import { dirname } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import type { KeyObject } from 'node:crypto';
@@ -292,14 +292,40 @@ export class Vault {
     return rest as Factor;
   }
 
-  /** Queues an audit event; it is written at the next flush (at the latest, at close). */
-  record(event: AuditEvent, time?: Date): void {
-    this.audit.record(event, time);
+  /**
+   * Queues an audit event: a CLI process writes it at the next flush (at the latest, at close); in
+   * daemon mode the promise resolves once its line is in the file (see AuditWriter).
+   */
+  record(event: AuditEvent, time?: Date, options?: { signature?: boolean }): Promise<void> {
+    return this.audit.record(event, time, options);
   }
 
-  /** Daemon mode: write audit events within `ms` of when they happen instead of at close. */
-  batchAudit(ms: number): void {
-    this.audit.batch(ms);
+  /**
+   * Daemon mode: audit lines are written every turn of the event loop, before the replies that
+   * wait on them, and the database never makes the event loop wait (busy timeout 0; writers retry).
+   */
+  serveAudit(log: AuditLogger): void {
+    this.db.pragma('busy_timeout = 0');
+    this.audit.serve(log);
+  }
+
+  /** Resolves when everything recorded so far is in the log file; rejects if it cannot be written. */
+  auditWritten(): Promise<void> {
+    return this.audit.written();
+  }
+
+  /** Null while the audit log can be written. */
+  get auditFailure(): AuditFailure | null {
+    return this.audit.failure;
+  }
+
+  countAuditRefusal(): void {
+    this.audit.countRefusal();
+  }
+
+  /** Events not yet written (the daemon keeps them in memory across a lock). */
+  takeUnwrittenAudit(): { time: Date; event: AuditEvent }[] {
+    return this.audit.takeUnwritten();
   }
 
   flushAudit(): void {
@@ -309,26 +335,28 @@ export class Vault {
   /** Checks the whole audit log against this vault's key and anchor. */
   verifyAudit(): VerifyResult {
     this.flushAudit();
+    // The anchor first: the file only grows past it while we read (another writer may append).
+    const anchor = readAnchor(this.db);
     let text = '';
     try {
       text = readFileSync(this.paths.audit, 'utf8');
     } catch (err) {
       if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw new KeyholdError(`cannot read ${this.paths.audit}: ${(err as Error).message}`);
     }
-    return verifyAuditText(text, this.auditMacKey, readAnchor(this.db));
+    return verifyAuditText(text, this.auditMacKey, anchor);
   }
 
-  close(): void {
-    if (this.db.open) {
-      try {
-        this.audit.flush();
-      } finally {
-        this.db.close();
-      }
+  /** Flushes the audit log (unless told not to: the daemon flushes first and keeps what fails), then closes. */
+  close(options: { flushAudit?: boolean } = {}): void {
+    try {
+      if (this.db.open && options.flushAudit !== false) this.audit.flush();
+    } finally {
+      this.audit.close();
+      if (this.db.open) this.db.close();
+      this.masterKey.fill(0);
+      this.auditMacKey.fill(0);
+      zeroKeks(this.keks);
     }
-    this.masterKey.fill(0);
-    this.auditMacKey.fill(0);
-    zeroKeks(this.keks);
   }
 
   get isOpen(): boolean {
