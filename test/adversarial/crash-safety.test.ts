@@ -3,8 +3,7 @@
 // survives kill -9 of any keyhold process; the vault opens; the audit log verifies, a line torn by
 // a crash being reported as a warning naming it, never silently dropped and never a failure.
 import { afterEach, describe, expect, it } from 'vitest';
-import { spawn, type ChildProcess } from 'node:child_process';
-import { createHash, randomBytes } from 'node:crypto';
+import { randomBytes } from 'node:crypto';
 import { appendFileSync, existsSync, readdirSync, readFileSync, readlinkSync } from 'node:fs';
 import { join } from 'node:path';
 import {
@@ -12,7 +11,6 @@ import {
   frameBytes,
   initVault,
   keyhold,
-  KEYHOLD_BIN,
   keyholdOk,
   makeKeyholdEnv,
   processAlive,
@@ -24,15 +22,13 @@ import {
   type ServeHandle,
 } from '../helpers/keyhold.js';
 import { formatLine, readAnchor } from '../../src/audit/audit-log.js';
+import { auditLines, bare, completeEntries, expectAuditVerifies, killLaunched, launch, run, sha256, sleep, type Entry, type Outcome } from '../helpers/audit.js';
 import { vaultPaths } from '../../src/vault/paths.js';
 import { Vault } from '../../src/vault/vault.js';
 
 const envs: KeyholdEnv[] = [];
 const clients: RawAgentClient[] = [];
-const children = new Set<ChildProcess>();
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 const rand = (lo: number, hi: number) => lo + Math.random() * (hi - lo);
-const MAC_LINE = /,"mac":"[0-9a-f]{64}"\}$/;
 
 async function killAndWait(pid: number, signal: NodeJS.Signals): Promise<void> {
   if (!processAlive(pid)) return;
@@ -46,8 +42,7 @@ async function killAndWait(pid: number, signal: NodeJS.Signals): Promise<void> {
 
 afterEach(async () => {
   for (const c of clients.splice(0)) c.close();
-  for (const child of children) if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');
-  children.clear();
+  killLaunched();
   await stopAllServes();
   for (const k of envs.splice(0)) {
     const pid = daemonPid(k.runtime);
@@ -62,68 +57,6 @@ function newEnv(prefix: string): KeyholdEnv {
   const k = makeKeyholdEnv(prefix);
   envs.push(k);
   return k;
-}
-
-/** The same vault and runtime dir with no passphrase source: vault commands go through the daemon. */
-function bare(k: KeyholdEnv): KeyholdEnv {
-  const env = { ...k.env };
-  for (const name of ['KEYHOLD_PASSPHRASE_FILE', 'KEYHOLD_PASSPHRASE', 'CREDENTIALS_DIRECTORY', 'SSH_AUTH_SOCK']) delete env[name];
-  return { ...k, env };
-}
-
-interface Outcome {
-  code: number | null;
-  signal: NodeJS.Signals | null;
-  stdout: string;
-  stderr: string;
-  ms: number;
-}
-
-interface Launched {
-  proc: ChildProcess;
-  done: Promise<Outcome>;
-}
-
-/** Starts the keyhold CLI without waiting (many run at once; some are killed). */
-function launch(k: KeyholdEnv, args: string[], input?: string | Buffer): Launched {
-  const started = Date.now();
-  const proc = spawn(process.execPath, [KEYHOLD_BIN, ...args], { env: k.env, stdio: ['pipe', 'pipe', 'pipe'] });
-  children.add(proc);
-  let stdout = '';
-  let stderr = '';
-  proc.stdout!.on('data', (d: Buffer) => (stdout += d.toString()));
-  proc.stderr!.on('data', (d: Buffer) => (stderr += d.toString()));
-  proc.stdin!.on('error', () => {});
-  proc.stdin!.end(input ?? '');
-  const done = new Promise<Outcome>((resolve) => {
-    proc.once('close', (code, signal) => {
-      children.delete(proc);
-      resolve({ code, signal, stdout, stderr, ms: Date.now() - started });
-    });
-  });
-  return { proc, done };
-}
-
-async function run(k: KeyholdEnv, args: string[], input?: string): Promise<Outcome> {
-  return launch(k, args, input).done;
-}
-
-function auditLines(k: KeyholdEnv): string[] {
-  const path = vaultPaths(k.vault).audit;
-  if (!existsSync(path)) return [];
-  const text = readFileSync(path, 'utf8');
-  const lines = text.split('\n');
-  if (lines[lines.length - 1] === '') lines.pop();
-  return lines;
-}
-
-interface Entry {
-  seq: number;
-  event: string;
-  name?: string;
-  token_id?: string;
-  fingerprint?: string;
-  data_sha256?: string;
 }
 
 /** Whether `pid` has the vault database (or its WAL) open. */
@@ -142,24 +75,6 @@ function openVaultFile(pid: number): boolean {
   return false;
 }
 
-const completeEntries = (k: KeyholdEnv): Entry[] => auditLines(k).filter((l) => MAC_LINE.test(l)).map((l) => JSON.parse(l) as Entry);
-
-/**
- * `audit verify` must exit 0; every line of the file that is not a complete audit line (torn by a
- * crash) must be named in a warning; the count it prints is the number of complete lines.
- */
-async function expectAuditVerifies(k: KeyholdEnv): Promise<{ torn: number[]; stderr: string }> {
-  const result = await run(k, ['audit', 'verify']);
-  expect(result.code, `audit verify: ${result.stderr}`).toBe(0);
-  const lines = auditLines(k);
-  const torn = lines.flatMap((line, i) => (MAC_LINE.test(line) ? [] : [i + 1]));
-  for (const n of torn) expect(result.stderr, `torn line ${n} must be reported`).toMatch(new RegExp(`line ${n}: .*(torn|incomplete)`));
-  const warned = [...result.stderr.matchAll(/warning: .* line (\d+):/g)].map((m) => Number(m[1]));
-  expect(warned.sort((a, b) => a - b)).toEqual(torn);
-  expect(result.stdout).toContain(`ok: ${lines.length - torn.length} entries`);
-  return { torn, stderr: result.stderr };
-}
-
 function u32(n: number): Buffer {
   const b = Buffer.alloc(4);
   b.writeUInt32BE(n);
@@ -175,7 +90,6 @@ function firstIdentity(reply: Buffer): Buffer {
 }
 
 const signRequest = (blob: Buffer, data: Buffer) => frameBytes(Buffer.concat([Buffer.of(13), sshString(blob), sshString(data), u32(0)]));
-const sha256 = (b: Buffer | string) => createHash('sha256').update(b).digest('hex');
 
 describe('kill -9 of CLI writers in the middle of their writes', () => {
   it('every acknowledged secret, token and key survives; the vault opens; the audit log verifies', async () => {
