@@ -140,6 +140,13 @@ export class AuditUnavailableError extends Error {
   }
 }
 
+/** A rejection for callers that await it; one nobody awaits (`void record(…)`) must not end the process. */
+function unavailable(code: string): Promise<never> {
+  const rejected = Promise.reject(new AuditUnavailableError(code));
+  rejected.catch(() => {});
+  return rejected;
+}
+
 /** Another process holds the log's file lock (it is appending); not a failure unless it lasts. */
 class LogBusy extends Error {}
 
@@ -242,14 +249,14 @@ export class AuditWriter {
     if (!this.daemon) return Promise.resolve();
     if (this.failing) {
       this.queue = this.queue.filter((q) => !q.signature);
-      return Promise.reject(new AuditUnavailableError(this.failing.code));
+      return unavailable(this.failing.code);
     }
     return this.scheduleTurn();
   }
 
   /** Everything recorded so far is written (daemon mode); resolves at once when nothing is queued. */
   written(): Promise<void> {
-    if (this.failing) return Promise.reject(new AuditUnavailableError(this.failing.code));
+    if (this.failing) return unavailable(this.failing.code);
     return this.turn?.promise ?? Promise.resolve();
   }
 
@@ -531,7 +538,10 @@ export class AuditWriter {
     try {
       this.moveAnchor(target);
     } catch (err) {
-      if (!this.daemon || !isBusyError(err)) throw err;
+      // The lines are on disk; in the daemon the anchor may trail them (a held lock, a full disk).
+      if (!this.daemon) throw err;
+      if (!isBusyError(err)) this.daemon.log.info({ code: errorCode(err) }, 'audit anchor not updated; will retry');
+      this.scheduleAnchor();
     }
   }
 
