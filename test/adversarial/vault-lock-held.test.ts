@@ -1,0 +1,94 @@
+// A second process holds the vault's write lock (BEGIN IMMEDIATE) for 11 s, longer than SQLite's
+// busy timeout: the daemon must keep signing from its cache (each signature audited: the audit
+// log needs no database lock), keep answering the owner, make a change wait for the lock rather
+// than fail or freeze, and never die (PRODUCT.md, "Guarantees").
+import { afterEach, describe, expect, it } from 'vitest';
+import { spawn, type ChildProcess } from 'node:child_process';
+import { join } from 'node:path';
+import { pathToFileURL } from 'node:url';
+import { bare, completeEntries, expectAuditVerifies, killLaunched, launch, sleep, SigningLoad, unauditedSignatures } from '../helpers/audit.js';
+import { initVault, keyhold, keyholdOk, makeKeyholdEnv, REPO, startServe, stopAllServes, waitFor, type KeyholdEnv } from '../helpers/keyhold.js';
+
+const HOLD_MS = 11_000;
+const envs: KeyholdEnv[] = [];
+const holders: ChildProcess[] = [];
+
+afterEach(async () => {
+  for (const h of holders.splice(0)) if (h.exitCode === null) h.kill('SIGKILL');
+  killLaunched();
+  await stopAllServes();
+  for (const k of envs.splice(0)) k.cleanup();
+});
+
+/** Another process that opens the vault and holds its write lock for `ms`; resolves once it holds it. */
+async function holdWriteLock(k: KeyholdEnv, ms: number): Promise<{ released: Promise<number | null> }> {
+  const url = (p: string) => JSON.stringify(pathToFileURL(join(REPO, 'dist', p)).href);
+  const script = `
+    const { Vault } = await import(${url('vault/vault.js')});
+    const { vaultPaths } = await import(${url('vault/paths.js')});
+    const { readFileSync } = await import('node:fs');
+    const pass = readFileSync(process.env.KEYHOLD_PASSPHRASE_FILE, 'utf8').trim();
+    const vault = await Vault.open(vaultPaths(process.env.KEYHOLD_VAULT), async () => Buffer.from(pass));
+    vault.db.exec('BEGIN IMMEDIATE');
+    console.log('held');
+    await new Promise((r) => setTimeout(r, ${ms}));
+    vault.db.exec('COMMIT');
+    vault.close();
+  `;
+  const proc = spawn(process.execPath, ['--input-type=module', '-e', script], { env: k.env, stdio: ['ignore', 'pipe', 'pipe'] });
+  holders.push(proc);
+  let out = '';
+  let err = '';
+  proc.stdout!.on('data', (d: Buffer) => (out += d.toString()));
+  proc.stderr!.on('data', (d: Buffer) => (err += d.toString()));
+  const released = new Promise<number | null>((resolve) => proc.once('exit', resolve));
+  await waitFor(() => out.includes('held') || proc.exitCode !== null, 10_000, 'the lock holder');
+  if (!out.includes('held')) throw new Error(`lock holder failed: ${err}`);
+  return { released };
+}
+
+describe('another process holds the vault write lock for 11 s', () => {
+  it('signing goes on (audited), status answers, a change waits for the lock, the daemon lives', async () => {
+    const k = makeKeyholdEnv('kh-lock-held-');
+    envs.push(k);
+    initVault(k);
+    keyholdOk(k, ['key', 'generate', 'web']);
+    const serve = await startServe(k);
+    const load = new SigningLoad(serve.socket('web'), 4, 4);
+    await sleep(300);
+
+    const { released } = await holdWriteLock(k, HOLD_MS);
+    const heldAt = Date.now();
+    const before = load.received.size;
+    await sleep(1_000);
+    const change = launch(bare(k), ['secret', 'set', 'ci', 'WHILE_HELD'], 'value-written-after-the-lock');
+    // Each second of the hold: signatures keep coming, and the owner's status answers at once.
+    const perSecond: number[] = [];
+    let last = load.received.size;
+    for (let s = 0; s < 6; s++) {
+      await sleep(1_000);
+      perSecond.push(load.received.size - last);
+      last = load.received.size;
+      const started = Date.now();
+      const status = keyhold(bare(k), ['status', '--quiet']);
+      expect(status.status, status.stderr).toBe(0);
+      expect(Date.now() - started, 'status answered while the lock is held').toBeLessThan(5_000);
+    }
+    console.log(`lock held: signatures per second while held ${perSecond.join(', ')} (before: ${before})`);
+    for (const n of perSecond) expect(n, 'signatures in each second of the hold').toBeGreaterThan(50);
+
+    expect(await released).toBe(0);
+    const outcome = await change.done;
+    expect(outcome.code, outcome.stderr).toBe(0);
+    expect(outcome.ms, 'the change waited for the lock').toBeGreaterThan(HOLD_MS - (Date.now() - heldAt) - 2_000);
+    await sleep(500);
+    await load.stop();
+    expect(serve.proc.exitCode, serve.stderr().slice(-2000)).toBeNull();
+    expect(serve.proc.signalCode).toBeNull();
+    expect(keyholdOk(k, ['secret', 'get', 'ci', 'WHILE_HELD'])).toBe('value-written-after-the-lock');
+    await serve.stop();
+    expect(unauditedSignatures(k, load.received)).toEqual([]);
+    expect(completeEntries(k).some((e) => e.event === 'secret-set' && e.name === 'WHILE_HELD')).toBe(true);
+    await expectAuditVerifies(k);
+  }, 60_000);
+});
