@@ -11,20 +11,129 @@ import { checkScopeName, SECRET_NAME_PATTERN, type SecretValue } from '../vault/
 import { withVault, type GlobalArgs } from './common.js';
 import { asUtf8 } from './secret.js';
 
-/** Names that make a program load or run something else, or that keyhold itself reads. */
-const DENIED_NAMES = new Set([
-  'PATH', 'ENV', 'BASH_ENV', 'SHELLOPTS', 'BASHOPTS', 'PS4', 'PROMPT_COMMAND', 'IFS', 'CDPATH', 'GLOBIGNORE',
-  'HOME', 'SHELL', 'TMPDIR', 'NODE_OPTIONS', 'NODE_PATH', 'PYTHONPATH', 'PYTHONHOME', 'PYTHONSTARTUP',
-  'PYTHONINSPECT', 'PYTHONBREAKPOINT', 'PERL5LIB', 'PERLLIB', 'PERL5OPT', 'RUBYOPT', 'RUBYLIB', 'GEM_PATH',
-  'GCONV_PATH', 'GLIBC_TUNABLES', 'LOCPATH', 'NLSPATH', 'HOSTALIASES', 'RESOLV_HOST_CONF', 'JAVA_TOOL_OPTIONS',
-  '_JAVA_OPTIONS', 'JDK_JAVA_OPTIONS', 'CLASSPATH', 'SSH_AUTH_SOCK', 'SSH_ASKPASS', 'SUDO_ASKPASS', 'GIT_SSH',
-  'GIT_SSH_COMMAND', 'GIT_ASKPASS', 'GIT_EXEC_PATH', 'GIT_TEMPLATE_DIR', 'EDITOR', 'VISUAL', 'PAGER',
-  'LESSOPEN', 'LESSCLOSE', 'BROWSER',
-]);
-const DENIED_PREFIXES = ['LD_', 'DYLD_', 'BASH_FUNC_', 'MALLOC_', 'GIT_CONFIG', 'KEYHOLD_'];
+/**
+ * Who reads which variables to decide what to run, load, fetch or trust. A secret with such a name
+ * would turn whoever can write the scope into whoever runs code in the next `git status`, `npm run`
+ * or `make`, so it is skipped unless allowed by its exact name.
+ *
+ * A denylist, not an allowlist: secrets have whatever names the application chose (DATABASE_URL,
+ * STRIPE_KEY), so no allowlist could name them, and one that made every secret need `--allow`
+ * would be bypassed by habit. Where a tool reads its whole configuration from a prefix (git, npm,
+ * pip, cargo), the family is denied, so settings it adds later are covered too; where it reads a
+ * few names and the rest of the prefix is a common place for credentials (SSH_PRIVATE_KEY,
+ * DOCKER_PASSWORD), only those names are.
+ */
+interface Reader {
+  /** Who reads them, with the verb, as the warning says it: "git reads". */
+  readonly who: string;
+  /** What for, when not "to decide what to run, load or trust". */
+  readonly purpose?: string;
+  readonly names?: readonly string[];
+  readonly prefixes?: readonly string[];
+}
+
+const READERS: readonly Reader[] = [
+  {
+    who: 'the dynamic loader and libc read',
+    prefixes: ['LD_', 'DYLD_', 'MALLOC_'],
+    names: [
+      'GCONV_PATH', 'GETCONF_DIR', 'GLIBC_TUNABLES', 'HOSTALIASES', 'LOCALDOMAIN', 'LOCPATH', 'MUSL_LOCPATH',
+      'NIS_PATH', 'NLSPATH', 'PATH_LOCALE', 'RESOLV_HOST_CONF', 'RES_OPTIONS', 'TZDIR', 'TERMINFO',
+      'TERMINFO_DIRS', 'TERMCAP', 'TERMPATH',
+    ],
+  },
+  { who: 'programs that run others read', names: ['PATH', 'HOME', 'TMPDIR', 'SHELL'] },
+  {
+    who: 'shells read',
+    prefixes: ['BASH_'],
+    names: [
+      'ENV', 'SHELLOPTS', 'BASHOPTS', 'PS0', 'PS1', 'PS2', 'PS3', 'PS4', 'PROMPT_COMMAND', 'IFS', 'CDPATH',
+      'GLOBIGNORE', 'ZDOTDIR', 'FPATH', 'NULLCMD', 'READNULLCMD', 'TMPPREFIX',
+    ],
+  },
+  {
+    who: 'programs that start an editor, pager or prompt read',
+    names: [
+      'EDITOR', 'VISUAL', 'FCEDIT', 'SUDO_EDITOR', 'PAGER', 'MANPAGER', 'SYSTEMD_PAGER', 'SYSTEMD_EDITOR', 'BROWSER',
+      'LESS', 'LESSOPEN', 'LESSCLOSE', 'LESSKEY', 'LESSKEYIN', 'LESSKEY_SYSTEM', 'LESSKEYIN_SYSTEM', 'LESSEDIT',
+      'LESSSECURE', 'LESSHISTFILE', 'SUDO_ASKPASS',
+    ],
+  },
+  { who: 'git and other XDG programs read', prefixes: ['XDG_'] },
+  { who: 'git reads', prefixes: ['GIT_'] },
+  {
+    who: 'OpenSSH reads',
+    names: [
+      'SSH_AUTH_SOCK', 'SSH_AGENT_PID', 'SSH_ASKPASS', 'SSH_ASKPASS_REQUIRE', 'SSH_SK_PROVIDER', 'SSH_SK_HELPER',
+      'SSH_PKCS11_HELPER', 'SSH_CONNECTION', 'SSH_CLIENT', 'SSH_TTY', 'SSH_ORIGINAL_COMMAND', 'SSH_USER_AUTH',
+    ],
+  },
+  { who: 'GnuPG reads', names: ['GNUPGHOME'] },
+  {
+    who: 'TLS clients read',
+    prefixes: ['OPENSSL_'],
+    names: ['SSL_CERT_FILE', 'SSL_CERT_DIR', 'SSLKEYLOGFILE', 'CURL_CA_BUNDLE', 'CURL_HOME', 'REQUESTS_CA_BUNDLE', 'AWS_CA_BUNDLE', 'WGETRC'],
+  },
+  {
+    who: 'HTTP clients read', purpose: 'to choose where requests go',
+    names: ['HTTP_PROXY', 'HTTPS_PROXY', 'ALL_PROXY', 'FTP_PROXY', 'NO_PROXY', 'SOCKS_PROXY', 'RSYNC_PROXY', 'WS_PROXY', 'WSS_PROXY'],
+  },
+  { who: 'Node.js reads', prefixes: ['NODE_'] },
+  { who: 'npm, yarn, pnpm and corepack read', prefixes: ['NPM_CONFIG_', 'YARN_', 'PNPM_', 'COREPACK_'] },
+  { who: 'Python and its installers read', prefixes: ['PYTHON', 'PIP_', 'UV_', 'POETRY_'], names: ['VIRTUAL_ENV', 'IPYTHONDIR'] },
+  { who: 'Ruby, RubyGems and Bundler read', prefixes: ['RUBY', 'GEM_', 'BUNDLE_'], names: ['GEMRC', 'IRBRC'] },
+  { who: 'Perl reads', prefixes: ['PERL'] },
+  {
+    who: 'the JVM and its build tools read',
+    prefixes: ['JAVA_'],
+    names: ['_JAVA_OPTIONS', 'JDK_JAVA_OPTIONS', 'CLASSPATH', 'MAVEN_OPTS', 'MAVEN_ARGS', 'MAVEN_HOME', 'M2_HOME', 'GRADLE_OPTS', 'GRADLE_USER_HOME', 'SBT_OPTS', 'ANT_OPTS', 'ANT_HOME'],
+  },
+  {
+    who: 'make and C toolchains read',
+    prefixes: ['PKG_CONFIG'],
+    names: ['MAKEFLAGS', 'MFLAGS', 'GNUMAKEFLAGS', 'MAKEFILES', 'CC', 'CXX', 'CPP', 'CFLAGS', 'CXXFLAGS', 'CPPFLAGS', 'LDFLAGS'],
+  },
+  {
+    who: 'the Go toolchain reads',
+    prefixes: ['CGO_'],
+    names: [
+      'GOFLAGS', 'GOROOT', 'GOPATH', 'GOBIN', 'GOTOOLCHAIN', 'GOENV', 'GOPROXY', 'GONOPROXY', 'GOSUMDB', 'GONOSUMDB',
+      'GONOSUMCHECK', 'GOINSECURE', 'GOPRIVATE', 'GOVCS', 'GOWORK', 'GOCACHE', 'GOMODCACHE', 'GOEXPERIMENT', 'GOTMPDIR',
+    ],
+  },
+  { who: 'cargo, rustup and rustc read', prefixes: ['CARGO_', 'RUSTUP_', 'RUSTC', 'RUSTDOC'], names: ['RUSTFLAGS'] },
+  {
+    who: 'container, cluster and cloud CLIs read',
+    names: ['KUBECONFIG', 'DOCKER_HOST', 'DOCKER_CONTEXT', 'DOCKER_CONFIG', 'DOCKER_CERT_PATH', 'BUILDKIT_HOST', 'AWS_CONFIG_FILE', 'AWS_SHARED_CREDENTIALS_FILE'],
+  },
+  { who: 'keyhold reads', prefixes: ['KEYHOLD_'] },
+];
+
+/**
+ * Names inside a denied family that their tool reads only as a label or as a credential it sends
+ * where the user's own configuration says: common application secrets, harmless to pass.
+ */
+const ORDINARY_IN_FAMILY = new Set(['NODE_ENV', 'NODE_AUTH_TOKEN', 'CARGO_REGISTRY_TOKEN', 'GEM_HOST_API_KEY']);
+
+/**
+ * Why `name` is refused, or null. Letter case is ignored: several programs read lowercase forms
+ * (http_proxy, npm_config_*), and so does anything that treats the environment as case-insensitive.
+ */
+export function deniedBecause(name: string): string | null {
+  const upper = name.toUpperCase();
+  if (ORDINARY_IN_FAMILY.has(upper)) return null;
+  for (const { who, purpose, names, prefixes } of READERS) {
+    const family = prefixes?.find((p) => upper.startsWith(p));
+    const matched = family !== undefined ? `${family}*` : names?.includes(upper) ? upper : null;
+    if (matched === null) continue;
+    const anyCase = name === upper ? '' : ' in any letter case';
+    return `${who} ${matched}${anyCase} ${purpose ?? 'to decide what to run, load or trust'}`;
+  }
+  return null;
+}
 
 export function deniedVariable(name: string): boolean {
-  return DENIED_NAMES.has(name) || DENIED_PREFIXES.some((p) => name.startsWith(p));
+  return deniedBecause(name) !== null;
 }
 
 export interface SecretSelection {
@@ -48,8 +157,9 @@ export function selectVariables(secrets: SecretValue[], selection: SecretSelecti
   for (const [name, value] of byName) {
     if (selection.only && !selection.only.includes(name)) continue;
     const variable = selection.prefix + name;
-    if (deniedVariable(variable) && !selection.allow.has(variable)) {
-      warn(`skipped ${variable}: it changes how programs load or run (pass --allow ${variable} to set it anyway)`);
+    const denied = selection.allow.has(variable) ? null : deniedBecause(variable);
+    if (denied !== null) {
+      warn(`skipped ${variable}: ${denied} (pass --allow ${variable} to set it anyway)`);
       continue;
     }
     if (value.includes(0)) {
@@ -65,7 +175,7 @@ function selectionOptions<T>(y: Argv<T>) {
     .option('scope', { alias: 's', type: 'string', array: true, demandOption: true, describe: 'scope whose secrets to use (repeatable; later wins)' })
     .option('prefix', { type: 'string', default: '', describe: 'prepend this to every variable name' })
     .option('only', { type: 'string', describe: 'only these secrets: NAME,NAME…' })
-    .option('allow', { type: 'string', array: true, default: [] as string[], describe: 'set this denylisted variable anyway (repeatable)' });
+    .option('allow', { type: 'string', array: true, default: [] as string[], describe: 'set this denied variable anyway; the exact name, as the warning gives it (repeatable)' });
 }
 
 function parseSelection(args: { scope: string[]; prefix: string; only?: string | undefined; allow: string[] }): SecretSelection {

@@ -1,6 +1,7 @@
 // End-to-end: the secret store through the real CLI — `secret set/get/list/rm` byte for byte,
 // `keyhold env` (execve: exact bytes in the environment, exit codes and signals passed through,
-// argv intact, Linux's 128 KiB per-variable limit), the denylist, scopes, --prefix, --only,
+// argv intact, Linux's 128 KiB per-variable limit), the denylist (and that it stops secrets named
+// GIT_EXTERNAL_DIFF, XDG_CONFIG_HOME, npm_config_script_shell from running code), scopes, --prefix, --only,
 // `keyhold export` read back by sh and JSON.parse, no value in the vault files, daemon log or a
 // child's argv, concurrent writers (directly and through an unlocked daemon), and the error codes.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -641,6 +642,97 @@ describe('selection: denylist, scopes, --prefix, --only', () => {
       expect(runs[i + 1]!.status).toBe(5);
     }
     expect(existsSync(marker)).toBe(false);
+  });
+});
+
+describe('env: secrets that would make git and npm run code', () => {
+  // The attacks from issue 11: a secret under one of these names runs the writer's program on the
+  // user's next `git diff`, `git status` or `npm run`. Each case isolates one name with --only.
+  let lab: string;
+  let labEnv: NodeJS.ProcessEnv;
+  let labDaemon: NodeJS.ProcessEnv;
+  interface Hijack {
+    name: string;
+    value: string;
+    command: string[];
+    marker: string;
+  }
+  const hijacks: Hijack[] = [];
+
+  beforeAll(async () => {
+    lab = join(k.dir, 'hijack');
+    const repo = join(lab, 'repo');
+    mkdirSync(join(lab, 'xdg', 'git'), { recursive: true });
+    mkdirSync(join(lab, 'pkg'));
+    /** A program that leaves `marker` behind and then does what `then` says. */
+    const program = (file: string, marker: string, then: string) => {
+      const path = join(lab, file);
+      writeFileSync(path, `#!/bin/sh\ntouch '${marker}'\n${then}\n`);
+      chmodSync(path, 0o755);
+      return path;
+    };
+    const git = (...args: string[]) => {
+      const r = spawnSync('git', args, { encoding: 'utf8' });
+      expect(r.status, r.stderr).toBe(0);
+    };
+    git('init', '-q', repo);
+    writeFileSync(join(repo, 'tracked'), 'one\n');
+    git('-C', repo, 'add', 'tracked');
+    writeFileSync(join(repo, 'tracked'), 'two\n'); // so `git diff` has a change to show
+
+    const diffMarker = join(lab, 'ran-external-diff');
+    hijacks.push({ name: 'GIT_EXTERNAL_DIFF', value: program('diff.sh', diffMarker, 'exit 0'), command: ['git', '-C', repo, 'diff'], marker: diffMarker });
+
+    const fsmonitorMarker = join(lab, 'ran-fsmonitor');
+    const fsmonitor = program('fsmonitor.sh', fsmonitorMarker, 'exit 0');
+    writeFileSync(join(lab, 'xdg', 'git', 'config'), `[core]\n\tfsmonitor = ${fsmonitor}\n`);
+    hijacks.push({ name: 'XDG_CONFIG_HOME', value: join(lab, 'xdg'), command: ['git', '-C', repo, 'status', '--short'], marker: fsmonitorMarker });
+
+    const npmMarker = join(lab, 'ran-script-shell');
+    writeFileSync(join(lab, 'pkg', 'package.json'), JSON.stringify({ name: 'p', version: '1.0.0', scripts: { build: 'true' } }));
+    hijacks.push({
+      name: 'npm_config_script_shell',
+      value: program('shell.sh', npmMarker, 'exec /bin/sh "$@"'),
+      command: ['npm', 'run', '--silent', '--prefix', join(lab, 'pkg'), 'build'],
+      marker: npmMarker,
+    });
+
+    // npm must not look for updates or write to the real home; inherited variables are the user's own
+    const quietNpm = { npm_config_update_notifier: 'false', npm_config_cache: join(lab, 'npm-cache'), npm_config_fund: 'false' };
+    labEnv = { ...k.env, ...quietNpm };
+    labDaemon = { ...d, ...quietNpm };
+    for (const r of await many(hijacks.map((h, i): Call => [i % 2 ? d : k.env, ['secret', 'set', 'hijack', h.name], h.value]))) ok(r, 'set');
+  });
+
+  it('skips each with a warning naming it and its --allow; with --allow NAME the program does run', async () => {
+    const denied = await many(hijacks.map((h): Call => [labEnv, ['env', '-s', 'hijack', '--only', h.name, '--', ...h.command]]));
+    hijacks.forEach((h, i) => {
+      const r = ok(denied[i]!, `env ${h.name}`);
+      expect(existsSync(h.marker), `${h.name} ran its program`).toBe(false);
+      expect(r.stderr).toContain(`skipped ${h.name}: `);
+      expect(r.stderr).toContain(`--allow ${h.name} `);
+      expect(r.stderr).not.toContain(h.value);
+    });
+
+    // the same runs with --allow prove each attack is real, so the absence above means something
+    const allowed = await many(hijacks.map((h): Call => [labDaemon, ['env', '-s', 'hijack', '--only', h.name, '--allow', h.name, '--', ...h.command]]));
+    hijacks.forEach((h, i) => {
+      const r = ok(allowed[i]!, `env --allow ${h.name}`);
+      expect(existsSync(h.marker), `${h.name} with --allow`).toBe(true);
+      expect(r.stderr).not.toContain('skipped');
+    });
+  });
+
+  it('export skips them by the same rule, warning for each', () => {
+    const r = ok(kh(d, ['export', '-s', 'hijack', '--format', 'json']), 'export');
+    expect(JSON.parse(r.stdout.toString())).toEqual({});
+    for (const h of hijacks) {
+      expect(r.stderr).toContain(`skipped ${h.name}: `);
+      expect(r.stderr).toContain(`--allow ${h.name} `);
+      expect(r.stderr).not.toContain(h.value);
+    }
+    const allowed = ok(kh(k.env, ['export', '-s', 'hijack', '--allow', 'XDG_CONFIG_HOME', '--format', 'json']), 'export --allow');
+    expect(JSON.parse(allowed.stdout.toString())).toEqual({ XDG_CONFIG_HOME: join(lab, 'xdg') });
   });
 });
 

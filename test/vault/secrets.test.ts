@@ -7,7 +7,7 @@ import { randomBytes } from 'node:crypto';
 import { mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { deniedVariable, formatExport, selectVariables, shellQuoteBytes, type SecretSelection } from '../../src/cli/env.js';
+import { deniedBecause, deniedVariable, formatExport, selectVariables, shellQuoteBytes, type SecretSelection } from '../../src/cli/env.js';
 import { EXIT, KeyholdError } from '../../src/errors.js';
 import { enrollPassphrase } from '../../src/vault/keyring.js';
 import { vaultPaths, type VaultPaths } from '../../src/vault/paths.js';
@@ -222,13 +222,67 @@ describe('deniedVariable', () => {
     }
   });
 
-  it('allows ordinary names, including ones that merely contain a denied word', () => {
+  // One or more members of each family, chosen for what they do: each runs, loads or fetches code,
+  // or changes what is trusted or where traffic goes.
+  const FAMILIES: Record<string, string[]> = {
+    git: ['GIT_EXTERNAL_DIFF', 'GIT_CONFIG_COUNT', 'GIT_CONFIG_KEY_0', 'GIT_CONFIG_VALUE_0', 'GIT_DIR', 'GIT_PAGER', 'GIT_EDITOR',
+      'GIT_SEQUENCE_EDITOR', 'GIT_PROXY_COMMAND', 'GIT_ASKPASS', 'GIT_EXEC_PATH', 'GIT_TEMPLATE_DIR', 'GIT_TRACE_CURL', 'GIT_SSL_NO_VERIFY',
+      'GIT_AUTHOR_NAME', 'GIT_COMMITTER_EMAIL'],
+    xdg: ['XDG_CONFIG_HOME', 'XDG_CONFIG_DIRS', 'XDG_DATA_HOME', 'XDG_DATA_DIRS', 'XDG_RUNTIME_DIR', 'XDG_CACHE_HOME'],
+    ssh: ['SSH_AUTH_SOCK', 'SSH_ASKPASS', 'SSH_ASKPASS_REQUIRE', 'SSH_SK_PROVIDER', 'SSH_SK_HELPER', 'SSH_PKCS11_HELPER', 'SSH_AGENT_PID'],
+    npm: ['npm_config_script_shell', 'NPM_CONFIG_SCRIPT_SHELL', 'Npm_Config_Userconfig', 'npm_config_registry', 'npm_config_node_options'],
+    yarnPnpmCorepack: ['YARN_YARN_PATH', 'YARN_RC_FILENAME', 'YARN_NPM_REGISTRY_SERVER', 'PNPM_HOME', 'pnpm_config_registry', 'COREPACK_NPM_REGISTRY'],
+    node: ['NODE_OPTIONS', 'NODE_PATH', 'NODE_EXTRA_CA_CERTS', 'NODE_TLS_REJECT_UNAUTHORIZED', 'NODE_REPL_EXTERNAL_MODULE', 'NODE_CHANNEL_FD'],
+    python: ['PYTHONPATH', 'PYTHONSTARTUP', 'PYTHONHOME', 'PYTHONWARNINGS', 'PYTHONUSERBASE', 'PYTHONBREAKPOINT', 'PIP_INDEX_URL',
+      'PIP_EXTRA_INDEX_URL', 'PIP_CONFIG_FILE', 'UV_INDEX_URL', 'POETRY_REPOSITORIES_X_URL', 'VIRTUAL_ENV', 'IPYTHONDIR'],
+    ruby: ['RUBYOPT', 'RUBYLIB', 'RUBYSHELL', 'GEM_HOME', 'GEM_PATH', 'GEMRC', 'BUNDLE_GEMFILE', 'BUNDLE_PATH', 'IRBRC'],
+    perl: ['PERL5LIB', 'PERLLIB', 'PERL5OPT', 'PERL5DB', 'PERLIO', 'PERL_MB_OPT'],
+    java: ['JAVA_TOOL_OPTIONS', '_JAVA_OPTIONS', 'JDK_JAVA_OPTIONS', 'CLASSPATH', 'JAVA_HOME', 'JAVA_OPTS', 'MAVEN_OPTS', 'GRADLE_USER_HOME', 'GRADLE_OPTS'],
+    loader: ['LD_PRELOAD', 'LD_AUDIT', 'DYLD_LIBRARY_PATH', 'GCONV_PATH', 'GETCONF_DIR', 'GLIBC_TUNABLES', 'MALLOC_PERTURB_', 'LOCPATH',
+      'NLSPATH', 'HOSTALIASES', 'RES_OPTIONS', 'LOCALDOMAIN', 'RESOLV_HOST_CONF', 'TZDIR', 'TERMINFO'],
+    tls: ['OPENSSL_CONF', 'OPENSSL_MODULES', 'OPENSSL_ENGINES', 'OPENSSL_ia32cap', 'SSL_CERT_FILE', 'SSL_CERT_DIR', 'SSLKEYLOGFILE',
+      'CURL_CA_BUNDLE', 'CURL_HOME', 'REQUESTS_CA_BUNDLE', 'NODE_EXTRA_CA_CERTS', 'AWS_CA_BUNDLE', 'WGETRC'],
+    proxies: ['http_proxy', 'HTTP_PROXY', 'https_proxy', 'HTTPS_PROXY', 'all_proxy', 'ALL_PROXY', 'no_proxy', 'NO_PROXY', 'ftp_proxy'],
+    shells: ['BASH_ENV', 'ENV', 'ZDOTDIR', 'PS1', 'PS4', 'PROMPT_COMMAND', 'SHELLOPTS', 'BASHOPTS', 'BASH_XTRACEFD', 'FPATH', 'IFS', 'CDPATH', 'SHELL'],
+    editorsPagers: ['EDITOR', 'VISUAL', 'PAGER', 'MANPAGER', 'LESS', 'LESSOPEN', 'LESSCLOSE', 'BROWSER', 'SUDO_ASKPASS', 'SYSTEMD_PAGER'],
+    make: ['MAKEFLAGS', 'MAKEFILES', 'CC', 'CXX', 'CFLAGS', 'LDFLAGS', 'PKG_CONFIG_PATH'],
+    go: ['GOFLAGS', 'GOPROXY', 'GOTOOLCHAIN', 'GOROOT', 'GOENV', 'GONOSUMDB', 'CGO_CFLAGS', 'CGO_LDFLAGS'],
+    rust: ['RUSTC_WRAPPER', 'RUSTC', 'RUSTFLAGS', 'RUSTDOCFLAGS', 'CARGO_HOME', 'CARGO_BUILD_RUSTC_WRAPPER', 'CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER', 'RUSTUP_TOOLCHAIN'],
+    elsewhere: ['KUBECONFIG', 'DOCKER_HOST', 'DOCKER_CONFIG', 'DOCKER_CONTEXT', 'AWS_CONFIG_FILE', 'AWS_SHARED_CREDENTIALS_FILE', 'GNUPGHOME'],
+    process: ['PATH', 'HOME', 'TMPDIR', 'KEYHOLD_VAULT', 'KEYHOLD_TOKEN'],
+  };
+  for (const [family, names] of Object.entries(FAMILIES)) {
+    it(`denies the ${family} family`, () => {
+      for (const name of names) expect(deniedVariable(name), name).toBe(true);
+    });
+  }
+
+  it('ignores letter case: lowercase and mixed-case forms are denied too', () => {
+    for (const name of ['path', 'Path', 'home', 'ld_preload', 'Ld_Preload', 'node_options', 'git_external_diff', 'xdg_config_home',
+      'Https_Proxy', 'pythonpath', 'openssl_conf', 'java_tool_options', 'bash_env', 'keyhold_vault', 'ssh_auth_sock']) {
+      expect(deniedVariable(name), name).toBe(true);
+    }
+  });
+
+  it('allows ordinary names, including ones that share a family’s first letters but not its prefix', () => {
     for (const name of [
       'API_TOKEN', 'DATABASE_URL', 'MY_PATH', 'PATH_', 'PATHS', 'XLD_PRELOAD', 'HOME_DIR', 'MY_HOME', 'LD', 'KEYHOLD',
-      'NODE_ENV', 'SSH_KEY', 'GIT_AUTHOR_NAME', 'path', 'ld_preload', 'node_options', 'ENVIRONMENT', 'AWS_SECRET_ACCESS_KEY',
+      'NODE_ENV', 'node_env', 'NODE_AUTH_TOKEN', 'SSH_KEY', 'SSH_PRIVATE_KEY', 'SSH_KNOWN_HOSTS', 'ENVIRONMENT', 'AWS_SECRET_ACCESS_KEY',
+      'AWS_ACCESS_KEY_ID', 'AWS_SESSION_TOKEN', 'GITHUB_TOKEN', 'GITLAB_TOKEN', 'GITEA_TOKEN', 'GIT', 'NPM_TOKEN', 'NPM_AUTH_TOKEN',
+      'NODEJS_VERSION', 'YARNISH', 'PIPELINE_ID', 'PIP', 'DOCKER_PASSWORD', 'DOCKER_USERNAME', 'DOCKERHUB_TOKEN', 'GOOGLE_API_KEY',
+      'GOOGLE_APPLICATION_CREDENTIALS', 'GO_VERSION', 'LDAP_PASSWORD', 'LESSON_PLAN', 'XDG', 'OPENSSL', 'SSL_KEY', 'TLS_KEY',
+      'CARGO_REGISTRY_TOKEN', 'GEM_HOST_API_KEY', 'STRIPE_SECRET_KEY', 'JAVA', 'JAVAX', 'PROXY_URL', 'MY_HTTP_PROXY_HOST',
+      'REDIS_URL', 'SENTRY_DSN', 'SECRET_KEY_BASE', 'TZ', 'LANG',
     ]) {
       expect(deniedVariable(name), name).toBe(false);
     }
+  });
+
+  it('says who reads a denied name, and that case was ignored when it was', () => {
+    expect(deniedBecause('GIT_EXTERNAL_DIFF')).toBe('git reads GIT_* to decide what to run, load or trust');
+    expect(deniedBecause('npm_config_script_shell')).toMatch(/^npm, yarn, pnpm and corepack read NPM_CONFIG_\* in any letter case /);
+    expect(deniedBecause('https_proxy')).toBe('HTTP clients read HTTPS_PROXY in any letter case to choose where requests go');
+    expect(deniedBecause('DATABASE_URL')).toBeNull();
   });
 });
 
@@ -285,6 +339,33 @@ describe('selectVariables', () => {
     expect(allowed.vars).toEqual({ PATH: '/evil', TOKEN: 't' });
     expect(allowed.warnings).toHaveLength(2);
     expect(allowed.warnings.join('\n')).not.toContain('skipped PATH');
+  });
+
+  it('warns once per skipped family member, naming it and the exact --allow; --allow is exact, case included', () => {
+    const secrets = [
+      secret('a', 'GIT_EXTERNAL_DIFF', '/tmp/evil-diff'),
+      secret('a', 'XDG_CONFIG_HOME', '/tmp/evil-config'),
+      secret('a', 'npm_config_script_shell', '/tmp/evil-shell'),
+      secret('a', 'GITHUB_TOKEN', 'ghp_x'),
+      secret('a', 'DATABASE_URL', 'postgres://u:p@db/x'),
+    ];
+    const denied = run(secrets, selection());
+    expect(denied.vars).toEqual({ GITHUB_TOKEN: 'ghp_x', DATABASE_URL: 'postgres://u:p@db/x' });
+    expect(denied.warnings).toHaveLength(3);
+    for (const name of ['GIT_EXTERNAL_DIFF', 'XDG_CONFIG_HOME', 'npm_config_script_shell']) {
+      expect(denied.warnings.filter((w) => w.startsWith(`skipped ${name}: `) && w.includes(`--allow ${name} `))).toHaveLength(1);
+    }
+    expect(denied.warnings.join('\n')).not.toMatch(/evil|ghp_|postgres/);
+
+    expect(run(secrets, selection({ allow: new Set(['NPM_CONFIG_SCRIPT_SHELL', 'git_external_diff']) })).warnings).toHaveLength(3);
+    const allowed = run(secrets, selection({ allow: new Set(['npm_config_script_shell', 'GIT_EXTERNAL_DIFF']) }));
+    expect(allowed.vars).toEqual({
+      GIT_EXTERNAL_DIFF: '/tmp/evil-diff',
+      npm_config_script_shell: '/tmp/evil-shell',
+      GITHUB_TOKEN: 'ghp_x',
+      DATABASE_URL: 'postgres://u:p@db/x',
+    });
+    expect(allowed.warnings).toEqual([expect.stringMatching(/^skipped XDG_CONFIG_HOME: .*--allow XDG_CONFIG_HOME /)]);
   });
 
   it('applies --prefix before the denylist: P_NAME is set, NAME is not; a prefix can make or unmake a denied name', () => {
