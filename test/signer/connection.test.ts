@@ -346,6 +346,24 @@ describe('the connection loop', () => {
     expect(backend.signCalls).toBe(count);
   });
 
+  it('stops reading while too many requests wait for a signature, and resumes as they are answered', async () => {
+    const { client, backend } = await serve();
+    const held: (() => void)[] = [];
+    backend.signWith = (data) => new Promise((resolve) => held.push(() => resolve(signed(data))));
+    const count = 150;
+    // ~60 KiB each, so that they reach the server in many chunks (the bound applies between chunks).
+    for (let i = 0; i < count; i++) client.send(signRequestFrame(KEY_BLOB, Buffer.concat([Buffer.of(i), Buffer.alloc(60 * 1024)])));
+    await eventually(() => backend.signCalls >= 64, 'the first 64 requests');
+    await later(200, null);
+    expect(backend.signCalls).toBeLessThan(80);
+    const release = setInterval(() => held.splice(0).forEach((answer) => answer()), 5);
+    try {
+      for (let i = 0; i < count; i++) expect(signatureIn(await client.reply())[4], `reply ${i}`).toBe(i);
+    } finally {
+      clearInterval(release);
+    }
+  });
+
   describe('half-close', () => {
     it('a client that half-closes gets every reply, the signatures still being made included, then EOF', async () => {
       const { client, backend, serverClosed } = await serve();
@@ -355,6 +373,16 @@ describe('the connection loop', () => {
       await client.waitClosed(3000);
       expect(client.frames.map((f) => signatureIn(f).toString())).toEqual(['sig:m1', 'sig:m2', 'sig:m3']);
       await serverClosed;
+    });
+
+    it('a signature that never comes does not hold a half-closed connection past the idle timeout', async () => {
+      const { client, backend, serverClosed } = await serve({ idleTimeoutMs: 200 });
+      backend.signWith = () => new Promise(() => {});
+      client.send(signRequestFrame(KEY_BLOB, Buffer.from('never')));
+      client.end();
+      await client.waitClosed(3000);
+      await serverClosed;
+      expect(client.frames).toHaveLength(0);
     });
 
     it('with ready replies, and with nothing pending, the connection closes promptly', async () => {
