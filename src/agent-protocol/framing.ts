@@ -39,6 +39,14 @@ export class FrameReader {
   }
 
   /**
+   * Memory allocated for the incomplete frame: the capacity of its growing buffer, which runs
+   * ahead of `buffered` (up to twice it, and at least 4 KiB once a body has begun).
+   */
+  get held(): number {
+    return this.partial ? this.partial.length : 0;
+  }
+
+  /**
    * Feeds bytes in; calls `onFrame` for each complete payload, in order, before looking further.
    * Payloads may be views into `chunk`: use them before the next push. Throws FrameError at the
    * first bad length, after the frames before it were delivered.

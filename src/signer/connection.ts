@@ -1,4 +1,6 @@
-// The per-connection agent loop: frames in, one response per request out, in order.
+// The agent's side of one connection, in the manner of OpenSSH's ssh-agent.c: one handler per
+// message (the process* functions below), and a per-connection loop (AgentConnection) that frames
+// requests, sends one reply per request in request order, applies backpressure and closes.
 import type { Socket } from 'node:net';
 import type { Logger } from 'pino';
 import { frame, FrameError, FrameReader } from '../agent-protocol/framing.js';
@@ -9,7 +11,6 @@ import {
   EXT_SESSION_BIND,
   parseRequest,
   parseSessionBind,
-  type AgentResponse,
 } from '../agent-protocol/messages.js';
 import { fingerprint } from '../agent-protocol/public-key.js';
 import { verifySsh } from '../agent-protocol/signature.js';
@@ -21,7 +22,7 @@ export const SUPPORTED_EXTENSIONS = [EXT_QUERY, EXT_SESSION_BIND] as const;
 const MAX_SESSION_ID = 128;
 /** How long a connection closed for a protocol error keeps draining what the client still sends. */
 const LINGER_MS = 2_000;
-/** Requests a client may have waiting for a signing thread before we stop reading its socket. */
+/** Requests a client may have waiting for a signature before we stop reading its socket. */
 const MAX_IN_FLIGHT = 64;
 /** As OpenSSH's agent: bindings recorded per connection (one per hop of a forwarding chain). */
 const MAX_BINDINGS = 16;
@@ -44,170 +45,337 @@ export interface ConnectionOptions {
 const FAILURE = frame(encodeResponse({ type: 'failure' }));
 const SUCCESS = frame(encodeResponse({ type: 'success' }));
 const EXTENSION_FAILURE = frame(encodeResponse({ type: 'extension-failure' }));
+const QUERY_RESPONSE = frame(
+  encodeResponse({ type: 'extension-response', name: EXT_QUERY, contents: encodeQueryContents(SUPPORTED_EXTENSIONS) }),
+);
+
+// ---------------------------------------------------------------------------------------------
+// One handler per message
+// ---------------------------------------------------------------------------------------------
+
+/** What the handlers know of their connection (OpenSSH's SocketEntry). */
+interface AgentSession {
+  readonly backend: AgentBackend;
+  readonly context: RequestContext;
+  /** The context's bindings, writable here only. */
+  readonly bindings: SessionBinding[];
+  readonly peer: Peer;
+  readonly log: Logger;
+  readonly debug: boolean;
+}
+
+/** A framed reply, or a signature still being made (a signing thread, its audit line). */
+type Reply = Buffer | Promise<SignResult>;
+
+function processMessage(session: AgentSession, payload: Buffer): Reply {
+  let request;
+  try {
+    request = parseRequest(payload);
+  } catch {
+    if (session.debug) session.log.debug({ peer: session.peer, type: payload[0] }, 'malformed request');
+    return FAILURE;
+  }
+  switch (request.type) {
+    case 'request-identities':
+      return processRequestIdentities(session);
+    case 'sign':
+      return processSignRequest(session, request.keyBlob, request.data, request.flags);
+    case 'extension':
+      return processExtension(session, request.name, request.contents);
+    case 'unsupported':
+      return processUnsupported(session, request.code);
+  }
+}
+
+function processRequestIdentities(session: AgentSession): Buffer {
+  return frame(encodeResponse({ type: 'identities', identities: [...session.backend.identities(session.context)] }));
+}
+
+function processSignRequest(session: AgentSession, keyBlob: Buffer, data: Buffer, flags: number): Reply {
+  const result = session.backend.sign(keyBlob, data, flags, session.context);
+  return result instanceof Promise ? result : signReply(session, result);
+}
+
+function signReply(session: AgentSession, result: SignResult): Buffer {
+  if (!result.ok) {
+    if (session.debug) session.log.debug({ peer: session.peer, reason: result.reason, fingerprint: result.fingerprint }, 'sign refused');
+    return FAILURE;
+  }
+  if (session.debug) session.log.debug({ peer: session.peer, fingerprint: result.fingerprint, algorithm: result.algorithm }, 'signed');
+  return frame(encodeResponse({ type: 'signature', signature: result.signature }));
+}
+
+function processExtension(session: AgentSession, name: string, contents: Buffer): Buffer {
+  if (name === EXT_QUERY) return processQuery();
+  if (name === EXT_SESSION_BIND) return processSessionBind(session, contents) ? SUCCESS : EXTENSION_FAILURE;
+  if (session.debug) session.log.debug({ peer: session.peer, extension: name.slice(0, 64) }, 'unknown extension');
+  return FAILURE;
+}
+
+function processQuery(): Buffer {
+  return QUERY_RESPONSE;
+}
+
+/** Verifies the host's signature over the session id and records the binding (OpenSSH's rules). */
+function processSessionBind(session: AgentSession, contents: Buffer): boolean {
+  const { bindings } = session;
+  let bind;
+  try {
+    bind = parseSessionBind(contents);
+  } catch {
+    return false;
+  }
+  if (bind.sessionId.length === 0 || bind.sessionId.length > MAX_SESSION_ID) return false;
+  // ssh signs the exchange hash with whatever host-key algorithm the key exchange negotiated.
+  if (!verifySsh(bind.hostKey, bind.signature, bind.sessionId, true)) return false;
+  // A connection bound for authentication must not be rebound (it is the last hop).
+  if (bindings.some((b) => !b.isForwarding)) return false;
+  const same = bindings.find((b) => b.sessionId.equals(bind.sessionId));
+  if (same) return same.hostKey.equals(bind.hostKey);
+  if (bindings.length >= MAX_BINDINGS) return false;
+  // Copies: the parsed fields are views into a socket chunk.
+  bindings.push({ hostKey: Buffer.from(bind.hostKey), sessionId: Buffer.from(bind.sessionId), isForwarding: bind.isForwarding });
+  if (session.debug) {
+    session.log.debug({ peer: session.peer, hostKey: fingerprint(bind.hostKey), forwarding: bind.isForwarding }, 'session bound');
+  }
+  return true;
+}
+
+function processUnsupported(session: AgentSession, code: number): Buffer {
+  if (session.debug) session.log.debug({ peer: session.peer, type: code }, 'unsupported request type');
+  return FAILURE;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The per-connection loop
+// ---------------------------------------------------------------------------------------------
+
+/** The replies of one chunk that wait for a signature, and everything behind them waits too. */
+interface Batch {
+  readonly count: number;
+  ready: Buffer[] | null;
+}
+
+/**
+ * - open: reading requests.
+ * - draining: no more requests (the client half-closed, or sent a bad frame); the replies owed
+ *   go out, then our side ends.
+ * - closed: the socket is destroyed, or ending with nothing more to send.
+ */
+type State = 'open' | 'draining' | 'closed';
 
 export function serveConnection(socket: Socket, backend: AgentBackend, options: ConnectionOptions): void {
-  const { log, peer } = options;
-  const debug = log.isLevelEnabled('debug');
-  const reader = new FrameReader();
-  const bindings: SessionBinding[] = [];
-  const context: RequestContext = { peer, bindings, ...(options.tokenId ? { tokenId: options.tokenId } : {}) };
-  let closed = false;
+  new AgentConnection(socket, backend, options);
+}
 
-  const close = (reason: string) => {
-    if (closed) return;
-    closed = true;
-    if (debug) log.debug({ peer, reason }, 'closing agent connection');
-    socket.destroy();
-  };
+class AgentConnection {
+  private readonly session: AgentSession;
+  private readonly reader = new FrameReader();
+  private state: State = 'open';
+  /** Set when a protocol error made us drain: end with a lingering close. */
+  private lingering = false;
+  /** Whether any reply was ever written (a close that owes nothing need not linger). */
+  private answered = false;
+  /** Chunks whose replies wait for a signature, in request order. */
+  private readonly batches: Batch[] = [];
+  /** Replies waiting in `batches`. */
+  private inFlight = 0;
+  private readPaused = false;
+  /** Bytes reserved from `options.memory` for the partial frame. */
+  private reserved = 0;
 
-  const signReply = (result: SignResult): Buffer => {
-    if (!result.ok) {
-      if (debug) log.debug({ peer, reason: result.reason, fingerprint: result.fingerprint }, 'sign refused');
-      return FAILURE;
-    }
-    if (debug) log.debug({ peer, fingerprint: result.fingerprint, algorithm: result.algorithm }, 'signed');
-    return frame(encodeResponse({ type: 'signature', signature: result.signature }));
-  };
+  constructor(
+    private readonly socket: Socket,
+    backend: AgentBackend,
+    private readonly options: ConnectionOptions,
+  ) {
+    const { peer, log } = options;
+    const bindings: SessionBinding[] = [];
+    const context: RequestContext = { peer, bindings, ...(options.tokenId ? { tokenId: options.tokenId } : {}) };
+    this.session = { backend, context, bindings, peer, log, debug: log.isLevelEnabled('debug') };
 
-  const respond = (payload: Buffer): Buffer | Promise<Buffer> => {
-    let request;
+    // A client's FIN ends only its direction: the replies it is owed still go out (drain, then end).
+    socket.allowHalfOpen = true;
+    socket.setTimeout(options.idleTimeoutMs, () => this.destroy('idle timeout'));
+    socket.on('error', (err) => {
+      if (this.session.debug) log.debug({ peer, err: err.message }, 'agent connection error');
+    });
+    socket.on('data', (chunk: Buffer) => this.onData(chunk));
+    socket.on('end', () => this.onEnd());
+    socket.on('drain', () => this.updateFlow());
+    socket.once('close', () => {
+      this.state = 'closed';
+      this.releaseMemory();
+    });
+  }
+
+  private onData(chunk: Buffer): void {
+    if (this.state !== 'open') return; // draining after a protocol error: discard
+    const replies: Reply[] = [];
     try {
-      request = parseRequest(payload);
-    } catch {
-      if (debug) log.debug({ peer, type: payload[0] }, 'malformed request');
-      return FAILURE;
-    }
-    switch (request.type) {
-      case 'request-identities':
-        return frame(encodeResponse({ type: 'identities', identities: [...backend.identities(context)] }));
-      case 'sign': {
-        const result = backend.sign(request.keyBlob, request.data, request.flags, context);
-        return result instanceof Promise ? result.then(signReply, () => FAILURE) : signReply(result);
-      }
-      case 'extension':
-        return extension(request.name, request.contents);
-      case 'unsupported':
-        if (debug) log.debug({ peer, type: request.code }, 'unsupported request type');
-        return FAILURE;
-    }
-  };
-
-  const extension = (name: string, contents: Buffer): Buffer => {
-    if (name === EXT_QUERY) {
-      const response: AgentResponse = {
-        type: 'extension-response',
-        name: EXT_QUERY,
-        contents: encodeQueryContents(SUPPORTED_EXTENSIONS),
-      };
-      return frame(encodeResponse(response));
-    }
-    if (name === EXT_SESSION_BIND) return sessionBind(contents) ? SUCCESS : EXTENSION_FAILURE;
-    if (debug) log.debug({ peer, extension: name.slice(0, 64) }, 'unknown extension');
-    return FAILURE;
-  };
-
-  /** Verifies the host's signature over the session id and records the binding (OpenSSH's rules). */
-  const sessionBind = (contents: Buffer): boolean => {
-    let bind;
-    try {
-      bind = parseSessionBind(contents);
-    } catch {
-      return false;
-    }
-    if (bind.sessionId.length === 0 || bind.sessionId.length > MAX_SESSION_ID) return false;
-    // ssh signs the exchange hash with whatever host-key algorithm the key exchange negotiated.
-    if (!verifySsh(bind.hostKey, bind.signature, bind.sessionId, true)) return false;
-    // A connection bound for authentication must not be rebound (it is the last hop).
-    if (bindings.some((b) => !b.isForwarding)) return false;
-    const same = bindings.find((b) => b.sessionId.equals(bind.sessionId));
-    if (same) return same.hostKey.equals(bind.hostKey);
-    if (bindings.length >= MAX_BINDINGS) return false;
-    // Copies: the parsed fields are views into a socket chunk.
-    bindings.push({ hostKey: Buffer.from(bind.hostKey), sessionId: Buffer.from(bind.sessionId), isForwarding: bind.isForwarding });
-    if (debug) {
-      log.debug({ peer, hostKey: fingerprint(bind.hostKey), forwarding: bind.isForwarding }, 'session bound');
-    }
-    return true;
-  };
-
-  socket.setTimeout(options.idleTimeoutMs, () => close('idle timeout'));
-  socket.on('error', (err) => {
-    if (debug) log.debug({ peer, err: err.message }, 'agent connection error');
-  });
-  // Replies that are not ready yet (a signing thread) hold back the ones after them: answers go
-  // out in request order. `inFlight` bounds how many a client may have waiting.
-  let ordered: Promise<void> | null = null;
-  let inFlight = 0;
-  const send = (replies: Buffer[]) => {
-    if (closed || replies.length === 0) return;
-    socket.write(replies.length === 1 ? replies[0]! : Buffer.concat(replies));
-    if (socket.writableLength > options.maxPendingWrite) {
-      socket.pause();
-      socket.once('drain', () => socket.resume());
-    }
-  };
-  const queue = (replies: (Buffer | Promise<Buffer>)[], then?: () => void) => {
-    if (!ordered && replies.every((r) => !(r instanceof Promise))) {
-      send(replies as Buffer[]);
-      then?.();
+      this.reader.push(chunk, (payload) => this.onRequest(payload, replies));
+    } catch (err) {
+      if (!(err instanceof FrameError)) throw err;
+      this.options.log.info({ peer: this.session.peer, reason: err.message }, 'protocol error; closing agent connection');
+      // Answer what came before the bad frame, then close.
+      this.queue(replies);
+      this.drain(true);
       return;
     }
-    inFlight += replies.length;
-    if (inFlight > MAX_IN_FLIGHT) socket.pause();
-    const mine: Promise<void> = (ordered ?? Promise.resolve())
-      .then(() => Promise.all(replies))
-      .then(
-        (ready) => send(ready),
-        () => close('reply failed'),
-      )
-      .then(() => {
-        inFlight -= replies.length;
-        if (inFlight <= MAX_IN_FLIGHT / 2 && !closed && socket.isPaused() && socket.writableLength <= options.maxPendingWrite) socket.resume();
-        if (ordered === mine) ordered = null;
-        then?.();
-      });
-    ordered = mine;
-  };
+    if (this.state !== 'open' || !this.accountMemory()) return;
+    this.queue(replies);
+  }
 
-  socket.setTimeout(options.idleTimeoutMs, () => close('idle timeout'));
-  socket.on('error', (err) => {
-    if (debug) log.debug({ peer, err: err.message }, 'agent connection error');
-  });
-  socket.on('data', (chunk: Buffer) => {
-    if (closed) return;
-    const replies: (Buffer | Promise<Buffer>)[] = [];
+  private onRequest(payload: Buffer, replies: Reply[]): void {
+    if (this.state !== 'open') return;
+    if (this.options.admit && !this.options.admit()) return this.destroy('no longer admitted');
     try {
-      reader.push(chunk, (payload) => {
-        if (closed) return;
-        if (options.admit && !options.admit()) {
-          close('no longer admitted');
-          return;
-        }
-        try {
-          replies.push(respond(payload));
-        } catch (err) {
-          log.error({ peer, err: (err as Error).message }, 'request failed');
-          replies.push(FAILURE);
-        }
-      });
+      replies.push(processMessage(this.session, payload));
     } catch (err) {
-      if (err instanceof FrameError) {
-        log.info({ peer, reason: err.message }, 'protocol error; closing agent connection');
-        // Answer what came before the bad frame, then close.
-        queue(replies, () => {
-          if (closed) return;
-          closed = true;
-          if (replies.length === 0) return void socket.destroy();
-          // A lingering close: keep reading (and discarding) for a moment, so that a client still
-          // writing does not get a reset that throws away the replies it has not read yet.
-          socket.end();
-          const linger = setTimeout(() => socket.destroy(), LINGER_MS);
-          socket.once('close', () => clearTimeout(linger));
-        });
-        return;
-      }
-      throw err;
+      this.options.log.error({ peer: this.session.peer, err: (err as Error).message }, 'request failed');
+      replies.push(FAILURE);
     }
-    if (!closed) queue(replies);
-  });
+  }
+
+  /** The client half-closed: it sends nothing more and waits for its replies. */
+  private onEnd(): void {
+    if (this.state !== 'open') return;
+    if (this.session.debug) {
+      this.options.log.debug({ peer: this.session.peer, pending: this.inFlight, partial: this.reader.buffered }, 'client half-closed');
+    }
+    this.drain(false);
+  }
+
+  /** Follows the growth of a partial frame in the memory budget; false if refused (and closed). */
+  private accountMemory(): boolean {
+    const budget = this.options.memory;
+    if (!budget) return true;
+    const held = this.reader.held;
+    if (held > this.reserved) {
+      if (!budget.reserve(held - this.reserved)) {
+        if (this.session.debug) {
+          this.options.log.debug({ peer: this.session.peer, partial: held, reserved: this.reserved }, 'memory budget refused a partial frame');
+        }
+        this.destroy('memory budget exhausted');
+        return false;
+      }
+      this.reserved = held;
+    } else if (held < this.reserved) {
+      budget.release(this.reserved - held);
+      this.reserved = held;
+    }
+    return true;
+  }
+
+  private releaseMemory(): void {
+    if (this.reserved === 0) return;
+    this.options.memory?.release(this.reserved);
+    this.reserved = 0;
+  }
+
+  /**
+   * Sends ready replies at once unless earlier ones still wait; the rest wait as one batch (a
+   * single Promise.allSettled per chunk, not a promise per reply) and go out in request order.
+   */
+  private queue(replies: Reply[]): void {
+    let waiting = replies;
+    if (this.batches.length === 0) {
+      let ready = 0;
+      while (ready < replies.length && !(replies[ready] instanceof Promise)) ready++;
+      if (ready > 0) this.write(ready === replies.length ? (replies as Buffer[]) : (replies.slice(0, ready) as Buffer[]));
+      if (ready === replies.length) return;
+      waiting = replies.slice(ready);
+    }
+    const batch: Batch = { count: waiting.length, ready: null };
+    this.batches.push(batch);
+    this.inFlight += batch.count;
+    const signatures = waiting.filter((r): r is Promise<SignResult> => r instanceof Promise);
+    if (signatures.length === 0) {
+      batch.ready = waiting as Buffer[];
+    } else {
+      void Promise.allSettled(signatures).then((settled) => {
+        try {
+          let next = 0;
+          batch.ready = waiting.map((reply) => {
+            if (!(reply instanceof Promise)) return reply;
+            const outcome = settled[next++]!;
+            if (outcome.status === 'fulfilled') return signReply(this.session, outcome.value);
+            // Only the kind: a backend's message may quote what it was asked to sign.
+            this.options.log.error({ peer: this.session.peer, err: (outcome.reason as Error | undefined)?.name }, 'sign failed');
+            return FAILURE;
+          });
+        } catch (err) {
+          this.options.log.error({ peer: this.session.peer, err: (err as Error).message }, 'reply failed');
+          return this.destroy('reply failed');
+        }
+        this.flush();
+      });
+    }
+    this.updateFlow();
+  }
+
+  /** Writes the batches at the head of the queue that are ready, then ends if the client is done. */
+  private flush(): void {
+    const out: Buffer[] = [];
+    let done = 0;
+    while (this.batches.length > 0 && this.batches[0]!.ready) {
+      const batch = this.batches.shift()!;
+      for (const reply of batch.ready!) out.push(reply);
+      done += batch.count;
+    }
+    this.inFlight -= done;
+    this.write(out);
+    this.updateFlow();
+    this.endIfDrained();
+  }
+
+  private write(replies: Buffer[]): void {
+    if (replies.length === 0 || this.socket.destroyed || this.socket.writableEnded) return;
+    this.answered = true;
+    this.socket.write(replies.length === 1 ? replies[0]! : Buffer.concat(replies));
+    this.updateFlow();
+  }
+
+  /** Reads only while the client keeps up: few replies waiting for a signature, few bytes unread. */
+  private updateFlow(): void {
+    if (this.socket.destroyed) return;
+    const pause =
+      this.state === 'open' && (this.inFlight > MAX_IN_FLIGHT || this.socket.writableLength > this.options.maxPendingWrite);
+    if (pause && !this.readPaused) {
+      this.readPaused = true;
+      this.socket.pause();
+    } else if (!pause && this.readPaused) {
+      this.readPaused = false;
+      this.socket.resume();
+    }
+  }
+
+  /** Reads no more requests; ends once the replies owed are out. */
+  private drain(lingering: boolean): void {
+    this.state = 'draining';
+    this.lingering = lingering;
+    this.releaseMemory();
+    this.updateFlow(); // a lingering close keeps reading (and discarding)
+    this.endIfDrained();
+  }
+
+  private endIfDrained(): void {
+    if (this.state !== 'draining' || this.batches.length > 0) return;
+    this.state = 'closed';
+    if (this.session.debug) this.options.log.debug({ peer: this.session.peer, lingering: this.lingering }, 'ending agent connection');
+    if (!this.lingering) return void this.socket.end();
+    if (!this.answered) return void this.socket.destroy();
+    // A lingering close: keep reading (and discarding) for a moment, so that a client still
+    // writing does not get a reset that throws away the replies it has not read yet.
+    this.socket.end();
+    const linger = setTimeout(() => this.socket.destroy(), LINGER_MS);
+    this.socket.once('close', () => clearTimeout(linger));
+  }
+
+  private destroy(reason: string): void {
+    if (this.session.debug && !this.socket.destroyed) this.options.log.debug({ peer: this.session.peer, reason }, 'closing agent connection');
+    this.state = 'closed';
+    this.releaseMemory();
+    this.socket.destroy();
+  }
 }

@@ -145,6 +145,24 @@ describe('FrameReader', () => {
     expect(reader.buffered).toBe(6);
   });
 
+  it('held follows the memory of a partial frame: at least 4 KiB once begun, under twice what arrived, never over its length, 0 once complete', () => {
+    const framed = frame(Buffer.alloc(200_000, 1));
+    const reader = new FrameReader();
+    collect(reader, framed.subarray(0, 3));
+    expect(reader.held).toBe(0);
+    collect(reader, framed.subarray(3, 5));
+    expect(reader.held).toBe(4096);
+    for (let sent = 5; sent < framed.length - 1; ) {
+      const next = Math.min(sent + 30_000, framed.length - 1);
+      collect(reader, framed.subarray(sent, next));
+      sent = next;
+      expect(reader.held).toBeGreaterThanOrEqual(reader.buffered - 4);
+      expect(reader.held).toBeLessThanOrEqual(Math.min(200_000, 2 * reader.buffered));
+    }
+    expect(collect(reader, framed.subarray(framed.length - 1))).toHaveLength(1);
+    expect(reader.held).toBe(0);
+  });
+
   it('byte-at-a-time feeding of a large frame delivers it once, intact', () => {
     const payload = Buffer.alloc(64 * 1024);
     for (let i = 0; i < payload.length; i++) payload[i] = (i * 31) & 0xff;

@@ -157,6 +157,24 @@ describe('a valid token', () => {
       }
     });
 
+    it(`${via}: a one-shot client (handshake + 3 RSA sign requests, then half-close) gets 3 signatures, then EOF`, async () => {
+      const lookup = await RawConn.open(targets[via]());
+      lookup.send(Buffer.concat([tokenHandshake(tokens.web!.token), REQUEST_IDENTITIES]));
+      const rsa = identitiesOf(await lookup.reply()).find((i) => fingerprint(i.keyBlob) === webKeys[2]!.fingerprint)!.keyBlob;
+      lookup.close();
+      const conn = await RawConn.open(targets[via]());
+      try {
+        const data = [1, 2, 3].map(() => randomBytes(32));
+        conn.send(Buffer.concat([tokenHandshake(tokens.web!.token), ...data.map((d) => signRequest(rsa, d, 4))]));
+        conn.end();
+        await conn.waitClosed(10_000);
+        expect(conn.frames, daemonLog()).toHaveLength(3);
+        conn.frames.forEach((reply, i) => expect(verifySsh(rsa, signatureOf(reply), data[i]!)).toBe(true));
+      } finally {
+        conn.close();
+      }
+    });
+
     it(`${via}: handshake, then frames in later writes (and the handshake itself split in pieces)`, async () => {
       const conn = await RawConn.open(targets[via]());
       try {

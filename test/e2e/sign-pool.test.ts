@@ -1,6 +1,7 @@
 // RSA signatures are made on signing threads; replies must still come back in request order,
 // mixed with inline (ed25519) ones and with identities, and a lock must take the keys away.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { spawnSync } from 'node:child_process';
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { verifySsh } from '../../src/agent-protocol/signature.js';
@@ -55,6 +56,39 @@ describe('signing threads', () => {
       // A reply for the wrong request (out of order) would not verify over this data.
     }
     client.close();
+  });
+
+  it('a one-shot client that writes 3 RSA sign requests and half-closes gets its 3 signatures, then EOF', async () => {
+    const client = await RawAgentClient.connect(join(k.runtime, 'scopes', 'web.sock'));
+    const data = [1, 2, 3].map((i) => Buffer.from(`one-shot ${i}`));
+    client.send(Buffer.concat(data.map((d) => signFrame(rsa, d, 4))));
+    client.end();
+    await client.waitClosed(10_000);
+    expect(client.frames).toHaveLength(3);
+    client.frames.forEach((reply, i) => {
+      expect(reply[0]).toBe(14);
+      expect(verifySsh(rsa, signatureOf(reply), data[i]!)).toBe(true);
+    });
+  });
+
+  const socat = spawnSync('socat', ['-V'], { stdio: 'ignore' }).status === 0;
+  it.skipIf(!socat)('socat piping RSA sign requests gets every signature (it half-closes at the end of its input)', () => {
+    const data = [1, 2].map((i) => Buffer.from(`socat ${i}`));
+    const result = spawnSync('socat', ['-t', '10', 'STDIO', `UNIX-CONNECT:${join(k.runtime, 'scopes', 'web.sock')}`], {
+      input: Buffer.concat(data.map((d) => signFrame(rsa, d, 4))),
+      timeout: 15_000,
+    });
+    expect(result.status, result.stderr.toString()).toBe(0);
+    const out = result.stdout;
+    let offset = 0;
+    for (const d of data) {
+      const length = out.readUInt32BE(offset);
+      const reply = out.subarray(offset + 4, offset + 4 + length);
+      expect(reply[0]).toBe(14);
+      expect(verifySsh(rsa, signatureOf(reply), d)).toBe(true);
+      offset += 4 + length;
+    }
+    expect(offset).toBe(out.length);
   });
 
   it('after lock, an RSA sign request fails; after unlock it signs again on the threads', async () => {
