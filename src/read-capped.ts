@@ -18,14 +18,17 @@ export interface CappedReadOptions {
   privateFile?: boolean;
   /** The error for a missing file (default: "no <what> <path>"). */
   missing?: () => KeyholdError;
+  /** A log: instead of refusing a larger regular file, read its last `max` bytes. */
+  tail?: boolean;
 }
 
 /**
- * Reads `path` (or stdin for `-`) whole; more than `max` bytes is an error naming `what`. Never
- * reads more than `max + 1` bytes, whatever the file claims or turns out to be.
+ * Reads `path` (or stdin for `-`) whole; more than `max` bytes is an error naming `what` (with
+ * `tail`, the last `max` bytes are read instead). Never reads more than `max + 1` bytes, whatever
+ * the file claims or turns out to be. The one way keyhold reads a file a user or a symlink names.
  */
 export function readCapped(path: string, max: number, what: string, options: CappedReadOptions | ExitCode = {}): Buffer {
-  const { tooLarge = EXIT.ERROR, regularFile = false, privateFile = false, missing } = typeof options === 'number' ? { tooLarge: options } : options;
+  const { tooLarge = EXIT.ERROR, regularFile = false, privateFile = false, missing, tail = false } = typeof options === 'number' ? { tooLarge: options } : options;
   let fd: number;
   if (path === '-') fd = 0;
   else {
@@ -39,13 +42,21 @@ export function readCapped(path: string, max: number, what: string, options: Cap
   }
   const chunks: Buffer[] = [];
   let total = 0;
+  /** A tail of a larger file starts `max` bytes before its end. */
+  let position: number | null = null;
   try {
-    if (fd !== 0 && (regularFile || privateFile)) checkOpened(fstatSync(fd), path, max, what, { regularFile, privateFile, tooLarge });
-    for (;;) {
-      const chunk = Buffer.alloc(Math.min(64 * 1024, max + 1 - total));
+    if (fd !== 0) {
+      const stat = fstatSync(fd);
+      if (regularFile || privateFile) checkOpened(stat, path, tail ? Infinity : max, what, { regularFile, privateFile, tooLarge });
+      if (tail && stat.isFile() && stat.size > max) position = stat.size - max;
+    }
+    // One byte past the cap tells "too large"; a tail just stops at the cap.
+    const limit = tail ? max : max + 1;
+    while (total < limit) {
+      const chunk = Buffer.alloc(Math.min(64 * 1024, limit - total));
       let n: number;
       try {
-        n = readSync(fd, chunk, 0, chunk.length, null);
+        n = readSync(fd, chunk, 0, chunk.length, position === null ? null : position + total);
       } catch (err) {
         const code = (err as NodeJS.ErrnoException).code;
         // stdin left non-blocking by another process: wait a little and read again.
@@ -59,7 +70,7 @@ export function readCapped(path: string, max: number, what: string, options: Cap
       if (n === 0) break;
       chunks.push(chunk.subarray(0, n));
       total += n;
-      if (total > max) {
+      if (total > max && !tail) {
         for (const c of chunks) c.fill(0);
         throw overCap(path, max, what, tooLarge);
       }

@@ -1,6 +1,7 @@
 // The unlocked vault: keys, scope assignments and the version counter that lets a running daemon
 // notice any change (its own or another process's) with one cheap check.
-import { existsSync, mkdirSync, readFileSync, unlinkSync } from 'node:fs';
+import { existsSync, mkdirSync, unlinkSync } from 'node:fs';
+import { readCapped } from '../read-capped.js';
 import { auditKey, AuditWriter, readAnchor, verifyAuditText, type AuditEvent, type AuditPeer, type VerifyResult } from '../audit/audit-log.js';
 import { removeStaleTemps } from './atomic-file.js';
 import { dirname } from 'node:path';
@@ -31,7 +32,7 @@ import {
   type Keyring,
   type Policy,
 } from './keyring.js';
-import type { VaultPaths } from './paths.js';
+import { MAX_AUDIT_LOG_BYTES, type VaultPaths } from './paths.js';
 import { mintToken, newTokenId, TOKEN_SHOWN_CHARS, tokenHash, type TokenRecord } from '../tokens/tokens.js';
 
 export const SCOPE_PATTERN = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
@@ -331,12 +332,9 @@ export class Vault {
   /** Checks the whole audit log against this vault's key and anchor. */
   verifyAudit(): VerifyResult {
     this.flushAudit();
-    let text = '';
-    try {
-      text = readFileSync(this.paths.audit, 'utf8');
-    } catch (err) {
-      if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw new KeyholdError(`cannot read ${this.paths.audit}: ${(err as Error).message}`);
-    }
+    const text = existsSync(this.paths.audit)
+      ? readCapped(this.paths.audit, MAX_AUDIT_LOG_BYTES, 'audit log', { regularFile: true }).toString('utf8')
+      : '';
     return verifyAuditText(text, this.auditMacKey, readAnchor(this.db));
   }
 

@@ -351,3 +351,38 @@ describe('kill -9 during `passphrase change`', () => {
     expect(effective, 'some rounds changed the passphrase').toBeGreaterThan(0);
   }, 120_000);
 });
+
+describe('other files keyhold reads, swapped for /dev/zero', () => {
+  it('the audit log (verify, tail), a public key file (factor add ssh-agent --key), a token file (bridge): exit at once, bounded memory', async () => {
+    const k = newEnv('kh-files-zero-');
+    keyholdOk(k, ['init']);
+    keyholdOk(k, ['key', 'generate', 'web']);
+    const audit = `${k.vault}.audit.jsonl`;
+    const saved = readFileSync(audit);
+    rmSync(audit);
+    symlinkSync('/dev/zero', audit);
+    try {
+      for (const args of [['audit', 'verify'], ['audit', 'tail']]) {
+        const result = await runWatched(k, args);
+        expect(result.status, `${args.join(' ')}: ${result.stderr}`).toBe(1);
+        expect(result.stderr).toContain(`${audit} is a character device, not a regular file`);
+        expect(result.ms).toBeLessThan(5000);
+        expect(result.peakRssKiB).toBeLessThan(300 * 1024);
+      }
+    } finally {
+      rmSync(audit);
+      writeFileSync(audit, saved, { mode: 0o600 });
+    }
+    const keys = readFileSync(`${k.vault}.keys`);
+    const pub = await runWatched(k, ['factor', 'add', 'ssh-agent', '--key', '/dev/zero']);
+    expect(pub.status, pub.stderr).toBe(1);
+    expect(pub.stderr).toContain('public key file /dev/zero is over');
+    expect(pub.peakRssKiB).toBeLessThan(300 * 1024);
+    expect(readFileSync(`${k.vault}.keys`).equals(keys)).toBe(true);
+    const bridge = await runWatched(k, ['bridge', '--token-file', '/dev/zero', '--connect', 'tcp:127.0.0.1:1', '--listen', `unix:${join(k.dir, 'b.sock')}`]);
+    expect(bridge.status, bridge.stderr).toBe(2);
+    expect(bridge.stderr).toContain('token file /dev/zero is over');
+    expect(bridge.peakRssKiB).toBeLessThan(300 * 1024);
+    expect(keyhold(k, ['audit', 'verify']).status).toBe(0);
+  }, 60_000);
+});
