@@ -27,9 +27,13 @@ function pidExists(pid: number): boolean {
  * Removes the temp files `writeFileAtomic(path)` left behind in writers that are gone. A temp
  * whose writer still runs is left alone (its rename is still to come). A reused pid only keeps a
  * stale temp a little longer; it never removes a live one. Returns the names removed.
+ *
+ * `allWritersExcluded`: the caller holds the lock every writer of `path` takes, so no other
+ * process is between temp and rename: every temp is stale, whatever its pid (another pid
+ * namespace) and including those of keyhold versions that did not name the writer.
  */
-export function removeStaleTemps(path: string): string[] {
-  const pattern = new RegExp(`^\\.${escapeRegExp(basename(path))}\\.(\\d+)\\.[0-9a-f]{12}\\.tmp$`);
+export function removeStaleTemps(path: string, { allWritersExcluded = false } = {}): string[] {
+  const pattern = new RegExp(`^\\.${escapeRegExp(basename(path))}\\.(?:(\\d+)\\.)?[0-9a-f]{12}\\.tmp$`);
   let names: string[];
   try {
     names = readdirSync(dirname(path));
@@ -38,8 +42,12 @@ export function removeStaleTemps(path: string): string[] {
   }
   const removed: string[] = [];
   for (const name of names) {
-    const pid = Number(pattern.exec(name)?.[1] ?? NaN);
-    if (!Number.isSafeInteger(pid) || pid <= 0 || pid === process.pid || pidExists(pid)) continue;
+    const match = pattern.exec(name);
+    if (!match) continue;
+    if (!allWritersExcluded) {
+      const pid = Number(match[1] ?? NaN);
+      if (!Number.isSafeInteger(pid) || pid <= 0 || pid === process.pid || pidExists(pid)) continue;
+    }
     try {
       unlinkSync(join(dirname(path), name));
       removed.push(name);

@@ -254,6 +254,8 @@ export class Vault {
   private changeKeyring(change: (current: Keyring) => Keyring, event: AuditEvent): Keyring {
     return this.db
       .transaction(() => {
+        // Every key-file writer holds this write lock, so any temp file now is a dead writer's.
+        removeStaleTemps(this.paths.keys, { allWritersExcluded: true });
         const current = readKeyring(this.paths.keys);
         if (current.vault_id !== this.currentKeyring.vault_id) {
           throw new KeyholdError(`${this.paths.keys} now belongs to another vault`, 'restore vault.db and vault.db.keys together');

@@ -288,6 +288,18 @@ describe('temp files of an interrupted key-file rewrite', () => {
     await waitFor(() => !processAlive(sleeper.pid!), 5000, 'the sleeper to die');
     keyholdOk(k, ['key', 'list']);
     expect(temps(k)).toEqual([]);
+
+    // Under the write lock every key-file writer takes, any temp is stale: a rewrite clears
+    // them all, a live pid's (another pid namespace) and an older keyhold's unnamed one too.
+    const other = spawn('sleep', ['30'], { stdio: 'ignore' });
+    children.add(other);
+    const names = [`.vault.db.keys.${other.pid}.00112233aabb.tmp`, '.vault.db.keys.4400b3f0cad5.tmp'];
+    for (const name of names) writeFileSync(join(dir, name), '{"half": ', { mode: 0o600 });
+    keyholdOk(k, ['key', 'list']);
+    expect(temps(k).sort()).toEqual([...names].sort());
+    keyholdOk(k, ['passphrase', 'change', '--new-passphrase-file', k.passFile]);
+    expect(temps(k)).toEqual([]);
+    other.kill('SIGKILL');
   }, 30_000);
 });
 
