@@ -1,5 +1,6 @@
 // The per-user runtime directory: control socket, scope sockets, daemon.pid.
-import { closeSync, ftruncateSync, lstatSync, mkdirSync, openSync, readFileSync, unlinkSync, writeSync, constants } from 'node:fs';
+import { closeSync, ftruncateSync, lstatSync, mkdirSync, openSync, unlinkSync, writeSync, constants } from 'node:fs';
+import { readCapped } from './read-capped.js';
 import { join } from 'node:path';
 import { KeyholdError } from './errors.js';
 import { tryLockFile } from './libc.js';
@@ -32,6 +33,16 @@ export interface PidLock {
   release(): void;
 }
 
+/** The pid the lock holder wrote (a pid is a few bytes; anything else is not worth showing). */
+function lockHolder(path: string): string {
+  try {
+    const text = readCapped(path, 32, 'daemon pid file', { regularFile: true }).toString('utf8').trim();
+    return /^\d+$/.test(text) ? text : 'unknown';
+  } catch {
+    return 'unknown';
+  }
+}
+
 /**
  * One daemon per runtime dir: an flock on daemon.pid, held for the daemon's life, released by
  * the kernel if it dies, so a stale file never blocks a restart.
@@ -40,7 +51,7 @@ export function acquirePidLock(path: string): PidLock {
   const fd = openSync(path, constants.O_RDWR | constants.O_CREAT | constants.O_NOFOLLOW, 0o600);
   if (!tryLockFile(fd)) {
     closeSync(fd);
-    const pid = readFileSync(path, 'utf8').trim() || 'unknown';
+    const pid = lockHolder(path);
     throw new KeyholdError(`a keyhold daemon is already running (pid ${pid})`, 'stop it first, or use its sockets');
   }
   ftruncateSync(fd, 0);

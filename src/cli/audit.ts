@@ -1,19 +1,16 @@
 // `keyhold audit tail` reads the log file (it holds no secret); `keyhold audit verify` needs the
 // vault's key, so it runs where the vault is open: here, or in an unlocked daemon.
-import { closeSync, openSync, readFileSync, readSync, statSync } from 'node:fs';
+import { closeSync, existsSync, openSync, readSync, statSync } from 'node:fs';
+import { readCapped } from '../read-capped.js';
 import type { Argv } from 'yargs';
 import { KeyholdError, usageError } from '../errors.js';
 import type { AuditEntry } from '../audit/audit-log.js';
-import { vaultPaths } from '../vault/paths.js';
+import { MAX_AUDIT_LOG_BYTES, vaultPaths } from '../vault/paths.js';
 import { printJson, withVault, type GlobalArgs } from './common.js';
 
 function readLog(path: string): string {
-  try {
-    return readFileSync(path, 'utf8');
-  } catch (err) {
-    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return '';
-    throw new KeyholdError(`cannot read ${path}: ${(err as NodeJS.ErrnoException).code ?? 'error'}`);
-  }
+  if (!existsSync(path)) return '';
+  return readCapped(path, MAX_AUDIT_LOG_BYTES, 'audit log', { regularFile: true }).toString('utf8');
 }
 
 function parseEntry(line: string): AuditEntry | null {

@@ -1,5 +1,6 @@
 // `keyhold bridge` (container side): a plain agent socket in, the token handshake out.
-import { chmodSync, readFileSync } from 'node:fs';
+import { chmodSync } from 'node:fs';
+import { readCapped } from '../read-capped.js';
 import { connect, createServer, type Socket } from 'node:net';
 import type { Argv } from 'yargs';
 import { KeyholdError, usageError, EXIT } from '../errors.js';
@@ -13,11 +14,8 @@ const DIAL_RETRY_MS = 10_000;
 function readToken(file: string | undefined): Buffer {
   let raw: Buffer;
   if (file) {
-    try {
-      raw = readFileSync(file === '-' ? 0 : file);
-    } catch (err) {
-      throw new KeyholdError(`cannot read token file ${file}: ${(err as NodeJS.ErrnoException).code ?? 'error'}`, 'check the path');
-    }
+    // Room for the token and the whitespace around it; more is not a token file.
+    raw = readCapped(file, MAX_TOKEN_BYTES + 4096, 'token file', EXIT.USAGE);
   } else if (process.env.KEYHOLD_TOKEN) {
     raw = Buffer.from(process.env.KEYHOLD_TOKEN);
   } else {

@@ -1,7 +1,8 @@
 // `keyhold unlock`, `lock` and `status`: the daemon holds the unlocked vault; these talk to it over
 // the control socket, starting it in the background when none runs.
 import { spawn } from 'node:child_process';
-import { closeSync, openSync, readFileSync } from 'node:fs';
+import { closeSync, openSync } from 'node:fs';
+import { readCapped } from '../read-capped.js';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import type { Argv } from 'yargs';
@@ -64,7 +65,8 @@ async function startBackgroundDaemon(paths: VaultPaths, runtime: string): Promis
 
 function lastLogLine(runtime: string): string | null {
   try {
-    const lines = readFileSync(daemonLogPath(runtime), 'utf8').trim().split('\n');
+    // The log grows across restarts; its last line is in its last few KiB.
+    const lines = readCapped(daemonLogPath(runtime), 64 * 1024, 'daemon log', { regularFile: true, tail: true }).toString('utf8').trim().split('\n');
     const last = lines[lines.length - 1];
     if (!last) return null;
     try {

@@ -149,22 +149,18 @@ export function localVaultApi(vault: Vault, actor: AuditPeer): VaultApi {
     },
     async addFactor(enrolled) {
       try {
-        const factor = vault.addFactor(enrolled);
-        audit({ event: 'factor-added', factor: factor.id, type: factor.type });
-        return factor;
+        // Audited inside the vault, before the rewrap takes effect.
+        return vault.addFactor(enrolled, actor);
       } finally {
         enrolled.kek.fill(0);
       }
     },
     async removeFactor(id) {
-      vault.removeFactor(id);
-      audit({ event: 'factor-removed', factor: id });
+      vault.removeFactor(id, actor);
     },
     async replaceFactor(enrolled) {
       try {
-        const factor = vault.replaceFactor(enrolled);
-        audit({ event: 'factor-changed', factor: factor.id, type: factor.type });
-        return factor;
+        return vault.replaceFactor(enrolled, actor);
       } finally {
         enrolled.kek.fill(0);
       }

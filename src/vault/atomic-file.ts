@@ -1,6 +1,62 @@
-import { closeSync, fsyncSync, openSync, renameSync, unlinkSync, writeSync, constants } from 'node:fs';
+import { closeSync, fsyncSync, openSync, readdirSync, renameSync, unlinkSync, writeSync, constants } from 'node:fs';
 import { randomBytes } from 'node:crypto';
 import { basename, dirname, join } from 'node:path';
+
+/**
+ * A temp file is named for the process that writes it (`.<name>.<pid>.<random>.tmp`), so that
+ * the next open can tell the leftover of a writer that died (kill -9, power loss) from the live
+ * temp file of a writer still running in another process.
+ */
+function tempName(path: string): string {
+  return join(dirname(path), `.${basename(path)}.${process.pid}.${randomBytes(6).toString('hex')}.tmp`);
+}
+
+const escapeRegExp = (text: string) => text.replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
+
+/** Whether a process with this pid exists (EPERM: it does, owned by someone else). */
+function pidExists(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === 'EPERM';
+  }
+}
+
+/**
+ * Removes the temp files `writeFileAtomic(path)` left behind in writers that are gone. A temp
+ * whose writer still runs is left alone (its rename is still to come). A reused pid only keeps a
+ * stale temp a little longer; it never removes a live one. Returns the names removed.
+ *
+ * `allWritersExcluded`: the caller holds the lock every writer of `path` takes, so no other
+ * process is between temp and rename: every temp is stale, whatever its pid (another pid
+ * namespace) and including those of keyhold versions that did not name the writer.
+ */
+export function removeStaleTemps(path: string, { allWritersExcluded = false } = {}): string[] {
+  const pattern = new RegExp(`^\\.${escapeRegExp(basename(path))}\\.(?:(\\d+)\\.)?[0-9a-f]{12}\\.tmp$`);
+  let names: string[];
+  try {
+    names = readdirSync(dirname(path));
+  } catch {
+    return [];
+  }
+  const removed: string[] = [];
+  for (const name of names) {
+    const match = pattern.exec(name);
+    if (!match) continue;
+    if (!allWritersExcluded) {
+      const pid = Number(match[1] ?? NaN);
+      if (!Number.isSafeInteger(pid) || pid <= 0 || pid === process.pid || pidExists(pid)) continue;
+    }
+    try {
+      unlinkSync(join(dirname(path), name));
+      removed.push(name);
+    } catch {
+      /* removed by another process meanwhile */
+    }
+  }
+  return removed;
+}
 
 /**
  * Replaces `path` with `data` so that a reader (or a crash) sees the old file or the new one,
@@ -8,7 +64,7 @@ import { basename, dirname, join } from 'node:path';
  */
 export function writeFileAtomic(path: string, data: Buffer | string, mode = 0o600): void {
   const dir = dirname(path);
-  const temp = join(dir, `.${basename(path)}.${randomBytes(6).toString('hex')}.tmp`);
+  const temp = tempName(path);
   const fd = openSync(temp, constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL, mode);
   try {
     const bytes = typeof data === 'string' ? Buffer.from(data) : data;

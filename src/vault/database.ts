@@ -1,7 +1,8 @@
 // The encrypted SQLite file: SQLCipher 4 format keyed with the raw 256-bit master key, WAL,
 // foreign keys, and forward-only schema migrations tracked in PRAGMA user_version.
 import Database from 'better-sqlite3-multiple-ciphers';
-import { accessSync, chmodSync, constants, statSync } from 'node:fs';
+import { accessSync, closeSync, constants, openSync, statSync } from 'node:fs';
+import { checkPrivateMode } from '../read-capped.js';
 import { dirname } from 'node:path';
 import { KeyholdError } from '../errors.js';
 
@@ -98,7 +99,11 @@ function keyPragma(masterKey: Buffer): string {
  * keyhold vault is reported without a stack trace and without touching the file.
  */
 export function openDatabase(path: string, masterKey: Buffer, options: { create?: boolean } = {}): Db {
-  if (!options.create) checkUsable(path);
+  if (!options.create) checkDatabaseFile(path);
+  // Created here, 0600 and empty (SQLite takes an empty file for a new database), so that the
+  // database is never readable by others, whatever the umask, and its -wal and -shm, which SQLite
+  // creates with the database file's mode, are 0600 too.
+  else createPrivateFile(path);
   let db: Db;
   try {
     db = new Database(path, { fileMustExist: !options.create });
@@ -130,7 +135,6 @@ export function openDatabase(path: string, masterKey: Buffer, options: { create?
     db.pragma('foreign_keys = ON');
     db.pragma('busy_timeout = 10000');
     db.pragma('secure_delete = ON');
-    if (options.create) chmodSync(path, 0o600);
     migrate(db);
   } catch (err) {
     db.close();
@@ -140,11 +144,24 @@ export function openDatabase(path: string, masterKey: Buffer, options: { create?
   return db;
 }
 
+function createPrivateFile(path: string): void {
+  try {
+    closeSync(openSync(path, constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL | constants.O_NOFOLLOW, 0o600));
+  } catch (err) {
+    const code = (err as NodeJS.ErrnoException).code;
+    if (code === 'EEXIST') throw new KeyholdError(`${path} already exists`, 'pass another --vault, or remove the old vault first');
+    throw new KeyholdError(`cannot create ${path}: ${code ?? 'error'}`, 'check the directory and its permissions');
+  }
+}
+
 /**
  * Errors SQLite would report badly: a missing file as "no vault", an unreadable one the same, a
- * read-only file or directory as a wrong key or a crash at the first write.
+ * read-only file or directory as a wrong key or a crash at the first write. And what SQLite would
+ * not report at all: a vault file others can read or write, refused as ssh refuses an unprotected
+ * private key. The -wal holds the same encrypted pages as the database (and a writable -wal or
+ * -shm lets others corrupt it), so they follow the same rule when present.
  */
-function checkUsable(path: string): void {
+export function checkDatabaseFile(path: string): void {
   let stat;
   try {
     stat = statSync(path);
@@ -155,6 +172,16 @@ function checkUsable(path: string): void {
   }
   if (!stat.isFile()) throw new KeyholdError(`${path} is not a file`, 'pass the vault file with --vault');
   if (stat.size === 0) throw new KeyholdError(`${path} is empty, not a keyhold vault`, 'restore vault.db from a backup');
+  checkPrivateMode(stat, path);
+  for (const companion of [`${path}-wal`, `${path}-shm`]) {
+    let companionStat;
+    try {
+      companionStat = statSync(companion);
+    } catch {
+      continue;
+    }
+    checkPrivateMode(companionStat, companion);
+  }
   for (const [target, what] of [
     [path, 'the vault file'],
     [dirname(path), 'its directory (SQLite keeps its journal beside it)'],

@@ -6,7 +6,7 @@
 // Policy `all`: one wrap under a KEK derived from every factor's KEK together; all are needed.
 // Changing factors rewraps the master key; the database is never re-encrypted.
 import { createCipheriv, createDecipheriv, hkdfSync, randomBytes, scrypt as scryptCb, type ScryptOptions } from 'node:crypto';
-import { readFileSync } from 'node:fs';
+import { readCapped } from '../read-capped.js';
 import { EXIT, KeyholdError, usageError } from '../errors.js';
 import { writeFileAtomic } from './atomic-file.js';
 import { blobKeyType, fingerprint } from '../agent-protocol/public-key.js';
@@ -489,19 +489,44 @@ export function parseKeyring(text: string): Keyring {
   return keyring;
 }
 
+/**
+ * The most a key file may hold. At most 64 factors, each under 6 KiB (an ssh-agent factor's key
+ * blob is capped at 4096 base64 characters), is under 400 KiB; anything past 1 MiB is not one of
+ * ours, and reading it whole would let a swapped file (a link to /dev/zero) eat the memory.
+ */
+export const MAX_KEYRING_BYTES = 1024 * 1024;
+
 export function readKeyring(path: string): Keyring {
-  let text: string;
+  const bytes = readCapped(path, MAX_KEYRING_BYTES, 'vault key file', {
+    regularFile: true,
+    privateFile: true,
+    missing: () => new KeyholdError(`no vault key file at ${path}`, 'create a vault with `keyhold init`, or pass --vault'),
+  });
+  return parseKeyring(bytes.toString('utf8'));
+}
+
+/**
+ * The bytes `writeKeyring` would write, checked by the reader's own rules first: a key file the
+ * next open would refuse locks the vault for good, so it is refused here and nothing is written.
+ */
+export function serializeKeyring(keyring: Keyring): Buffer {
+  const bytes = Buffer.from(JSON.stringify(keyring, null, 2) + '\n');
+  const refuse = (detail: string) =>
+    new KeyholdError(`refusing to write a vault key file the reader would refuse (${detail})`, 'nothing was changed');
+  if (bytes.length > MAX_KEYRING_BYTES) throw refuse(`over ${MAX_KEYRING_BYTES} bytes`);
   try {
-    text = readFileSync(path, 'utf8');
+    parseKeyring(bytes.toString('utf8'));
   } catch (err) {
-    if ((err as NodeJS.ErrnoException).code === 'ENOENT') {
-      throw new KeyholdError(`no vault key file at ${path}`, 'create a vault with `keyhold init`, or pass --vault');
-    }
-    throw new KeyholdError(`cannot read ${path}: ${(err as Error).message}`);
+    throw refuse(err instanceof KeyholdError ? err.message : 'unreadable');
   }
-  return parseKeyring(text);
+  return bytes;
 }
 
 export function writeKeyring(path: string, keyring: Keyring): void {
-  writeFileAtomic(path, JSON.stringify(keyring, null, 2) + '\n', 0o600);
+  writeKeyringBytes(path, serializeKeyring(keyring));
+}
+
+/** Writes bytes from `serializeKeyring`: temp file named for this process, fsync, rename. */
+export function writeKeyringBytes(path: string, bytes: Buffer): void {
+  writeFileAtomic(path, bytes, 0o600);
 }

@@ -2,7 +2,7 @@
 // stored challenge; the KEK is derived from the signature, so the key never leaves the agent and no
 // secret is stored on the server. Only deterministic signatures can work: ed25519, and RSA with
 // PKCS#1 v1.5 (always rsa-sha2-512 here). ECDSA signatures are randomized and are refused.
-import { readFileSync } from 'node:fs';
+import { readCapped } from '../read-capped.js';
 import { AgentClient, AgentClientError } from '../agent-client.js';
 import type { Identity } from '../agent-protocol/messages.js';
 import { blobKeyType, fingerprint, publicKeyFromBlob } from '../agent-protocol/public-key.js';
@@ -58,14 +58,10 @@ export async function withAgent<T>(socketPath: string | undefined, fn: (agent: A
 export function parseKeySpec(spec: string): { fingerprint: string; blob?: Buffer } {
   if (/^SHA256:[A-Za-z0-9+/]{43}$/.test(spec)) return { fingerprint: spec };
   if (spec.startsWith('SHA256:')) throw usageError(`malformed fingerprint ${JSON.stringify(spec.slice(0, 60))}`, 'copy it from `ssh-add -l`');
-  let text: string;
-  try {
-    text = readFileSync(spec, 'utf8');
-  } catch (err) {
-    const code = (err as NodeJS.ErrnoException).code;
-    if (code === 'ENOENT') throw notFound(`no public key file ${spec}`, 'pass a SHA256: fingerprint from `ssh-add -l`, or a .pub file');
-    throw new KeyholdError(`cannot read ${spec}: ${code ?? 'error'}`, 'check the path');
-  }
+  // A public key line is a few KiB at most (RSA 16384: under 3 KiB); /dev/zero is not one.
+  const text = readCapped(spec, 64 * 1024, 'public key file', {
+    missing: () => notFound(`no public key file ${spec}`, 'pass a SHA256: fingerprint from `ssh-add -l`, or a .pub file'),
+  }).toString('utf8');
   const line = text.split('\n').map((l) => l.trim()).find((l) => l && !l.startsWith('#'));
   const fields = line?.split(/\s+/) ?? [];
   const blob = fields[1] ? Buffer.from(fields[1], 'base64') : undefined;

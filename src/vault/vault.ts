@@ -1,13 +1,15 @@
 // The unlocked vault: keys, scope assignments and the version counter that lets a running daemon
 // notice any change (its own or another process's) with one cheap check.
-import { existsSync, mkdirSync, readFileSync, unlinkSync } from 'node:fs';
-import { auditKey, AuditWriter, readAnchor, verifyAuditText, type AuditEvent, type AuditFailure, type AuditLogger, type VerifyResult } from '../audit/audit-log.js';
+import { existsSync, mkdirSync, unlinkSync } from 'node:fs';
+import { readCapped } from '../read-capped.js';
+import { auditKey, AuditWriter, readAnchor, verifyAuditText, type AuditEvent, type AuditFailure, type AuditLogger, type AuditPeer, type VerifyResult } from '../audit/audit-log.js';
+import { removeStaleTemps } from './atomic-file.js';
 import { dirname } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import type { KeyObject } from 'node:crypto';
 import { fingerprint } from '../agent-protocol/public-key.js';
 import { EXIT, KeyholdError, notFound, usageError } from '../errors.js';
-import { openDatabase, type Db } from './database.js';
+import { checkDatabaseFile, openDatabase, type Db } from './database.js';
 import { describeSupportedKey, toPkcs8 } from './key-material.js';
 import {
   enrollPassphrase,
@@ -16,11 +18,13 @@ import {
   passphraseKeks,
   readKeyring,
   sealKeyring,
+  serializeKeyring,
   unwrapMasterKey,
   withFactorAdded,
   withFactorRemoved,
   withFactorReplaced,
   writeKeyring,
+  writeKeyringBytes,
   zeroKeks,
   type EnrolledFactor,
   type Factor,
@@ -28,7 +32,7 @@ import {
   type Keyring,
   type Policy,
 } from './keyring.js';
-import type { VaultPaths } from './paths.js';
+import { MAX_AUDIT_LOG_BYTES, type VaultPaths } from './paths.js';
 import { mintToken, newTokenId, TOKEN_SHOWN_CHARS, tokenHash, type TokenRecord } from '../tokens/tokens.js';
 
 export const SCOPE_PATTERN = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
@@ -208,9 +212,8 @@ export class Vault {
    */
   static async openWithKeks(paths: VaultPaths, getKeks: (keyring: Keyring) => Promise<FactorKeks>): Promise<Vault> {
     const keyring = readKeyring(paths.keys);
-    if (!existsSync(paths.db)) {
-      throw new KeyholdError(`no vault database at ${paths.db}`, 'create a vault with `keyhold init`, or pass --vault');
-    }
+    // Before any factor is asked for: a missing, unusable or unprotected database ends it here.
+    checkDatabaseFile(paths.db);
     const keks = await getKeks(keyring);
     try {
       const masterKey = unwrapMasterKey(keyring, keks);
@@ -234,22 +237,34 @@ export class Vault {
         'restore vault.db and vault.db.keys together from a backup',
       );
     }
+    // A key-file rewrite cut short (kill -9 between temp and rename) leaves its temp file.
+    removeStaleTemps(paths.keys);
     return new Vault(paths, keyring, db, masterKey, keks);
   }
 
   /**
    * Rewrites `vault.db.keys` from its current contents. A write transaction on the database
    * serializes this across processes; the key file itself is replaced atomically.
+   *
+   * The change is audited before it takes effect: the audit line is written and fsynced before
+   * the rename, so a rewrap that took effect always has its line. A crash between the two leaves
+   * a line for a rewrap that did not happen; that is the side to err on (the log over-reports a
+   * change attempt, it never hides one).
    */
-  private changeKeyring(change: (current: Keyring) => Keyring): Keyring {
+  private changeKeyring(change: (current: Keyring) => Keyring, event: AuditEvent): Keyring {
     return this.db
       .transaction(() => {
+        // Every key-file writer holds this write lock, so any temp file now is a dead writer's.
+        removeStaleTemps(this.paths.keys, { allWritersExcluded: true });
         const current = readKeyring(this.paths.keys);
         if (current.vault_id !== this.currentKeyring.vault_id) {
           throw new KeyholdError(`${this.paths.keys} now belongs to another vault`, 'restore vault.db and vault.db.keys together');
         }
         const next = change(current);
-        writeKeyring(this.paths.keys, next);
+        const bytes = serializeKeyring(next);
+        this.record(event);
+        this.flushAudit();
+        writeKeyringBytes(this.paths.keys, bytes);
         this.currentKeyring = next;
         return next;
       })
@@ -266,22 +281,32 @@ export class Vault {
     return this.keks;
   }
 
-  addFactor(enrolled: EnrolledFactor): Factor {
-    this.changeKeyring((current) => withFactorAdded(current, this.masterKey, enrolled, this.keksForRewrap(current)));
+  /** `peer`: who asked, for the audit line every factor change writes before it takes effect. */
+  addFactor(enrolled: EnrolledFactor, peer?: AuditPeer): Factor {
+    this.changeKeyring(
+      (current) => withFactorAdded(current, this.masterKey, enrolled, this.keksForRewrap(current)),
+      { event: 'factor-added', factor: enrolled.factor.id, type: enrolled.factor.type, ...(peer ? { peer } : {}) },
+    );
     this.keks.set(enrolled.factor.id, Buffer.from(enrolled.kek));
     return this.factor(enrolled.factor.id);
   }
 
-  removeFactor(id: string): void {
-    this.changeKeyring((current) => withFactorRemoved(current, this.masterKey, id, this.keksForRewrap(current, id)));
+  removeFactor(id: string, peer?: AuditPeer): void {
+    this.changeKeyring(
+      (current) => withFactorRemoved(current, this.masterKey, id, this.keksForRewrap(current, id)),
+      { event: 'factor-removed', factor: id, ...(peer ? { peer } : {}) },
+    );
     this.keks.get(id)?.fill(0);
     this.keks.delete(id);
   }
 
   /** Replaces a factor's secret in place (same id): a passphrase change. */
-  replaceFactor(enrolled: EnrolledFactor): Factor {
+  replaceFactor(enrolled: EnrolledFactor, peer?: AuditPeer): Factor {
     const id = enrolled.factor.id;
-    this.changeKeyring((current) => withFactorReplaced(current, this.masterKey, enrolled, this.keksForRewrap(current, id)));
+    this.changeKeyring(
+      (current) => withFactorReplaced(current, this.masterKey, enrolled, this.keksForRewrap(current, id)),
+      { event: 'factor-changed', factor: id, type: enrolled.factor.type, ...(peer ? { peer } : {}) },
+    );
     this.keks.get(id)?.fill(0);
     this.keks.set(id, Buffer.from(enrolled.kek));
     return this.factor(id);
@@ -337,12 +362,9 @@ export class Vault {
     this.flushAudit();
     // The anchor first: the file only grows past it while we read (another writer may append).
     const anchor = readAnchor(this.db);
-    let text = '';
-    try {
-      text = readFileSync(this.paths.audit, 'utf8');
-    } catch (err) {
-      if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw new KeyholdError(`cannot read ${this.paths.audit}: ${(err as Error).message}`);
-    }
+    const text = existsSync(this.paths.audit)
+      ? readCapped(this.paths.audit, MAX_AUDIT_LOG_BYTES, 'audit log', { regularFile: true }).toString('utf8')
+      : '';
     return verifyAuditText(text, this.auditMacKey, anchor);
   }
 

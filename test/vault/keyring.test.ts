@@ -1,13 +1,16 @@
 // vault.db.keys: wrapping the master key per factor, and refusing anything tampered with.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { randomBytes } from 'node:crypto';
-import { mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { chmodSync, existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, symlinkSync, truncateSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { EXIT, formatError, KeyholdError } from '../../src/errors.js';
 import {
+  enrollPassphrase,
+  MAX_KEYRING_BYTES,
   newVaultId,
   parseKeyring,
+  serializeKeyring,
   passphraseFactor,
   readKeyring,
   unwrapWithPassphrase,
@@ -292,5 +295,99 @@ describe('key file validation', () => {
     }
     expect(err).toBeInstanceOf(KeyholdError);
     expect(formatError(err as KeyholdError)).toMatch(/keyhold init/);
+  });
+});
+
+describe('writeKeyring writes only what readKeyring accepts', () => {
+  let keyring: Keyring;
+  let masterKey: Buffer;
+  beforeAll(async () => {
+    ({ keyring, masterKey } = await makeKeyring());
+  });
+
+  /** A key file in a directory of its own, holding `keyring`; what is there after `write`. */
+  function attemptWrite(bad: Keyring): { err: unknown; text: string; names: string[] } {
+    const kdir = mkdtempSync(join(dir, 'write-'));
+    const path = join(kdir, 'vault.db.keys');
+    writeKeyring(path, keyring);
+    const before = readFileSync(path, 'utf8');
+    let err: unknown;
+    try {
+      writeKeyring(path, bad);
+    } catch (e) {
+      err = e;
+    }
+    const text = readFileSync(path, 'utf8');
+    expect(text, 'the old key file is left as it was').toBe(before);
+    return { err, text, names: readdirSync(kdir) };
+  }
+
+  const f = () => keyring.factors[0] as PassphraseFactor;
+  const cases: [string, () => Keyring][] = [
+    ['a malformed factor id', () => ({ ...keyring, factors: [{ ...f(), id: 'pp-NOT-HEX' }] })],
+    ['an unknown factor type', () => ({ ...keyring, factors: [{ ...f(), type: 'magic' } as unknown as PassphraseFactor] })],
+    ['scrypt cost out of bounds', () => ({ ...keyring, factors: [{ ...f(), kdf: { ...f().kdf, log2n: 30 } }] })],
+    ['a wrap with a short nonce', () => ({ ...keyring, factors: [{ ...f(), wrap: { ...f().wrap!, nonce: 'AAAA' } }] })],
+    ['no factors', () => ({ ...keyring, factors: [] })],
+    ['65 factors', () => ({ ...keyring, factors: Array.from({ length: 65 }, (_, i) => ({ ...f(), id: `pp-${i.toString(16).padStart(8, '0')}` })) })],
+    ['a duplicate factor id', () => ({ ...keyring, factors: [f(), f()] })],
+    ['a factor wrap under policy all', () => ({ ...keyring, policy: 'all', wrap: f().wrap! })],
+    ['a 2 MiB field (over the reader\'s cap)', () => ({ ...keyring, factors: [{ ...f(), created: 'x'.repeat(2 * 1024 * 1024) }] })],
+  ];
+
+  it.each(cases)('%s: refused before anything is written (no temp file, the old file intact)', (_name, make) => {
+    const { err, names } = attemptWrite(make());
+    expect(err).toBeInstanceOf(KeyholdError);
+    expect(formatError(err as KeyholdError)).toMatch(/refusing to write a vault key file the reader would refuse/);
+    expect(names).toEqual(['vault.db.keys']);
+  });
+
+  it('serializeKeyring returns exactly what readKeyring parses back', () => {
+    const bytes = serializeKeyring(keyring);
+    expect(parseKeyring(bytes.toString('utf8'))).toEqual(keyring);
+  });
+
+  it('Vault.addFactor with a malformed factor: refused, key file and audit log untouched, the vault still opens', async () => {
+    const vdir = mkdtempSync(join(dir, 'vault-bad-factor-'));
+    const paths = vaultPaths(join(vdir, 'vault.db'));
+    const v = await Vault.create(paths, pass());
+    v.close();
+    const keysBefore = readFileSync(paths.keys, 'utf8');
+    const auditBefore = existsSync(paths.audit) ? readFileSync(paths.audit, 'utf8') : '';
+    const opened = await Vault.open(paths, async () => pass());
+    const enrolled = await enrollPassphrase(pass('another'), COST);
+    const malformedFactor = { ...enrolled, factor: { ...enrolled.factor, id: 'pp-zzzz' } };
+    expect(() => opened.addFactor(malformedFactor)).toThrow(/reader would refuse/);
+    opened.close();
+    expect(readFileSync(paths.keys, 'utf8')).toBe(keysBefore);
+    expect(existsSync(paths.audit) ? readFileSync(paths.audit, 'utf8') : '').toBe(auditBefore);
+    const again = await Vault.open(paths, async () => pass());
+    again.close();
+    void masterKey;
+  });
+});
+
+describe('readKeyring reads only a private regular file, through a cap', () => {
+  it('refuses group/other mode bits, naming the file and the chmod', async () => {
+    const { keyring } = await makeKeyring();
+    const path = join(dir, 'modes.keys');
+    writeKeyring(path, keyring);
+    for (const mode of [0o644, 0o640, 0o604, 0o660, 0o602]) {
+      chmodSync(path, mode);
+      expect(() => readKeyring(path)).toThrow(`${path} is accessible by others (mode 0${mode.toString(8)})`);
+    }
+    chmodSync(path, 0o600);
+    expect(readKeyring(path)).toEqual(keyring);
+  });
+
+  it('refuses a link to /dev/zero, a directory and a file over 1 MiB without reading them', () => {
+    const zero = join(dir, 'zero.keys');
+    symlinkSync('/dev/zero', zero);
+    expect(() => readKeyring(zero)).toThrow(/character device, not a regular file/);
+    expect(() => readKeyring(dir)).toThrow(/a directory, not a regular file/);
+    const big = join(dir, 'big.keys');
+    writeFileSync(big, '', { mode: 0o600 });
+    truncateSync(big, MAX_KEYRING_BYTES + 1);
+    expect(() => readKeyring(big)).toThrow(/over 1048576 bytes/);
   });
 });
