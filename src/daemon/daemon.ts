@@ -8,6 +8,7 @@ import { KeyholdError } from '../errors.js';
 import { hardenProcess } from '../libc.js';
 import { acquirePidLock, ensurePrivateDir, pidFilePath, scopesDir, type PidLock } from '../runtime-dir.js';
 import { controlSocketPath, type ControlRequest, type LockTimers } from '../control/protocol.js';
+import { callVaultMethod } from '../control/requests.js';
 import { listenControl } from '../control/server.js';
 import { HandshakeGuard } from '../signer/handshake-guard.js';
 import { ScopeSockets } from '../signer/scope-sockets.js';
@@ -15,7 +16,7 @@ import { listenToken, type ListenAddress } from '../signer/token-listener.js';
 import { closeServer, ConnectionLimit } from '../signer/unix-listener.js';
 import type { AgentBackend, Peer } from '../signer/backend.js';
 import type { AuditEvent, AuditPeer } from '../audit/audit-log.js';
-import { thisProcess, type VaultApi } from '../vault/api.js';
+import { thisProcess } from '../vault/api.js';
 import { zeroKeks, type FactorKeks } from '../vault/keyring.js';
 import type { VaultPaths } from '../vault/paths.js';
 import { scopeBackend } from './scope-backend.js';
@@ -188,9 +189,7 @@ export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
         }
         case 'call': {
           checkVault(request.vaultId);
-          const api = session.api(actor);
-          const method = api[request.method as keyof VaultApi] as (...args: unknown[]) => Promise<unknown>;
-          const result = await method(...request.args);
+          const result = await callVaultMethod(session.api(actor), request);
           session.changed();
           await syncScopes();
           return result;
