@@ -8,7 +8,7 @@ import { usageError } from '../errors.js';
 import { TOKEN_ID_PATTERN, TOKEN_SUBJECT_PATTERN } from '../tokens/tokens.js';
 import { VAULT_METHODS, type VaultApi, type VaultMethod } from '../vault/api.js';
 import { ECDSA_BITS, KEY_TYPES, RSA_BITS } from '../vault/key-material.js';
-import { enrolledFactorSchema, FACTOR_ID_PATTERN, issuePath, kekSchema } from '../vault/keyring.js';
+import { enrolledFactorSchema, FACTOR_ID_PATTERN, fieldPath, kekSchema } from '../vault/keyring.js';
 import { MAX_SECRET_BYTES, SCOPE_PATTERN, SECRET_NAME_PATTERN } from '../vault/vault.js';
 
 // ---- fields ----
@@ -141,19 +141,21 @@ export function parseControlRequest(value: unknown): ControlRequest {
   if (!isPlainObject(value)) throw refused('not an object');
   const request = v.safeParse(envelope, value, { abortEarly: true });
   if (!request.success) {
-    const op = typeof value.op === 'string' && ['status', 'lock', 'unlock', 'call'].includes(value.op) ? value.op : null;
-    const field = issuePath(request.issues);
-    throw refused(op && field !== 'op' ? `${op}: ${field}` : 'op');
+    // The op is named only once it is known to be one of ours.
+    const op = envelope.options.find((option) => option.entries.op.literal === value.op)?.entries.op.literal;
+    const field = fieldPath(request.issues[0].path);
+    throw refused(op && field && field !== 'op' ? `${op}: ${field}` : 'op');
   }
   const { output } = request;
   if (output.op !== 'call') return output;
   const { names, schema } = VAULT_PARAMS[output.method] as Params<readonly unknown[]>;
   const args = v.safeParse(schema, output.args, { abortEarly: true });
   if (!args.success) {
-    const [first, ...rest] = args.issues[0]?.path ?? [];
-    const name = typeof first?.key === 'number' ? names[first.key] : undefined;
-    const inner = issuePath([{ ...args.issues[0]!, path: rest as v.IssuePathItem[] }] as never);
-    throw refused(`${output.method}: ${name === undefined ? 'args' : `${name}${inner && !inner.startsWith('[') ? '.' : ''}${inner}`}`);
+    // The first step is the argument's index: say the parameter's name instead.
+    const [position, ...inside] = args.issues[0].path ?? [];
+    const name = typeof position?.key === 'number' ? names[position.key] : undefined;
+    const field = fieldPath(inside);
+    throw refused(`${output.method}: ${name === undefined ? 'args' : `${name}${field && !field.startsWith('[') ? '.' : ''}${field}`}`);
   }
   return { op: 'call', vaultId: output.vaultId, method: output.method, args: args.output } as VaultCall;
 }

@@ -482,16 +482,18 @@ export const kekSchema = v.pipe(
 /** What `addFactor` and `replaceFactor` take: a factor the file reader would accept, and its KEK. */
 export const enrolledFactorSchema = v.object({ factor: unsealedFactorSchema, kek: kekSchema }) satisfies v.GenericSchema<unknown, EnrolledFactor>;
 
-/** Where an issue lies, by the schema's own field names and array indexes: never a value. */
-export function issuePath(issues: readonly v.BaseIssue<unknown>[]): string {
-  const path = issues[0]?.path ?? [];
+/**
+ * Where an issue lies, as `field.field[index]`: object schemas name their own fields, so this
+ * never holds a value from the input (no schema here is a record keyed by input).
+ */
+export function fieldPath(path: readonly v.IssuePathItem[] = []): string {
   return path.map((item, i) => (typeof item.key === 'number' ? `[${item.key}]` : `${i === 0 ? '' : '.'}${String(item.key)}`)).join('');
 }
 
 function parseWithSchema<T>(schema: v.GenericSchema<unknown, T>, value: unknown, where: string): T {
   const result = v.safeParse(schema, value, { abortEarly: true });
   if (!result.success) {
-    const field = issuePath(result.issues);
+    const field = fieldPath(result.issues[0].path);
     throw malformed(field ? `${where}.${field}` : where);
   }
   return result.output;
