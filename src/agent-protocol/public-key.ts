@@ -141,6 +141,9 @@ export function publicKeyFromBlob(blob: Buffer): KeyObject {
   return key;
 }
 
+/** What `fingerprint` returns: SHA-256 in base64 without padding. */
+export const FINGERPRINT_PATTERN = /^SHA256:[A-Za-z0-9+/]{43}$/;
+
 /** `SHA256:<base64, no padding>` as `ssh-keygen -l` prints it. */
 export function fingerprint(blob: Buffer): string {
   return 'SHA256:' + createHash('sha256').update(blob).digest('base64').replace(/=+$/, '');

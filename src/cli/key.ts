@@ -121,7 +121,8 @@ export function keyCommand(yargs: Argv<GlobalArgs>) {
         'list the keys, with their scopes',
         (c) => c.option('scope', { type: 'string', describe: 'only keys of this scope' }),
         async (args) => {
-          const keys = await withVault(args, (api) => api.listKeys(args.scope));
+          const scope = args.scope === undefined ? undefined : checkScopeName(args.scope);
+          const keys = await withVault(args, (api) => api.listKeys(scope));
           if (args.json) return printJson(keys.map(keyJson));
           printLines(
             table(
@@ -148,7 +149,8 @@ export function keyCommand(yargs: Argv<GlobalArgs>) {
         'offer a key of the vault in another scope too',
         (c) => c.positional('scope', { type: 'string', demandOption: true }).positional('fingerprint', { type: 'string', demandOption: true }),
         async (args) => {
-          await withVault(args, (api) => api.assign(args.scope, args.fingerprint));
+          const scope = checkScopeName(args.scope);
+          await withVault(args, (api) => api.assign(scope, args.fingerprint));
           if (args.json) printJson({ scope: args.scope, fingerprint: args.fingerprint, assigned: true });
         },
       )
@@ -157,7 +159,8 @@ export function keyCommand(yargs: Argv<GlobalArgs>) {
         'stop offering a key in a scope (the key stays in the vault)',
         (c) => c.positional('scope', { type: 'string', demandOption: true }).positional('fingerprint', { type: 'string', demandOption: true }),
         async (args) => {
-          await withVault(args, (api) => api.unassign(args.scope, args.fingerprint));
+          const scope = checkScopeName(args.scope);
+          await withVault(args, (api) => api.unassign(scope, args.fingerprint));
           if (args.json) printJson({ scope: args.scope, fingerprint: args.fingerprint, assigned: false });
         },
       )

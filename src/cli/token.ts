@@ -1,7 +1,7 @@
 import type { Argv } from 'yargs';
 import { parseDuration } from '../duration.js';
 import { usageError } from '../errors.js';
-import { tokenUsable, type TokenRecord } from '../tokens/tokens.js';
+import { TOKEN_SUBJECT_PATTERN, tokenUsable, type TokenRecord } from '../tokens/tokens.js';
 import { checkScopeName } from '../vault/vault.js';
 import { printJson, printLines, table, withVault, type GlobalArgs } from './common.js';
 
@@ -35,7 +35,7 @@ export function tokenCommand(yargs: Argv<GlobalArgs>) {
             .option('ttl', { type: 'string', describe: 'lifetime: 90s, 30m, 8h, 7d (default: no expiry)' }),
         async (args) => {
           const scope = checkScopeName(args.scope);
-          if (args.subject.length > 128 || /[\0-\x1f\x7f]/.test(args.subject)) {
+          if (!TOKEN_SUBJECT_PATTERN.test(args.subject)) {
             throw usageError('invalid subject', 'up to 128 printable characters');
           }
           const ttl = args.ttl === undefined ? null : parseDuration(args.ttl, '--ttl');
@@ -52,7 +52,8 @@ export function tokenCommand(yargs: Argv<GlobalArgs>) {
         'list tokens (never the token itself)',
         (c) => c.option('scope', { type: 'string', describe: 'only tokens of this scope' }),
         async (args) => {
-          const tokens = await withVault(args, (api) => api.listTokens(args.scope));
+          const scope = args.scope === undefined ? undefined : checkScopeName(args.scope);
+          const tokens = await withVault(args, (api) => api.listTokens(scope));
           if (args.json) return printJson(tokens.map(tokenJson));
           printLines(
             table(

@@ -11,10 +11,10 @@ import {
   decodeMessage,
   encodeMessage,
   errorFromResponse,
-  type ControlRequest,
   type ControlResponse,
   type DaemonStatus,
 } from './protocol.js';
+import { parseControlRequest, type ControlRequest } from './requests.js';
 
 const CALL_TIMEOUT_MS = 120_000;
 
@@ -80,10 +80,14 @@ export class ControlClient {
     return new ControlClient(socket);
   }
 
-  /** Sends a request and returns its result; a daemon-side error is rethrown as a KeyholdError. */
+  /**
+   * Sends a request and returns its result; a daemon-side error is rethrown as a KeyholdError. The
+   * request is checked against the schema the daemon applies, so a bad one fails here, unsent.
+   */
   call<T = unknown>(request: ControlRequest): Promise<T> {
     const run = async (): Promise<T> => {
       if (this.closedError) throw this.closedError;
+      const checked = parseControlRequest(request);
       const response = await new Promise<ControlResponse>((resolve, reject) => {
         const timer = setTimeout(() => reject(new KeyholdError('the daemon did not answer in time', 'see its log')), CALL_TIMEOUT_MS);
         this.waiting = {
@@ -96,7 +100,7 @@ export class ControlClient {
             reject(e);
           },
         };
-        this.socket.write(encodeMessage(request));
+        this.socket.write(encodeMessage(checked));
       });
       if (!response || typeof response !== 'object' || typeof response.ok !== 'boolean') {
         throw new KeyholdError('bad reply from the daemon');

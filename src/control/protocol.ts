@@ -18,11 +18,8 @@ export interface LockTimers {
   ttlMs: number | null;
 }
 
-export type ControlRequest =
-  | { op: 'status' }
-  | { op: 'unlock'; vaultId: string; keks: Record<string, Buffer>; idleMs?: number | null; ttlMs?: number | null }
-  | { op: 'lock' }
-  | { op: 'call'; vaultId: string; method: string; args: unknown[] };
+/** The requests, and their schemas, are in requests.ts. */
+export type { ControlRequest } from './requests.js';
 
 export interface DaemonStatus {
   pid: number;
@@ -64,8 +61,10 @@ export function fromWire(value: unknown, depth = 0): unknown {
   if (Array.isArray(value)) return value.map((v) => fromWire(v, depth + 1));
   if (value !== null && typeof value === 'object') {
     const entries = Object.entries(value);
+    // Canonical base64 only; any other spelling stays an object, which no schema takes for bytes.
     if (entries.length === 1 && entries[0]![0] === '$b64' && typeof entries[0]![1] === 'string') {
-      return Buffer.from(entries[0]![1], 'base64');
+      const bytes = Buffer.from(entries[0]![1], 'base64');
+      if (bytes.toString('base64') === entries[0]![1]) return bytes;
     }
     if (entries.length === 1 && entries[0]![0] === '$undefined' && entries[0]![1] === true) return undefined;
     const out: Record<string, unknown> = Object.create(null);

@@ -8,6 +8,7 @@ import { KeyholdError } from '../errors.js';
 import { hardenProcess } from '../libc.js';
 import { acquirePidLock, ensurePrivateDir, pidFilePath, scopesDir, type PidLock } from '../runtime-dir.js';
 import { controlSocketPath, type ControlRequest, type LockTimers } from '../control/protocol.js';
+import { callVaultMethod } from '../control/requests.js';
 import { listenControl } from '../control/server.js';
 import { HandshakeGuard } from '../signer/handshake-guard.js';
 import { ScopeSockets } from '../signer/scope-sockets.js';
@@ -15,7 +16,7 @@ import { listenToken, type ListenAddress } from '../signer/token-listener.js';
 import { closeServer, ConnectionLimit } from '../signer/unix-listener.js';
 import type { AgentBackend, Peer } from '../signer/backend.js';
 import type { AuditEvent, AuditPeer } from '../audit/audit-log.js';
-import { thisProcess, type VaultApi } from '../vault/api.js';
+import { thisProcess } from '../vault/api.js';
 import { zeroKeks, type FactorKeks } from '../vault/keyring.js';
 import type { VaultPaths } from '../vault/paths.js';
 import { isBusyError } from '../vault/database.js';
@@ -201,11 +202,10 @@ export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
             throw new KeyholdError(`the audit log cannot be written (${failure.code}) since ${failure.since}; nothing was done`, 'free space on its disk; keyhold resumes by itself');
           }
           const api = session.api(actor);
-          const method = api[request.method as keyof VaultApi] as (...args: unknown[]) => Promise<unknown>;
           try {
             // Another process may hold the vault's write lock: wait for it here, without blocking
             // the event loop (the database's own busy timeout is 0 in the daemon).
-            const result = await retryWhileBusy(() => method(...copyBuffers(request.args)));
+            const result: unknown = await retryWhileBusy<unknown>(() => callVaultMethod(api, { ...request, args: copyBuffers(request.args) }));
             session.changed();
             // Acknowledged only once audited: a change (or a secret read) is in the log before its reply.
             await session.auditWritten().catch((err: Error) => {

@@ -15,6 +15,11 @@ export function newTokenId(): string {
   return `tok_${randomBytes(6).toString('hex')}`;
 }
 
+/** What `newTokenId` returns. */
+export const TOKEN_ID_PATTERN = /^tok_[0-9a-f]{12}$/;
+/** Who holds a token: up to 128 printable characters (it is shown in listings and the audit log). */
+export const TOKEN_SUBJECT_PATTERN = /^[^\0-\x1f\x7f]{0,128}$/;
+
 export function tokenHash(token: Buffer | string): Buffer {
   return createHash('sha256').update(token).digest();
 }

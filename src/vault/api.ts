@@ -40,8 +40,8 @@ export interface VaultApi {
 
 export type VaultMethod = keyof VaultApi;
 
-/** The methods a daemon serves over its control socket. */
-export const VAULT_METHODS: readonly VaultMethod[] = [
+/** The methods a daemon serves over its control socket: every method of VaultApi. */
+export const VAULT_METHODS = [
   'generateKey',
   'importKey',
   'listKeys',
@@ -62,7 +62,9 @@ export const VAULT_METHODS: readonly VaultMethod[] = [
   'removeFactor',
   'replaceFactor',
   'verifyAudit',
-];
+] as const satisfies readonly VaultMethod[];
+const everyMethodListed: Exclude<VaultMethod, (typeof VAULT_METHODS)[number]> extends never ? true : never = true;
+void everyMethodListed;
 
 /**
  * The operations on a vault open in this process. `actor` is who asks (this CLI process, or the

@@ -6,10 +6,11 @@
 // Policy `all`: one wrap under a KEK derived from every factor's KEK together; all are needed.
 // Changing factors rewraps the master key; the database is never re-encrypted.
 import { createCipheriv, createDecipheriv, hkdfSync, randomBytes, scrypt as scryptCb, type ScryptOptions } from 'node:crypto';
+import * as v from 'valibot';
 import { readCapped } from '../read-capped.js';
 import { EXIT, KeyholdError, usageError } from '../errors.js';
 import { writeFileAtomic } from './atomic-file.js';
-import { blobKeyType, fingerprint } from '../agent-protocol/public-key.js';
+import { blobKeyType, fingerprint, FINGERPRINT_PATTERN } from '../agent-protocol/public-key.js';
 
 export const KEYRING_FORMAT = 'keyhold-keys';
 export const KEYRING_VERSION = 1;
@@ -63,6 +64,9 @@ export interface SshAgentFactor {
 export type Factor = PassphraseFactor | SshAgentFactor;
 export type FactorType = Factor['type'];
 export const FACTOR_TYPES: readonly FactorType[] = ['passphrase', 'ssh-agent'];
+const FACTOR_ID_PREFIX: Record<FactorType, string> = { passphrase: 'pp', 'ssh-agent': 'sa' };
+/** A factor id: the type's prefix and 4 random bytes in hex. */
+export const FACTOR_ID_PATTERN = /^(?:pp|sa)-[0-9a-f]{8}$/;
 
 export interface Keyring {
   format: typeof KEYRING_FORMAT;
@@ -74,9 +78,13 @@ export interface Keyring {
   wrap?: Wrap;
 }
 
+/** A factor as enrolment makes it, before sealing gives it (under policy `any`) its own wrap. */
+export type Unsealed<F extends Factor> = Omit<F, 'wrap'> & { wrap?: never };
+export type UnsealedFactor = Unsealed<PassphraseFactor> | Unsealed<SshAgentFactor>;
+
 /** A factor before it is sealed into a keyring, with the KEK its secret derives. */
 export interface EnrolledFactor {
-  factor: Factor;
+  factor: UnsealedFactor;
   kek: Buffer;
 }
 
@@ -111,16 +119,7 @@ export function defaultScryptCost(env: NodeJS.ProcessEnv = process.env): { log2n
 }
 
 function checkScrypt(params: ScryptParams): void {
-  const within = (v: number, [lo, hi]: readonly [number, number]) => Number.isInteger(v) && v >= lo && v <= hi;
-  if (
-    params.name !== 'scrypt' ||
-    !within(params.log2n, SCRYPT_BOUNDS.log2n) ||
-    !within(params.r, SCRYPT_BOUNDS.r) ||
-    !within(params.p, SCRYPT_BOUNDS.p) ||
-    128 * params.r * 2 ** params.log2n > SCRYPT_MAX_MEMORY
-  ) {
-    throw malformed('scrypt parameters out of bounds');
-  }
+  if (!v.is(scryptParamsSchema, params)) throw malformed('scrypt parameters out of bounds');
 }
 
 function deriveScrypt(secret: Buffer, params: ScryptParams): Promise<Buffer> {
@@ -190,7 +189,7 @@ export function newVaultId(): string {
 }
 
 export function newFactorId(type: FactorType): string {
-  return `${type === 'passphrase' ? 'pp' : 'sa'}-${randomBytes(4).toString('hex')}`;
+  return `${FACTOR_ID_PREFIX[type]}-${randomBytes(4).toString('hex')}`;
 }
 
 /** A new passphrase factor (not yet sealed) and its KEK. */
@@ -222,7 +221,7 @@ export function sshAgentKek(vaultId: string, factorId: string, signature: Buffer
 }
 
 /** A new ssh-agent factor's public part; its KEK comes from the agent's signature over the challenge. */
-export function newSshAgentFactor(key: AgentKeyRef, id = newFactorId('ssh-agent')): SshAgentFactor {
+export function newSshAgentFactor(key: AgentKeyRef, id = newFactorId('ssh-agent')): Unsealed<SshAgentFactor> {
   return {
     id,
     type: 'ssh-agent',
@@ -398,69 +397,106 @@ function malformed(detail: string): KeyholdError {
   return new KeyholdError(`vault key file is malformed: ${detail}`, 'restore vault.db.keys from a backup');
 }
 
-const isObject = (v: unknown): v is Record<string, unknown> => typeof v === 'object' && v !== null && !Array.isArray(v);
+const isObject = (value: unknown): value is Record<string, unknown> => typeof value === 'object' && value !== null && !Array.isArray(value);
 /** Canonical base64 only: a spelling that decodes to the same bytes is still an edit. */
-const isB64 = (v: unknown, bytes?: number): v is string => {
-  if (typeof v !== 'string') return false;
-  const decoded = Buffer.from(v, 'base64');
-  return decoded.toString('base64') === v && (bytes === undefined || decoded.length === bytes);
+const isB64 = (value: unknown, bytes?: number): value is string => {
+  if (typeof value !== 'string') return false;
+  const decoded = Buffer.from(value, 'base64');
+  return decoded.toString('base64') === value && (bytes === undefined || decoded.length === bytes);
 };
 
-function parseWrap(v: unknown): Wrap {
-  if (!isObject(v) || v.alg !== 'A256GCM' || !isB64(v.nonce, 12) || !isB64(v.ciphertext, MASTER_KEY_BYTES) || !isB64(v.tag, 16)) {
-    throw malformed('bad wrapped key');
+// ---- the schemas of what the file holds; a factor sent to the daemon is checked by the same ones ----
+
+const base64Of = (bytes?: number) => v.pipe(v.string(), v.check((s) => isB64(s, bytes)));
+const integerWithin = ([lo, hi]: readonly [number, number]) => v.pipe(v.number(), v.integer(), v.minValue(lo), v.maxValue(hi));
+
+const wrapSchema = v.object({ alg: v.literal('A256GCM'), nonce: base64Of(12), ciphertext: base64Of(MASTER_KEY_BYTES), tag: base64Of(16) });
+
+const scryptParamsSchema = v.pipe(
+  v.object({
+    name: v.literal('scrypt'),
+    log2n: integerWithin(SCRYPT_BOUNDS.log2n),
+    r: integerWithin(SCRYPT_BOUNDS.r),
+    p: integerWithin(SCRYPT_BOUNDS.p),
+    salt: v.pipe(v.string(), v.check((s) => isB64(s) && Buffer.from(s, 'base64').length >= 16)),
+  }),
+  v.check((k) => 128 * k.r * 2 ** k.log2n <= SCRYPT_MAX_MEMORY),
+);
+
+const factorIdOf = (type: FactorType) =>
+  v.pipe(v.string(), v.regex(FACTOR_ID_PATTERN), v.startsWith(`${FACTOR_ID_PREFIX[type]}-`));
+
+/** The fingerprint and type are derived data: they must describe the blob the agent is asked for. */
+function describesBlob(key: AgentKeyRef): boolean {
+  const blob = Buffer.from(key.blob, 'base64');
+  try {
+    return blobKeyType(blob) === key.type && fingerprint(blob) === key.fingerprint;
+  } catch {
+    return false;
   }
-  return { alg: 'A256GCM', nonce: v.nonce, ciphertext: v.ciphertext, tag: v.tag };
 }
 
-function parseFactor(v: unknown, policy: Policy): Factor {
-  if (!isObject(v) || typeof v.id !== 'string' || typeof v.created !== 'string') throw malformed('bad factor');
-  const wrap = policy === 'any' ? { wrap: parseWrap(v.wrap) } : {};
-  if (policy === 'all' && v.wrap !== undefined) throw malformed('a factor of an all-policy vault carries its own wrap');
-  if (v.type === 'passphrase') {
-    if (!/^pp-[0-9a-f]{8}$/.test(v.id)) throw malformed('bad factor id');
-    const kdf = v.kdf;
-    if (!isObject(kdf) || !isB64(kdf.salt) || Buffer.from(String(kdf.salt), 'base64').length < 16) throw malformed('bad kdf');
-    if (typeof kdf.log2n !== 'number' || typeof kdf.r !== 'number' || typeof kdf.p !== 'number') throw malformed('bad kdf');
-    const params: ScryptParams = { name: kdf.name as 'scrypt', log2n: kdf.log2n, r: kdf.r, p: kdf.p, salt: kdf.salt };
-    checkScrypt(params);
-    return { id: v.id, type: 'passphrase', created: v.created, kdf: params, ...wrap };
+const agentKeySchema = v.pipe(
+  v.object({
+    type: v.picklist(['ssh-ed25519', 'ssh-rsa']),
+    fingerprint: v.pipe(v.string(), v.regex(FINGERPRINT_PATTERN)),
+    blob: v.pipe(v.string(), v.maxLength(4096), v.check((s) => isB64(s))),
+  }),
+  v.check(describesBlob),
+);
+
+const passphraseFields = {
+  id: factorIdOf('passphrase'),
+  type: v.literal('passphrase'),
+  created: v.string(),
+  kdf: scryptParamsSchema,
+};
+const sshAgentFields = {
+  id: factorIdOf('ssh-agent'),
+  type: v.literal('ssh-agent'),
+  created: v.string(),
+  key: agentKeySchema,
+  challenge: base64Of(32),
+  kdf: v.object({ name: v.literal('hkdf-sha256'), info: v.literal(SSH_AGENT_KDF_INFO) }),
+};
+const noWrap = { wrap: v.exactOptional(v.never()) };
+
+/** A factor as enrolment makes it and a policy-`all` file stores it: without a wrap of its own. */
+export const unsealedFactorSchema = v.variant('type', [
+  v.object({ ...passphraseFields, ...noWrap }),
+  v.object({ ...sshAgentFields, ...noWrap }),
+]) satisfies v.GenericSchema<unknown, UnsealedFactor>;
+
+/** A factor of a policy-`any` file: it wraps the master key itself. */
+const sealedFactorSchema = v.variant('type', [
+  v.object({ ...passphraseFields, wrap: wrapSchema }),
+  v.object({ ...sshAgentFields, wrap: wrapSchema }),
+]) satisfies v.GenericSchema<unknown, Factor>;
+
+/** A key-encryption key: 32 bytes. */
+export const kekSchema = v.pipe(
+  v.custom<Buffer>((value) => Buffer.isBuffer(value)),
+  v.length(32),
+);
+
+/** What `addFactor` and `replaceFactor` take: a factor the file reader would accept, and its KEK. */
+export const enrolledFactorSchema = v.object({ factor: unsealedFactorSchema, kek: kekSchema }) satisfies v.GenericSchema<unknown, EnrolledFactor>;
+
+/**
+ * Where an issue lies, as `field.field[index]`: object schemas name their own fields, so this
+ * never holds a value from the input (no schema here is a record keyed by input).
+ */
+export function fieldPath(path: readonly v.IssuePathItem[] = []): string {
+  return path.map((item, i) => (typeof item.key === 'number' ? `[${item.key}]` : `${i === 0 ? '' : '.'}${String(item.key)}`)).join('');
+}
+
+function parseWithSchema<T>(schema: v.GenericSchema<unknown, T>, value: unknown, where: string): T {
+  const result = v.safeParse(schema, value, { abortEarly: true });
+  if (!result.success) {
+    const field = fieldPath(result.issues[0].path);
+    throw malformed(field ? `${where}.${field}` : where);
   }
-  if (v.type === 'ssh-agent') {
-    if (!/^sa-[0-9a-f]{8}$/.test(v.id)) throw malformed('bad factor id');
-    const key = v.key;
-    if (
-      !isObject(key) ||
-      (key.type !== 'ssh-ed25519' && key.type !== 'ssh-rsa') ||
-      typeof key.fingerprint !== 'string' ||
-      !/^SHA256:[A-Za-z0-9+/]{43}$/.test(key.fingerprint) ||
-      !isB64(key.blob) ||
-      key.blob.length > 4096
-    ) {
-      throw malformed('bad ssh-agent key');
-    }
-    // The fingerprint and type are derived data: they must describe the blob the agent is asked for.
-    const blob = Buffer.from(key.blob, 'base64');
-    let blobType: string;
-    try {
-      blobType = blobKeyType(blob);
-    } catch {
-      throw malformed('bad ssh-agent key');
-    }
-    if (blobType !== key.type || fingerprint(blob) !== key.fingerprint) throw malformed('ssh-agent key does not match its fingerprint');
-    if (!isB64(v.challenge, 32)) throw malformed('bad challenge');
-    if (!isObject(v.kdf) || v.kdf.name !== 'hkdf-sha256' || v.kdf.info !== SSH_AGENT_KDF_INFO) throw malformed('bad kdf');
-    return {
-      id: v.id,
-      type: 'ssh-agent',
-      created: v.created,
-      key: { type: key.type, fingerprint: key.fingerprint, blob: key.blob },
-      challenge: v.challenge,
-      kdf: { name: 'hkdf-sha256', info: SSH_AGENT_KDF_INFO },
-      ...wrap,
-    };
-  }
-  throw malformed(`unknown factor type ${JSON.stringify(String(v.type).slice(0, 32))}`);
+  return result.output;
 }
 
 export function parseKeyring(text: string): Keyring {
@@ -481,10 +517,11 @@ export function parseKeyring(text: string): Keyring {
   if (doc.policy !== 'any' && doc.policy !== 'all') throw malformed('unknown policy');
   const policy: Policy = doc.policy;
   if (!Array.isArray(doc.factors) || doc.factors.length === 0 || doc.factors.length > 64) throw malformed('no factors');
-  const factors = doc.factors.map((f) => parseFactor(f, policy));
+  const factorSchema: v.GenericSchema<unknown, Factor> = policy === 'any' ? sealedFactorSchema : unsealedFactorSchema;
+  const factors = doc.factors.map((f, i) => parseWithSchema(factorSchema, f, `factors[${i}]`));
   if (new Set(factors.map((f) => f.id)).size !== factors.length) throw malformed('duplicate factor id');
   const keyring: Keyring = { format: KEYRING_FORMAT, version: KEYRING_VERSION, vault_id: doc.vault_id, policy, factors };
-  if (policy === 'all') keyring.wrap = parseWrap(doc.wrap);
+  if (policy === 'all') keyring.wrap = parseWithSchema(wrapSchema, doc.wrap, 'wrap');
   else if (doc.wrap !== undefined) throw malformed('an any-policy vault has no combined wrap');
   return keyring;
 }

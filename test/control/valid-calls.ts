@@ -1,0 +1,52 @@
+// One well-formed argument list (or more) per vault method, made the way the CLI makes them
+// (the real enrolment functions for factors), for the control request tests.
+import { generateKeyPairSync, randomBytes } from 'node:crypto';
+import { describeKey, fingerprint } from '../../src/agent-protocol/public-key.js';
+import type { VaultMethod } from '../../src/vault/api.js';
+import { enrollPassphrase, newSshAgentFactor, type EnrolledFactor } from '../../src/vault/keyring.js';
+
+export const FP = fingerprint(randomBytes(40));
+
+export function agentKeyRef() {
+  const blob = describeKey(generateKeyPairSync('ed25519').publicKey).blob;
+  return { type: 'ssh-ed25519' as const, fingerprint: fingerprint(blob), blob: blob.toString('base64') };
+}
+
+export async function enrolledPassphrase(): Promise<EnrolledFactor> {
+  return enrollPassphrase(Buffer.from('correct horse'), { log2n: 14, r: 8, p: 1 });
+}
+
+export function enrolledSshAgent(): EnrolledFactor {
+  return { factor: newSshAgentFactor(agentKeyRef()), kek: randomBytes(32) };
+}
+
+export async function validCalls(): Promise<Record<VaultMethod, unknown[][]>> {
+  const pp = await enrolledPassphrase();
+  const sa = enrolledSshAgent();
+  return {
+    generateKey: [
+      ['web', 'ed25519', undefined, 'me@host'],
+      ['web', 'rsa', 3072, ''],
+      ['web', 'ecdsa', 521, 'c'],
+    ],
+    importKey: [['web', randomBytes(1200), 'imported']],
+    listKeys: [[], ['web'], [undefined]],
+    assign: [['web', FP], ['a.b_c-d', FP.slice('SHA256:'.length)]],
+    unassign: [['web', FP]],
+    removeKey: [[FP], [FP.slice('SHA256:'.length)]],
+    scopes: [[]],
+    issueToken: [['web', 'ci-42', null], ['web', '', 90_000]],
+    listTokens: [[], ['web']],
+    revokeToken: [['tok_0123456789ab']],
+    revokeTokens: [['web'], ['web', 'ci-42']],
+    setSecret: [['web', 'API_TOKEN', Buffer.from('v')], ['web', '_', Buffer.alloc(0)], ['web', 'BIG', Buffer.alloc(1024 * 1024)]],
+    getSecret: [['web', 'API_TOKEN']],
+    listSecrets: [['web']],
+    removeSecret: [['web', 'API_TOKEN']],
+    secretValues: [[['web', 'api']], [[]]],
+    addFactor: [[pp], [sa]],
+    removeFactor: [['pp-0123abcd'], ['sa-0123abcd']],
+    replaceFactor: [[pp]],
+    verifyAudit: [[]],
+  };
+}
