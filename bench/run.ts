@@ -211,7 +211,10 @@ async function main(): Promise<void> {
   const churn = await measured(daemon.pid!, () => signLoad(endpoints.keyhold.endpoint, ed, 16, 4, SECONDS));
   changing = false;
   await changer;
-  rows.push({ case: `16×4 while ${changes} keys are added`, key: 'ed25519', agent: 'keyhold', ...pick(churn) });
+  // The goal is relative: signing while another process changes the vault keeps >= 80% of the
+  // steady 16×4 rate (the daemon never waits on that process's write lock).
+  const steady = rows.find((r) => r.case === '16×4' && r.key === 'ed25519' && r.agent === 'keyhold')!.perSecond;
+  rows.push({ case: `16×4 while ${changes} keys are added (${((100 * churn.perSecond) / steady).toFixed(0)}% of steady)`, key: 'ed25519', agent: 'keyhold', ...pick(churn) });
 
   // Scale: many scopes (a socket each) and many idle connections, while one client signs.
   const scale = await scaleCase(endpoints.keyhold.endpoint, daemon.pid!, ed);

@@ -26,6 +26,15 @@ const LINGER_MS = 2_000;
 const MAX_IN_FLIGHT = 64;
 /** As OpenSSH's agent: bindings recorded per connection (one per hop of a forwarding chain). */
 const MAX_BINDINGS = 16;
+/**
+ * Replies one read may produce beyond what the client has not read yet, as a multiple of
+ * `maxPendingWrite`: one read of small requests (5-byte identities requests, say) can ask for
+ * far more reply bytes than it holds, so pausing the socket afterwards is not enough. A client
+ * past this is not reading its replies, and is closed.
+ */
+const UNREAD_REPLY_FACTOR = 4;
+/** What a reply that is still a promise (a signature) counts for in that limit. */
+const SIGNATURE_REPLY_ESTIMATE = 1024;
 
 export interface ConnectionOptions {
   peer: Peer;
@@ -183,6 +192,8 @@ class AgentConnection {
   private readPaused = false;
   /** Bytes reserved from `options.memory` for the partial frame. */
   private reserved = 0;
+  /** Reply bytes the client has not read, counting those the current read is producing. */
+  private unread = 0;
 
   constructor(
     private readonly socket: Socket,
@@ -212,6 +223,7 @@ class AgentConnection {
   private onData(chunk: Buffer): void {
     if (this.state !== 'open') return; // draining after a protocol error: discard
     const replies: Reply[] = [];
+    this.unread = this.socket.writableLength;
     try {
       this.reader.push(chunk, (payload) => this.onRequest(payload, replies));
     } catch (err) {
@@ -229,11 +241,18 @@ class AgentConnection {
   private onRequest(payload: Buffer, replies: Reply[]): void {
     if (this.state !== 'open') return;
     if (this.options.admit && !this.options.admit()) return this.destroy('no longer admitted');
+    let reply: Reply;
     try {
-      replies.push(processMessage(this.session, payload));
+      reply = processMessage(this.session, payload);
     } catch (err) {
       this.options.log.error({ peer: this.session.peer, err: (err as Error).message }, 'request failed');
-      replies.push(FAILURE);
+      reply = FAILURE;
+    }
+    replies.push(reply);
+    this.unread += reply instanceof Promise ? SIGNATURE_REPLY_ESTIMATE : reply.length;
+    if (this.unread > UNREAD_REPLY_FACTOR * this.options.maxPendingWrite) {
+      this.options.log.info({ peer: this.session.peer, unread: this.unread }, 'client does not read its replies; closing agent connection');
+      this.destroy('replies not read');
     }
   }
 

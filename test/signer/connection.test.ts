@@ -346,6 +346,19 @@ describe('the connection loop', () => {
     expect(backend.signCalls).toBe(count);
   });
 
+  it('closes a client whose one read asks for far more reply bytes than it may leave unread', async () => {
+    // 5-byte identities requests whose ~1 KiB answers the client never reads: pausing after the
+    // read comes too late, since one 64 KiB read alone asks for ~13 MB of replies.
+    const backend = new FakeBackend();
+    backend.comment = 'c'.repeat(1000);
+    const { client, serverClosed, logs } = await serve({ maxPendingWrite: 64 * 1024 }, backend);
+    client.socket.pause();
+    client.send(Buffer.concat(Array.from({ length: 13_000 }, () => identitiesFrame())));
+    await serverClosed;
+    expect(backend.identityCalls).toBeLessThanOrEqual(300);
+    expect(logs.some((l) => l.msg === 'client does not read its replies; closing agent connection')).toBe(true);
+  });
+
   it('stops reading while too many requests wait for a signature, and resumes as they are answered', async () => {
     const { client, backend } = await serve();
     const held: (() => void)[] = [];

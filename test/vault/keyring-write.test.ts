@@ -38,7 +38,7 @@ describe('writeKeyring', () => {
         err = e;
       }
       expect(err, JSON.stringify(next).slice(0, 200)).toBeInstanceOf(KeyholdError);
-      expect((err as KeyholdError).message).toMatch(/^refusing to write a vault key file that would not read back/);
+      expect((err as KeyholdError).message).toMatch(/^refusing to write a vault key file the reader would refuse/);
       expect((err as KeyholdError).message).not.toContain(marker);
       expect(readFileSync(path).equals(before)).toBe(true);
     }
@@ -52,7 +52,7 @@ describe('writeKeyring', () => {
     const path = join(dir, 'bad.keys');
     const keyring = JSON.parse(readFileSync(join(dir, 'vault.db.keys'), 'utf8')) as Keyring;
     (keyring.factors[1] as { created: unknown }).created = 5;
-    writeFileSync(path, JSON.stringify(keyring));
+    writeFileSync(path, JSON.stringify(keyring), { mode: 0o600 });
     expect(() => readKeyring(path)).toThrow('vault key file is malformed: factors[1].created');
   });
 });
