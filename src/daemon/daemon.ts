@@ -118,6 +118,11 @@ export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
       const closed = tokens ? tokenConnections.closeUnusable((id) => tokens.usable(id)) : 0;
       if (closed > 0) log.info({ closed }, 'closed the connections of revoked or expired tokens');
     };
+    // Locked, no token can be checked: token sessions would be closed at their next request
+    // anyway; closing them now frees their slots and memory.
+    session.onChange((unlocked) => {
+      if (!unlocked) tokenConnections.closeAll();
+    });
 
     for (const address of options.listen ?? []) {
       const where = address.kind === 'unix' ? `unix:${address.path}` : `tcp:${address.host}:${address.port}`;

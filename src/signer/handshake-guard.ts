@@ -30,6 +30,8 @@ export interface HandshakeGuardOptions {
   maxDelayed: number;
   /** The handshake timeout for a blocked source (others get the listener's full timeout). */
   blockedTimeoutMs: number;
+  /** Sources remembered at most; past this the oldest with nothing pending are forgotten. */
+  maxSources: number;
 }
 
 export const DEFAULT_GUARD: HandshakeGuardOptions = {
@@ -44,6 +46,7 @@ export const DEFAULT_GUARD: HandshakeGuardOptions = {
   maxDelayMs: 3_000,
   maxDelayed: 256,
   blockedTimeoutMs: 1_000,
+  maxSources: 65_536,
 };
 
 interface SourceState {
@@ -78,7 +81,10 @@ export class HandshakeGuard {
 
   private state(source: string): SourceState {
     let state = this.sources.get(source);
-    if (!state) this.sources.set(source, (state = { pending: new Set(), failures: [], blockedUntil: 0 }));
+    if (!state) {
+      if (this.sources.size >= this.options.maxSources) this.forgetOldestSource();
+      this.sources.set(source, (state = { pending: new Set(), failures: [], blockedUntil: 0 }));
+    }
     return state;
   }
 
@@ -191,6 +197,13 @@ export class HandshakeGuard {
   stop(): void {
     if (this.passTimer) clearTimeout(this.passTimer);
     this.passTimer = null;
+  }
+
+  /** Bounds what a flood from many addresses can make us remember (at the cost of its counts). */
+  private forgetOldestSource(): void {
+    for (const [source, state] of this.sources) {
+      if (state.pending.size === 0) return void this.sources.delete(source);
+    }
   }
 
   private forgetIfIdle(source: string, state: SourceState, now: number): void {

@@ -277,6 +277,20 @@ describe('revocation and expiry end idle connections', () => {
     }
   });
 
+  it('20 idle sessions: `keyhold lock` closes them all without another request; after unlock the token is served again', async () => {
+    const t = issue('web', 'lock-idle');
+    const conns = await openSessions(t.token, 20, '127.0.3.3');
+    try {
+      keyholdOk(k, ['lock']);
+      await Promise.all(conns.map((c) => c.until(() => c.closed, 2000, 'close after lock').catch(() => {})));
+      expect(conns.filter((c) => c.closed).length, `closed within 2 s of the lock${daemonLog()}`).toBe(20);
+    } finally {
+      for (const c of conns) c.close();
+      keyholdOk(k, ['unlock']);
+    }
+    expect(await servedOnce(tcp('127.0.3.3'), t.token)).toBeLessThan(SERVED_WITHIN_MS);
+  });
+
   it('20 idle sessions of a 2 s token: closed when it expires, without another request', async () => {
     const t = JSON.parse(keyholdOk(k, ['token', 'issue', 'web', '--subject', 'short', '--ttl', '2s', '--json'])) as IssuedToken & { expires: string };
     const conns = await openSessions(t.token, 20, '127.0.3.2');

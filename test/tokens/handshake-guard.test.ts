@@ -263,3 +263,18 @@ describe('memory budgets', () => {
     expect(a.reserve(Number.NaN)).toBe(false);
   });
 });
+
+describe('HandshakeGuard: what it remembers is bounded', () => {
+  it('past maxSources the oldest source with nothing pending is forgotten (a pending one is kept)', () => {
+    const g = guard({ maxSources: 3, baseDelayMs: 10, blockAfterFailures: 100 });
+    const held = g.begin('s0', () => {}, 0);
+    g.finish(g.begin('s1', () => {}, 0), 'failed', 0);
+    g.finish(g.begin('s2', () => {}, 0), 'failed', 0);
+    g.finish(g.begin('s3', () => {}, 0), 'failed', 0);
+    // s1 was forgotten: its next failure is a first one again; s2 still remembers its first.
+    expect(g.finish(g.begin('s2', () => {}, 0), 'failed', 0)).toBe(20);
+    expect(g.finish(g.begin('s1', () => {}, 0), 'failed', 0)).toBe(10);
+    expect(g.pendingCount).toBe(1);
+    g.finish(held, 'ok', 0);
+  });
+});
