@@ -112,11 +112,17 @@ export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
     guardSweep.unref();
     // A token revoked or expired (through this daemon or by another process: the vault version
     // moves) has its open connections closed at once, which also frees their memory.
+    // Never throws: a vault read that fails here (a busy database) is retried at the next poll,
+    // and must not turn the reply to the change that was made into an error.
     const closeRevokedSessions = () => {
       if (tokenConnections.sessions() === 0) return;
-      const tokens = session.tokens();
-      const closed = tokens ? tokenConnections.closeUnusable((id) => tokens.usable(id)) : 0;
-      if (closed > 0) log.info({ closed }, 'closed the connections of revoked or expired tokens');
+      try {
+        const tokens = session.tokens();
+        const closed = tokens ? tokenConnections.closeUnusable((id) => tokens.usable(id)) : 0;
+        if (closed > 0) log.info({ closed }, 'closed the connections of revoked or expired tokens');
+      } catch (err) {
+        log.warn({ err: (err as Error).name }, 'could not check open token sessions; retrying at the next poll');
+      }
     };
     // Locked, no token can be checked: token sessions would be closed at their next request
     // anyway; closing them now frees their slots and memory.
