@@ -3,9 +3,10 @@
 // TCP address, a Unix uid shared by many containers) has failed. What the guard limits instead:
 //
 // - Failures per source: each failed handshake is closed later than the one before (so a
-//   guesser waits), and a source that keeps failing is "blocked" for a while: its next failures
-//   close at once (nothing held for it), its handshakes get a short timeout, and under pressure
-//   its pending handshakes are evicted first.
+//   guesser waits), and a source that keeps failing is "blocked" for a while: its failures are
+//   held the longest delay (a client that retries in a loop then costs us little; held sockets
+//   are bounded and the first to go when sockets run short), its handshakes get a short
+//   timeout, and under pressure its pending handshakes are evicted first.
 // - Pending handshakes: past the caps (per source, in total) the oldest pending handshakes are
 //   evicted rather than new ones refused. A valid client sends its token at once, so it is never
 //   the one evicted: a handshake can only be evicted once it is `graceMs` old and the event loop
@@ -26,8 +27,9 @@ export interface HandshakeGuardOptions {
   /** Delay before closing the n-th failed handshake of a source in the window: base × 2^(n-1), capped. */
   baseDelayMs: number;
   maxDelayMs: number;
-  /** Sockets held open while their close is delayed; past this they close at once. */
+  /** Sockets held open while their close is delayed, in total and per source; past these they close at once. */
   maxDelayed: number;
+  maxDelayedPerSource: number;
   /** The handshake timeout for a blocked source (others get the listener's full timeout). */
   blockedTimeoutMs: number;
   /** Sources remembered at most; past this the oldest with nothing pending are forgotten. */
@@ -45,12 +47,15 @@ export const DEFAULT_GUARD: HandshakeGuardOptions = {
   baseDelayMs: 50,
   maxDelayMs: 3_000,
   maxDelayed: 256,
+  maxDelayedPerSource: 16,
   blockedTimeoutMs: 1_000,
   maxSources: 65_536,
 };
 
 interface SourceState {
   pending: Set<Pending>;
+  /** Failed sockets of this source whose close is being delayed. */
+  held: number;
   /** Times of failures in the window, oldest first (at most `blockAfterFailures`). */
   failures: number[];
   blockedUntil: number;
@@ -83,7 +88,7 @@ export class HandshakeGuard {
     let state = this.sources.get(source);
     if (!state) {
       if (this.sources.size >= this.options.maxSources) this.forgetOldestSource();
-      this.sources.set(source, (state = { pending: new Set(), failures: [], blockedUntil: 0 }));
+      this.sources.set(source, (state = { pending: new Set(), held: 0, failures: [], blockedUntil: 0 }));
     }
     return state;
   }
@@ -140,14 +145,14 @@ export class HandshakeGuard {
 
   private recordFailure(source: string, state: SourceState, now: number): number {
     const { windowMs, blockAfterFailures, blockMs, baseDelayMs, maxDelayMs } = this.options;
-    if (state.blockedUntil > now) return 0;
+    if (state.blockedUntil > now) return maxDelayMs;
     state.failures = state.failures.filter((t) => now - t < windowMs);
     state.failures.push(now);
     const failures = state.failures.length;
     if (failures >= blockAfterFailures) {
       state.blockedUntil = now + blockMs;
       state.failures = [];
-      return 0;
+      return maxDelayMs;
     }
     return Math.min(maxDelayMs, baseDelayMs * 2 ** (failures - 1));
   }
@@ -169,15 +174,25 @@ export class HandshakeGuard {
     return true;
   }
 
-  /** Holds `close` for `delayMs` unless too many closes are already held. */
-  delayClose(delayMs: number, close: () => void): void {
-    if (delayMs <= 0 || this.delayedCloses.size >= this.options.maxDelayed) return close();
+  /**
+   * Holds `close` of a failed handshake of `source` for `delayMs`, unless too many closes are
+   * held already (in total, or for that source: a client retrying in a loop is slowed down, a
+   * flood of many at once is closed as fast as it comes).
+   */
+  delayClose(delayMs: number, close: () => void, source: string): void {
+    const state = this.state(source);
+    if (delayMs <= 0 || this.delayedCloses.size >= this.options.maxDelayed || state.held >= this.options.maxDelayedPerSource) {
+      this.forgetIfIdle(source, state, Date.now());
+      return close();
+    }
+    state.held++;
     let done = false;
     const once = () => {
       if (done) return;
       done = true;
       clearTimeout(timer);
       this.delayedCloses.delete(once);
+      state.held--;
       close();
     };
     const timer = setTimeout(once, delayMs);
@@ -202,12 +217,12 @@ export class HandshakeGuard {
   /** Bounds what a flood from many addresses can make us remember (at the cost of its counts). */
   private forgetOldestSource(): void {
     for (const [source, state] of this.sources) {
-      if (state.pending.size === 0) return void this.sources.delete(source);
+      if (state.pending.size === 0 && state.held === 0) return void this.sources.delete(source);
     }
   }
 
   private forgetIfIdle(source: string, state: SourceState, now: number): void {
-    if (state.pending.size === 0 && state.failures.length === 0 && state.blockedUntil <= now) this.sources.delete(source);
+    if (state.pending.size === 0 && state.held === 0 && state.failures.length === 0 && state.blockedUntil <= now) this.sources.delete(source);
   }
 
   private overSoftCaps(): boolean {

@@ -112,7 +112,7 @@ function handleConnection(socket: Socket, kind: 'tcp' | 'unix', options: TokenLi
     const delay = guard.finish(pending, outcome);
     options.onHandshakeFailure?.(peer, reason, (how.repeated ?? false) || wasBlocked);
     if (how.closeNow) socket.destroy();
-    else guard.delayClose(delay, () => socket.destroy());
+    else guard.delayClose(delay, () => socket.destroy(), source);
   };
   const fail = (reason: string) => end('failed', reason);
   // An evicted handshake frees its socket at once: that is what the eviction is for.

@@ -129,6 +129,48 @@ describe('slow handshakes cannot starve a valid client', () => {
       const result = await validAttempts(24, (i) => tcp(i % 2 === 0 ? '127.0.0.2' : '127.0.0.100'), webToken.token);
       expect(result.failures, `valid attempts not served within ${SERVED_WITHIN_MS} ms during the flood${daemonLog()}`).toEqual([]);
       expect(result.served).toBe(24);
+      console.log(`40-source slow flood: 24/24 valid attempts served, slowest ${result.slowestMs} ms`);
+      // The caps were passed: the daemon evicted slow handshakes rather than refuse new ones.
+      expect(serve.stderr()).toMatch(/"address":"127\.0\.0\.1[0-3][0-9]"[^\n]*"reason":"evicted while pending/);
+    } finally {
+      flooding = false;
+      for (const conn of held) conn.close();
+      await flood;
+    }
+    expect(daemonAlive(), daemonLog()).toBe(true);
+  }, 40_000);
+});
+
+describe('the Unix listener: slow handshakes from the same uid', () => {
+  it('300 slow handshakes of uid 0 held (and reopened when closed): a valid container of uid 0 is served every time', async () => {
+    const unix: Target = { kind: 'unix', path: unixPath };
+    let flooding = true;
+    let opened = 0;
+    const held = new Set<RawConn>();
+    const slow = async () => {
+      while (flooding) {
+        const conn = await RawConn.open(unix, 2000).catch(() => null);
+        if (!conn) {
+          await sleep(100);
+          continue;
+        }
+        opened++;
+        held.add(conn);
+        conn.send(u32(32).subarray(0, 3));
+        await conn.until(() => conn.closed || !flooding, 60_000, 'flood end').catch(() => {});
+        held.delete(conn);
+        conn.close();
+        if (flooding) await sleep(100);
+      }
+    };
+    const flood = Promise.all(Array.from({ length: 300 }, slow));
+    try {
+      const deadline = Date.now() + 10_000;
+      while (opened < 300 && Date.now() < deadline) await sleep(50);
+      const result = await validAttempts(20, () => unix, webToken.token);
+      expect(result.failures, `valid container (same uid) not served within ${SERVED_WITHIN_MS} ms${daemonLog()}`).toEqual([]);
+      expect(serve.stderr()).toMatch(/"uid":0[^\n]*"reason":"evicted while pending/);
+      console.log(`uid 0 slow flood: 20/20 valid attempts of uid 0 served, slowest ${result.slowestMs} ms`);
     } finally {
       flooding = false;
       for (const conn of held) conn.close();
@@ -163,14 +205,16 @@ describe('the Unix listener: one uid, two containers', () => {
       const result = await validAttempts(40, () => unix, webToken.token);
       expect(result.failures, `valid container (same uid) not served within ${SERVED_WITHIN_MS} ms${daemonLog()}`).toEqual([]);
       expect(result.served).toBe(40);
+      console.log(`stale token retried by uid 0: 40/40 valid attempts of uid 0 served, slowest ${result.slowestMs} ms`);
     } finally {
       retrying = false;
       await Promise.all(stales);
     }
-    expect(staleAttempts, 'stale attempts (past the 20 that block the uid)').toBeGreaterThan(40);
+    expect(staleAttempts, 'stale attempts (past the 20 that block the uid)').toBeGreaterThan(20);
     expect(staleBytes, 'bytes written to the stale container').toBe(0);
-    // The uid did get blocked (so the check above could fail): its failures are now "repeated".
-    expect(serve.stderr()).toMatch(/"uid":0[^\n]*"reason":"invalid token \(repeated/);
+    // The uid did get blocked (here, or by the slow handshakes before), so the check above could
+    // fail: its failures are logged as "repeated".
+    expect(serve.stderr()).toMatch(/"uid":0[^\n]*"reason":"[^"]*\(repeated/);
     expect(daemonAlive(), daemonLog()).toBe(true);
   }, 40_000);
 });

@@ -47,15 +47,15 @@ describe('HandshakeGuard: failures', () => {
     expect(g.finish(g.begin('tcp:a', () => {}, 0), 'failed', 0)).toBe(20);
   });
 
-  it('blocks a source after `blockAfterFailures` in the window; a blocked source fails with no delay and a short timeout, then is forgiven', () => {
-    const g = guard({ blockAfterFailures: 5, windowMs: 1000, blockMs: 10_000, blockedTimeoutMs: 700 });
+  it('blocks a source after `blockAfterFailures` in the window; a blocked source has its failures held the longest delay and a short timeout; then it is forgiven', () => {
+    const g = guard({ blockAfterFailures: 5, windowMs: 1000, blockMs: 10_000, blockedTimeoutMs: 700, baseDelayMs: 1, maxDelayMs: 3000 });
     for (let i = 0; i < 4; i++) g.finish(g.begin('uid:1', () => {}, 100), 'failed', 100);
     expect(g.isBlocked('uid:1', 100)).toBe(false);
     expect(g.timeoutFor('uid:1', 5000, 100)).toBe(5000);
-    expect(g.finish(g.begin('uid:1', () => {}, 100), 'failed', 100)).toBe(0);
+    expect(g.finish(g.begin('uid:1', () => {}, 100), 'failed', 100)).toBe(3000);
     expect(g.isBlocked('uid:1', 101)).toBe(true);
     expect(g.timeoutFor('uid:1', 5000, 101)).toBe(700);
-    expect(g.finish(g.begin('uid:1', () => {}, 200), 'failed', 200)).toBe(0);
+    expect(g.finish(g.begin('uid:1', () => {}, 200), 'failed', 200)).toBe(3000);
     expect(g.isBlocked('uid:2', 200)).toBe(false);
     expect(g.isBlocked('uid:1', 10_101)).toBe(false);
   });
@@ -134,7 +134,7 @@ describe('HandshakeGuard: pending handshakes are never refused; the oldest are e
     const g = guard({ graceMs: 10 });
     expect(g.makeRoom(0)).toBe(false);
     let heldClosed = false;
-    g.delayClose(10_000, () => (heldClosed = true));
+    g.delayClose(10_000, () => (heldClosed = true), 's');
     expect(g.delayedCount).toBe(1);
     const evicted: string[] = [];
     open(g, 's', 0, evicted);
@@ -261,6 +261,27 @@ describe('memory budgets', () => {
     expect([source.used, total.used]).toEqual([0, 0]);
     expect(a.reserve(-1)).toBe(false);
     expect(a.reserve(Number.NaN)).toBe(false);
+  });
+});
+
+describe('HandshakeGuard: held closes', () => {
+  it('holds at most maxDelayedPerSource failed sockets of a source and maxDelayed in all; the rest close at once', () => {
+    const g = guard({ maxDelayed: 5, maxDelayedPerSource: 3 });
+    const closed: string[] = [];
+    for (let i = 0; i < 4; i++) g.delayClose(10_000, () => closed.push(`a${i}`), 'a');
+    expect(closed).toEqual(['a3']);
+    for (let i = 0; i < 3; i++) g.delayClose(10_000, () => closed.push(`b${i}`), 'b');
+    expect(closed).toEqual(['a3', 'b2']);
+    expect(g.delayedCount).toBe(5);
+    // A freed slot (here by makeRoom) can be used again by that source.
+    expect(g.makeRoom(0)).toBe(true);
+    expect(closed).toEqual(['a3', 'b2', 'a0']);
+    g.delayClose(10_000, () => closed.push('a4'), 'a');
+    expect(g.delayedCount).toBe(5);
+    g.delayClose(0, () => closed.push('now'), 'c');
+    expect(closed).toEqual(['a3', 'b2', 'a0', 'now']);
+    while (g.makeRoom(0));
+    expect(g.delayedCount).toBe(0);
   });
 });
 
