@@ -12,7 +12,8 @@ import { callVaultMethod } from '../control/requests.js';
 import { listenControl } from '../control/server.js';
 import { HandshakeGuard } from '../signer/handshake-guard.js';
 import { ScopeSockets } from '../signer/scope-sockets.js';
-import { listenToken, type ListenAddress } from '../signer/token-listener.js';
+import { listenToken, TOKEN_MAX_PENDING_WRITE, type ListenAddress } from '../signer/token-listener.js';
+import { openFileLimit, TokenConnections, tokenLimitsFor } from '../signer/token-limits.js';
 import { closeServer, ConnectionLimit } from '../signer/unix-listener.js';
 import type { AgentBackend, Peer } from '../signer/backend.js';
 import type { AuditEvent, AuditPeer } from '../audit/audit-log.js';
@@ -102,7 +103,11 @@ export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
       })));
       return backend;
     };
-    const limit = new ConnectionLimit(options.maxConnections ?? 16384);
+    // The owner's control and scope sockets and the token listeners have separate caps, so
+    // container traffic cannot use up the connections (or descriptors) the owner needs.
+    const fileLimit = openFileLimit();
+    const limit = new ConnectionLimit(options.maxConnections ?? ownerConnectionLimit(fileLimit));
+    const tokenConnections = new TokenConnections(tokenLimitsFor(fileLimit));
     const idleTimeoutMs = options.idleTimeoutMs ?? 10 * 60_000;
     const maxPendingWrite = 1024 * 1024;
     const sockets = new ScopeSockets({ dir: scopesDir(runtimeDir), log, limit, idleTimeoutMs, maxPendingWrite, backendFor });
@@ -113,15 +118,34 @@ export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
       quietKnocks.clear();
     }, 60_000);
     guardSweep.unref();
+    // A token revoked or expired (through this daemon or by another process: the vault version
+    // moves) has its open connections closed at once, which also frees their memory.
+    // Never throws: a vault read that fails here (a busy database) is retried at the next poll,
+    // and must not turn the reply to the change that was made into an error.
+    const closeRevokedSessions = () => {
+      if (tokenConnections.sessions() === 0) return;
+      try {
+        const tokens = session.tokens();
+        const closed = tokens ? tokenConnections.closeUnusable((id) => tokens.usable(id)) : 0;
+        if (closed > 0) log.info({ closed }, 'closed the connections of revoked or expired tokens');
+      } catch (err) {
+        log.warn({ err: (err as Error).name }, 'could not check open token sessions; retrying at the next poll');
+      }
+    };
+    // Locked, no token can be checked: token sessions would be closed at their next request
+    // anyway; closing them now frees their slots and memory.
+    session.onChange((unlocked) => {
+      if (!unlocked) tokenConnections.closeAll();
+    });
 
     for (const address of options.listen ?? []) {
       const where = address.kind === 'unix' ? `unix:${address.path}` : `tcp:${address.host}:${address.port}`;
       const server = await listenToken(address, {
         log: log.child({ listener: address.kind === 'unix' ? address.path : `${address.host}:${address.port}` }),
-        limit,
+        connections: tokenConnections,
         guard,
         idleTimeoutMs,
-        maxPendingWrite,
+        maxPendingWrite: TOKEN_MAX_PENDING_WRITE,
         authenticate(token) {
           const tokens = session.tokens();
           if (!tokens) return 'locked';
@@ -134,15 +158,18 @@ export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
             stillValid: () => session.tokens()?.usable(record.id) ?? false,
           };
         },
-        onHandshakeFailure(peer, reason) {
-          log.info({ peer, reason }, 'token handshake failed');
-          // A blocked source can knock as fast as it likes: record its knocks once a minute.
-          if (reason.startsWith('source blocked') || reason.startsWith('too many pending')) {
+        onHandshakeFailure(peer, reason, repeated) {
+          // A blocked source, or a client over a cap, can knock as fast as it likes: its knocks
+          // are logged and recorded once a minute per source.
+          if (repeated) {
             const source = peer.kind === 'tcp' ? peer.address : `uid:${peer.uid}`;
             const last = quietKnocks.get(source) ?? 0;
             if (Date.now() - last < 60_000) return;
+            if (quietKnocks.size >= 10_000) quietKnocks.clear();
             quietKnocks.set(source, Date.now());
+            reason = `${reason} (repeated; further ones from this source are not recorded for a minute)`;
           }
+          log.info({ peer, reason }, 'token handshake failed');
           void record({ event: 'handshake-failed', peer, reason });
         },
       }).catch((err: Error) => {
@@ -158,6 +185,7 @@ export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
     // Scope sockets follow the vault while it is unlocked, and stay as they are while it is locked.
     let syncedVersion = -1;
     const syncScopes = async () => {
+      closeRevokedSessions();
       if (!options.scopeSockets) return;
       const cache = session.keys(false);
       if (!cache || cache.version === syncedVersion) return;
@@ -236,6 +264,7 @@ export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
         stopping ??= (async () => {
           clearInterval(timer);
           clearInterval(guardSweep);
+          guard.stop();
           await closeServers();
           await sockets.close();
           session.close();
@@ -285,6 +314,11 @@ function zeroBuffers(value: unknown): void {
   if (Buffer.isBuffer(value)) value.fill(0);
   else if (Array.isArray(value)) value.forEach(zeroBuffers);
   else if (value !== null && typeof value === 'object') Object.values(value).forEach(zeroBuffers);
+}
+
+/** What the owner's control and scope sockets may hold: at most a third of the open-file limit. */
+function ownerConnectionLimit(fileLimit: number | null): number {
+  return Math.max(64, Math.min(4096, fileLimit === null ? 4096 : Math.floor(fileLimit / 3)));
 }
 
 function isLoopback(host: string): boolean {

@@ -1,93 +1,203 @@
-// Abuse limits for token listeners: failed handshakes are counted per source (TCP address, Unix
-// uid); each failure is answered later than the one before, and a source that keeps failing is
-// refused outright for a while. Pending handshakes are capped per source and in total, so a flood
-// from one source cannot use up what other sources need.
+// Abuse limits for token-listener handshakes. A connection is never refused before its token is
+// read: a valid token is always served, whatever else is pending or however often its source (a
+// TCP address, a Unix uid shared by many containers) has failed. What the guard limits instead:
+//
+// - Failures per source: each failed handshake is closed later than the one before (so a
+//   guesser waits), and a source that keeps failing is "blocked" for a while: its failures are
+//   held the longest delay (a client that retries in a loop then costs us little; held sockets
+//   are bounded and the first to go when sockets run short), its handshakes get a short
+//   timeout, and under pressure its pending handshakes are evicted first.
+// - Pending handshakes: past the caps (per source, in total) the oldest pending handshakes are
+//   evicted rather than new ones refused. A valid client sends its token at once, so it is never
+//   the one evicted: a handshake can only be evicted once it is `graceMs` old and the event loop
+//   has polled for its bytes at least once since it was accepted.
 
 export interface HandshakeGuardOptions {
+  /** Past these, the oldest pending handshakes that had their chance are evicted. */
   maxPendingPerSource: number;
   maxPendingTotal: number;
-  /** Failures within `windowMs` that get a source refused for `blockMs`. */
+  /** Past this, a new handshake evicts the oldest one at once (a bound on sockets held). */
+  hardPendingTotal: number;
+  /** How long a handshake is safe from eviction (a valid client has sent its token by then). */
+  graceMs: number;
+  /** Failures within `windowMs` that get a source blocked for `blockMs`. */
   blockAfterFailures: number;
   windowMs: number;
   blockMs: number;
-  /** Delay before closing a failed handshake: base × 2^(failures-1), capped. */
+  /** Delay before closing the n-th failed handshake of a source in the window: base × 2^(n-1), capped. */
   baseDelayMs: number;
   maxDelayMs: number;
-  /** Sockets held open while their close is delayed; past this they close at once. */
+  /** Sockets held open while their close is delayed, in total and per source; past these they close at once. */
   maxDelayed: number;
+  maxDelayedPerSource: number;
+  /** The handshake timeout for a blocked source (others get the listener's full timeout). */
+  blockedTimeoutMs: number;
+  /** Sources remembered at most; past this the oldest with nothing pending are forgotten. */
+  maxSources: number;
 }
 
 export const DEFAULT_GUARD: HandshakeGuardOptions = {
-  maxPendingPerSource: 32,
+  maxPendingPerSource: 64,
   maxPendingTotal: 1024,
+  hardPendingTotal: 2048,
+  graceMs: 100,
   blockAfterFailures: 20,
   windowMs: 60_000,
   blockMs: 5 * 60_000,
   baseDelayMs: 50,
   maxDelayMs: 3_000,
   maxDelayed: 256,
+  maxDelayedPerSource: 16,
+  blockedTimeoutMs: 1_000,
+  maxSources: 65_536,
 };
 
 interface SourceState {
-  pending: number;
+  pending: Set<Pending>;
+  /** Failed sockets of this source whose close is being delayed. */
+  held: number;
+  /** Times of failures in the window, oldest first (at most `blockAfterFailures`). */
   failures: number[];
   blockedUntil: number;
 }
 
+/** A handshake in progress; `evict` closes it (the listener then reports it finished). */
+export interface Pending {
+  readonly source: string;
+  readonly startedAt: number;
+  /** The guard's eviction pass count when this began: see `evictionPass`. */
+  readonly epoch: number;
+  readonly evict: () => void;
+}
+
+export type HandshakeOutcome = 'ok' | 'failed' | 'neutral';
+
 export class HandshakeGuard {
   private readonly sources = new Map<string, SourceState>();
-  private pendingTotal = 0;
-  private delayed = 0;
+  /** Every pending handshake, oldest first. */
+  private readonly pending = new Set<Pending>();
+  private readonly delayedCloses = new Set<() => void>();
+  private epoch = 0;
+  private passTimer: NodeJS.Timeout | null = null;
+  /** Handshakes evicted so far (for logs and tests). */
+  evicted = 0;
 
   constructor(private readonly options: HandshakeGuardOptions = DEFAULT_GUARD) {}
 
   private state(source: string): SourceState {
     let state = this.sources.get(source);
-    if (!state) this.sources.set(source, (state = { pending: 0, failures: [], blockedUntil: 0 }));
+    if (!state) {
+      if (this.sources.size >= this.options.maxSources) this.forgetOldestSource();
+      this.sources.set(source, (state = { pending: new Set(), held: 0, failures: [], blockedUntil: 0 }));
+    }
     return state;
   }
 
-  /** Whether a new connection from `source` may start a handshake; if so, call `finish` later. */
-  begin(source: string, now = Date.now()): 'ok' | 'blocked' | 'busy' {
-    const state = this.state(source);
-    if (state.blockedUntil > now) return 'blocked';
-    if (state.pending >= this.options.maxPendingPerSource || this.pendingTotal >= this.options.maxPendingTotal) return 'busy';
-    state.pending++;
-    this.pendingTotal++;
-    return 'ok';
+  isBlocked(source: string, now = Date.now()): boolean {
+    return (this.sources.get(source)?.blockedUntil ?? 0) > now;
   }
 
-  /** Ends a handshake begun with `begin`; returns how long to hold a failed one before closing. */
-  finish(source: string, ok: boolean, now = Date.now()): number {
+  get pendingCount(): number {
+    return this.pending.size;
+  }
+
+  get delayedCount(): number {
+    return this.delayedCloses.size;
+  }
+
+  /** How long this source's handshake may take before it counts as failed. */
+  timeoutFor(source: string, fullMs: number, now = Date.now()): number {
+    return this.isBlocked(source, now) ? Math.min(fullMs, this.options.blockedTimeoutMs) : fullMs;
+  }
+
+  /**
+   * Registers a new handshake; never refuses. Past the hard cap the oldest handshake is evicted
+   * at once; past the soft caps an eviction pass is scheduled.
+   */
+  begin(source: string, evict: () => void, now = Date.now()): Pending {
     const state = this.state(source);
-    state.pending--;
-    this.pendingTotal--;
-    const { windowMs, blockAfterFailures, blockMs, baseDelayMs, maxDelayMs } = this.options;
-    state.failures = state.failures.filter((t) => now - t < windowMs);
-    if (ok) {
-      this.forgetIfIdle(source, state, now);
+    const entry: Pending = { source, startedAt: now, epoch: this.epoch, evict };
+    this.pending.add(entry);
+    state.pending.add(entry);
+    while (this.pending.size > this.options.hardPendingTotal) {
+      const victim = this.pickVictim(now, entry);
+      if (!victim) break;
+      this.evictEntry(victim);
+    }
+    if (this.overSoftCaps()) this.schedulePass();
+    return entry;
+  }
+
+  /**
+   * Ends a handshake begun with `begin` (idempotent). A failure is counted against its source;
+   * the answer is how long to hold the failed socket before closing it (0: close now).
+   */
+  finish(entry: Pending, outcome: HandshakeOutcome, now = Date.now()): number {
+    if (!this.pending.delete(entry)) return 0;
+    const state = this.state(entry.source);
+    state.pending.delete(entry);
+    if (outcome !== 'failed') {
+      this.forgetIfIdle(entry.source, state, now);
       return 0;
     }
+    return this.recordFailure(entry.source, state, now);
+  }
+
+  private recordFailure(source: string, state: SourceState, now: number): number {
+    const { windowMs, blockAfterFailures, blockMs, baseDelayMs, maxDelayMs } = this.options;
+    if (state.blockedUntil > now) return maxDelayMs;
+    state.failures = state.failures.filter((t) => now - t < windowMs);
     state.failures.push(now);
-    if (state.failures.length >= blockAfterFailures) {
+    const failures = state.failures.length;
+    if (failures >= blockAfterFailures) {
       state.blockedUntil = now + blockMs;
       state.failures = [];
+      return maxDelayMs;
     }
-    return Math.min(maxDelayMs, baseDelayMs * 2 ** Math.min(20, state.failures.length));
+    return Math.min(maxDelayMs, baseDelayMs * 2 ** (failures - 1));
   }
 
-  /** Holds `close` for `delayMs` unless too many closes are already held. */
-  delayClose(delayMs: number, close: () => void): void {
-    if (delayMs <= 0 || this.delayed >= this.options.maxDelayed) return close();
-    this.delayed++;
-    setTimeout(() => {
-      this.delayed--;
+  /**
+   * Evicts one pending handshake or delayed close to make room for a new socket; false when
+   * there is none to evict.
+   */
+  makeRoom(now = Date.now()): boolean {
+    const [delayed] = this.delayedCloses;
+    if (delayed) {
+      this.delayedCloses.delete(delayed);
+      delayed();
+      return true;
+    }
+    const victim = this.pickVictim(now, null);
+    if (!victim) return false;
+    this.evictEntry(victim);
+    return true;
+  }
+
+  /**
+   * Holds `close` of a failed handshake of `source` for `delayMs`, unless too many closes are
+   * held already (in total, or for that source: a client retrying in a loop is slowed down, a
+   * flood of many at once is closed as fast as it comes).
+   */
+  delayClose(delayMs: number, close: () => void, source: string): void {
+    const state = this.state(source);
+    if (delayMs <= 0 || this.delayedCloses.size >= this.options.maxDelayed || state.held >= this.options.maxDelayedPerSource) {
+      this.forgetIfIdle(source, state, Date.now());
+      return close();
+    }
+    state.held++;
+    let done = false;
+    const once = () => {
+      if (done) return;
+      done = true;
+      clearTimeout(timer);
+      this.delayedCloses.delete(once);
+      state.held--;
       close();
-    }, delayMs).unref();
-  }
-
-  private forgetIfIdle(source: string, state: SourceState, now: number): void {
-    if (state.pending === 0 && state.failures.length === 0 && state.blockedUntil <= now) this.sources.delete(source);
+    };
+    const timer = setTimeout(once, delayMs);
+    timer.unref();
+    this.delayedCloses.add(once);
   }
 
   /** Drops state of sources with nothing pending and nothing remembered (called periodically). */
@@ -96,5 +206,89 @@ export class HandshakeGuard {
       state.failures = state.failures.filter((t) => now - t < this.options.windowMs);
       this.forgetIfIdle(source, state, now);
     }
+  }
+
+  /** Stops the eviction timer (the listener is closing). */
+  stop(): void {
+    if (this.passTimer) clearTimeout(this.passTimer);
+    this.passTimer = null;
+  }
+
+  /** Bounds what a flood from many addresses can make us remember (at the cost of its counts). */
+  private forgetOldestSource(): void {
+    for (const [source, state] of this.sources) {
+      if (state.pending.size === 0 && state.held === 0) return void this.sources.delete(source);
+    }
+  }
+
+  private forgetIfIdle(source: string, state: SourceState, now: number): void {
+    if (state.pending.size === 0 && state.held === 0 && state.failures.length === 0 && state.blockedUntil <= now) this.sources.delete(source);
+  }
+
+  private overSoftCaps(): boolean {
+    if (this.pending.size > this.options.maxPendingTotal) return true;
+    for (const state of this.sources.values()) if (state.pending.size > this.options.maxPendingPerSource) return true;
+    return false;
+  }
+
+  private schedulePass(): void {
+    if (this.passTimer) return;
+    this.passTimer = setTimeout(() => {
+      this.passTimer = null;
+      this.evictionPass();
+    }, this.options.graceMs);
+    this.passTimer.unref();
+  }
+
+  /**
+   * Brings pending handshakes back under the soft caps. Runs from a timer: every handshake begun
+   * before the previous pass has had at least one poll of the event loop for its bytes since.
+   */
+  evictionPass(now = Date.now()): void {
+    const cutoff = this.epoch++;
+    const eligible = (e: Pending) => e.epoch < cutoff && now - e.startedAt >= this.options.graceMs;
+    for (const state of this.sources.values()) {
+      let excess = state.pending.size - this.options.maxPendingPerSource;
+      for (const entry of [...state.pending]) {
+        if (excess <= 0) break;
+        if (!eligible(entry)) continue;
+        this.evictEntry(entry);
+        excess--;
+      }
+    }
+    let excess = this.pending.size - this.options.maxPendingTotal;
+    if (excess > 0) {
+      // Blocked sources first, then the oldest.
+      const candidates = [...this.pending].filter(eligible);
+      const blocked = candidates.filter((e) => this.isBlocked(e.source, now));
+      const others = candidates.filter((e) => !this.isBlocked(e.source, now));
+      for (const entry of [...blocked, ...others]) {
+        if (excess <= 0) break;
+        this.evictEntry(entry);
+        excess--;
+      }
+    }
+    if (this.overSoftCaps()) this.schedulePass();
+  }
+
+  /** A blocked source's oldest, else the oldest that had its chance, else the oldest. */
+  private pickVictim(now: number, except: Pending | null): Pending | null {
+    let oldestEligible: Pending | null = null;
+    let oldest: Pending | null = null;
+    for (const entry of this.pending) {
+      if (entry === except) continue;
+      if (this.isBlocked(entry.source, now)) return entry;
+      oldest ??= entry;
+      if (!oldestEligible && entry.epoch < this.epoch && now - entry.startedAt >= this.options.graceMs) oldestEligible = entry;
+    }
+    return oldestEligible ?? oldest;
+  }
+
+  private evictEntry(entry: Pending): void {
+    if (!this.pending.has(entry)) return;
+    this.evicted++;
+    // The listener's evict closes the socket and calls finish (counted as a failure of its source).
+    entry.evict();
+    if (this.pending.has(entry)) this.finish(entry, 'failed');
   }
 }

@@ -9,10 +9,17 @@ import { peerCredentials } from '../libc.js';
 import type { AgentBackend, Peer } from './backend.js';
 import { serveConnection } from './connection.js';
 import type { HandshakeGuard } from './handshake-guard.js';
-import { clearStaleSocket, processExe, trackConnections, type ConnectionLimit } from './unix-listener.js';
+import type { TokenConnections } from './token-limits.js';
+import { clearStaleSocket, processExe, trackConnections } from './unix-listener.js';
 
 export const HANDSHAKE_TIMEOUT_MS = 5_000;
 export const MAX_TOKEN_BYTES = 1024;
+/**
+ * Reply bytes a token connection may leave unread before we stop reading its requests (the
+ * owner's sockets allow more): with thousands of container connections this bounds what their
+ * unread replies can hold.
+ */
+export const TOKEN_MAX_PENDING_WRITE = 64 * 1024;
 
 export interface TokenSession {
   scope: string;
@@ -24,7 +31,8 @@ export interface TokenSession {
 
 export interface TokenListenerOptions {
   log: Logger;
-  limit: ConnectionLimit;
+  /** Socket, session and memory caps of every token listener of the daemon (not the owner's). */
+  connections: TokenConnections;
   guard: HandshakeGuard;
   idleTimeoutMs: number;
   maxPendingWrite: number;
@@ -33,7 +41,11 @@ export interface TokenListenerOptions {
    * vault is locked and no token can be checked (closed, but not counted against the source).
    */
   authenticate(token: Buffer): TokenSession | null | 'locked';
-  onHandshakeFailure?(peer: Peer, reason: string): void;
+  /**
+   * A handshake that did not become a session. `repeated`: its source is blocked, or a cap refused
+   * it; such reports can come as fast as a client can connect, so the receiver should thin them.
+   */
+  onHandshakeFailure?(peer: Peer, reason: string, repeated: boolean): void;
 }
 
 export type ListenAddress = { kind: 'tcp'; host: string; port: number } | { kind: 'unix'; path: string };
@@ -60,35 +72,52 @@ function peerOf(socket: Socket, kind: 'tcp' | 'unix'): { peer: Peer; source: str
   return { peer: { kind: 'unix', ...cred, exe: processExe(cred.pid) }, source: `uid:${cred.uid}` };
 }
 
+/** True at most once a minute: for log lines a flood could repeat at every connection. */
+class Throttle {
+  private last = 0;
+  due(now = Date.now()): boolean {
+    if (now - this.last < 60_000) return false;
+    this.last = now;
+    return true;
+  }
+}
+const socketLimitWarning = new Throttle();
+
 function handleConnection(socket: Socket, kind: 'tcp' | 'unix', options: TokenListenerOptions): void {
-  const { log, guard } = options;
+  const { log, guard, connections } = options;
   socket.on('error', () => {});
+  // Every socket slot taken: make room by evicting a pending handshake (or a delayed close);
+  // when all slots are sessions, this socket is refused before its token is read.
+  if (!connections.tryAccept(socket)) {
+    if (!guard.makeRoom()) {
+      if (socketLimitWarning.due()) log.warn({ limit: connections.limits.maxSockets }, 'token listener socket limit reached; refusing connections');
+      return void socket.destroy();
+    }
+    connections.acceptInPlaceOfEvicted(socket);
+  }
   const who = peerOf(socket, kind);
   if (!who) return void socket.destroy();
   const { peer, source } = who;
-  const verdict = guard.begin(source);
-  if (verdict !== 'ok') {
-    options.onHandshakeFailure?.(peer, verdict === 'blocked' ? 'source blocked after repeated failures' : 'too many pending handshakes');
-    return void socket.destroy();
-  }
-  if (!options.limit.tryAcquire(socket)) {
-    guard.finish(source, true);
-    log.warn({ limit: options.limit.max }, 'connection limit reached; refusing connection');
-    return void socket.destroy();
-  }
 
   let received: Buffer = Buffer.alloc(0);
   let done = false;
-  const fail = (reason: string) => {
+  /** Ends a handshake that did not become a session; a failure's close may be held a while. */
+  const end = (outcome: 'failed' | 'neutral', reason: string, how: { repeated?: boolean; closeNow?: boolean } = {}) => {
     if (done) return;
     done = true;
     clearTimeout(timer);
     socket.removeListener('data', onData);
     socket.pause();
-    options.onHandshakeFailure?.(peer, reason);
-    guard.delayClose(guard.finish(source, false), () => socket.destroy());
+    const wasBlocked = guard.isBlocked(source);
+    const delay = guard.finish(pending, outcome);
+    options.onHandshakeFailure?.(peer, reason, (how.repeated ?? false) || wasBlocked);
+    if (how.closeNow) socket.destroy();
+    else guard.delayClose(delay, () => socket.destroy(), source);
   };
-  const timer = setTimeout(() => fail('handshake timeout'), HANDSHAKE_TIMEOUT_MS);
+  const fail = (reason: string) => end('failed', reason);
+  // An evicted handshake frees its socket at once: that is what the eviction is for.
+  const pending = guard.begin(source, () => end('failed', 'evicted while pending', { closeNow: true }));
+  const timer = setTimeout(() => fail('handshake timeout'), guard.timeoutFor(source, HANDSHAKE_TIMEOUT_MS));
   const onData = (chunk: Buffer) => {
     received = received.length === 0 ? chunk : Buffer.concat([received, chunk]);
     if (received.length < 4) return;
@@ -99,17 +128,13 @@ function handleConnection(socket: Socket, kind: 'tcp' | 'unix', options: TokenLi
     const rest = received.subarray(4 + length);
     const session = options.authenticate(token);
     received = Buffer.alloc(0);
-    if (session === 'locked') {
-      done = true;
-      clearTimeout(timer);
-      guard.finish(source, true);
-      options.onHandshakeFailure?.(peer, 'vault locked');
-      return void socket.destroy();
-    }
+    if (session === 'locked') return end('neutral', 'vault locked', { closeNow: true });
     if (!session) return fail('invalid token');
+    const admission = connections.openSession(socket, session.tokenId, source);
+    if (!admission.ok) return end('neutral', admission.reason, { repeated: true, closeNow: true });
     done = true;
     clearTimeout(timer);
-    guard.finish(source, true);
+    guard.finish(pending, 'ok');
     socket.removeListener('data', onData);
     socket.pause();
     if (rest.length > 0) socket.unshift(rest);
@@ -122,17 +147,13 @@ function handleConnection(socket: Socket, kind: 'tcp' | 'unix', options: TokenLi
       maxPendingWrite: options.maxPendingWrite,
       admit: session.stillValid,
       tokenId: session.tokenId,
+      memory: admission.memory,
     });
     socket.resume();
   };
   socket.on('data', onData);
   socket.once('close', () => {
-    if (!done) {
-      done = true;
-      clearTimeout(timer);
-      guard.finish(source, false);
-      options.onHandshakeFailure?.(peer, 'closed during handshake');
-    }
+    end('failed', 'closed during handshake', { closeNow: true });
   });
 }
 

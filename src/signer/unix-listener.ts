@@ -5,7 +5,10 @@ import type { Logger } from 'pino';
 import { peerCredentials, type PeerCredentials } from '../libc.js';
 import type { Peer } from './backend.js';
 
-/** A cap on open connections shared by every listener of one daemon. */
+/**
+ * A cap on open connections shared by the owner's listeners (control socket, scope sockets); the
+ * token listeners have their own (TokenConnections), so containers cannot use this one up.
+ */
 export class ConnectionLimit {
   private open = 0;
 

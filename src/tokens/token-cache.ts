@@ -22,9 +22,17 @@ export class TokenCache {
   refresh(): void {
     const version = this.observe();
     if (version === this.builtFrom) return;
+    let rows;
+    try {
+      rows = this.vault.activeTokens();
+    } catch {
+      // The vault cannot be read right now (busy, an I/O error): keep what we have, try again at
+      // the next request. A handshake must never throw out of the listener.
+      return;
+    }
     const byHash = new Map<string, LiveToken>();
     const byId = new Map<string, LiveToken>();
-    for (const { hash, ...record } of this.vault.activeTokens()) {
+    for (const { hash, ...record } of rows) {
       const live = { record, expiresAt: record.expires === null ? Infinity : Date.parse(record.expires) };
       byHash.set(hash.toString('latin1'), live);
       byId.set(record.id, live);
