@@ -356,7 +356,7 @@ function rssOf(pid: number): number {
   return Number(match[1]) * 1024;
 }
 
-describe('memory bound (needs the connection memory accounting of serveConnection)', () => {
+describe('memory bound', () => {
   it('2,048 connections on 8 tokens, each holding a 256 KiB frame less one byte: the daemon grows by far less than the bytes sent', async () => {
     const TOKENS = 8;
     const PER_TOKEN = DEFAULT_TOKEN_LIMITS.maxSessionsPerToken;
@@ -392,6 +392,33 @@ describe('memory bound (needs the connection memory accounting of serveConnectio
       // The budget for partial frames is 64 MiB in total; the rest is per-socket overhead.
       expect(grown, `daemon RSS growth (bytes) with ${(sent / 2 ** 20).toFixed(0)} MiB of partial frames sent`).toBeLessThan(192 * 2 ** 20);
       await ownerAnswers('with every partial frame held');
+    } finally {
+      for (const c of conns) c.close();
+    }
+  }, 60_000);
+
+  it('256 sessions on one token ask for ~13 MB of identities each and read nothing: closed, the daemon grows little', async () => {
+    for (let i = 0; i < 4; i++) keyholdOk(k, ['key', 'generate', 'wide', '--comment', `${i}-${'c'.repeat(1000)}`]);
+    const token = issue('wide', 'unread');
+    for (let i = 0; i < 5; i++) await servedOnce(tcp('127.0.3.1'), token.token);
+    const before = rssOf(serve.proc.pid!);
+    const requests = Buffer.concat(Array.from({ length: (64 * 1024) / 5 }, () => identitiesFrame()));
+    const conns: RawConn[] = [];
+    try {
+      for (let i = 0; i < DEFAULT_TOKEN_LIMITS.maxSessionsPerToken; i++) {
+        const conn = await RawConn.open(tcp(`127.0.3.${1 + (i % 16)}`), 5000);
+        conn.socket.pause();
+        conn.send(Buffer.concat([tokenHandshake(token.token), requests]));
+        conns.push(conn);
+      }
+      await sleep(1500);
+      const grown = rssOf(serve.proc.pid!) - before;
+      const closed = conns.filter((c) => c.closed).length;
+      console.log(`unread replies: ${conns.length} sessions asked for ${((conns.length * requests.length) / 5 / 2 ** 10).toFixed(0)} Ki identities answers; ${closed} closed by the daemon; RSS grew ${(grown / 2 ** 20).toFixed(0)} MiB`);
+      expect(daemonAlive(), daemonLog()).toBe(true);
+      expect(closed, 'sessions that do not read their replies are closed').toBe(conns.length);
+      expect(grown, 'daemon RSS growth (bytes)').toBeLessThan(192 * 2 ** 20);
+      await ownerAnswers('after the unread-replies flood');
     } finally {
       for (const c of conns) c.close();
     }
