@@ -1,4 +1,5 @@
 import type { Argv } from 'yargs';
+import type { Logger } from 'pino';
 import { startDaemon } from '../daemon/daemon.js';
 import { parseDuration } from '../duration.js';
 import { EXIT, KeyholdError, usageError } from '../errors.js';
@@ -10,6 +11,21 @@ import { vaultPaths } from '../vault/paths.js';
 import { existsSync } from 'node:fs';
 import type { GlobalArgs } from './common.js';
 import { collectKeks } from './unlock-sources.js';
+
+/**
+ * The last line of defence: a fault that no handler caught is logged and the daemon goes on
+ * serving (it holds the unlocked vault; dying would refuse every client, and a restart loses the
+ * unlock). Only the error's kind and where it was thrown are logged: its message may quote a request.
+ */
+function keepServingThroughUncaughtFaults(log: Logger): void {
+  const where = (err: unknown) => (err instanceof Error ? (err.stack ?? '').split('\n').map((l) => l.trim()).filter((l) => l.startsWith('at ')).slice(0, 5) : []);
+  process.on('uncaughtException', (err) => {
+    log.error({ error: err?.name, code: (err as NodeJS.ErrnoException)?.code, at: where(err) }, 'uncaught fault; still serving');
+  });
+  process.on('unhandledRejection', (reason) => {
+    log.error({ error: (reason as Error)?.name, code: (reason as NodeJS.ErrnoException)?.code, at: where(reason) }, 'unhandled rejection; still serving');
+  });
+}
 
 export const optionalDuration = (text: string | undefined, flag: string): number | null =>
   text === undefined ? null : parseDuration(text, flag);
@@ -44,6 +60,7 @@ export function serveCommand(yargs: Argv<GlobalArgs>) {
         throw new KeyholdError(`no vault database at ${paths.db}`, 'create a vault with `keyhold init`, or pass --vault');
       }
       const log = createLogger();
+      keepServingThroughUncaughtFaults(log);
       const daemon = await startDaemon({
         paths,
         vaultId: keyring.vault_id,
