@@ -106,8 +106,9 @@ export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
     // The owner's control and scope sockets and the token listeners have separate caps, so
     // container traffic cannot use up the connections (or descriptors) the owner needs.
     const fileLimit = openFileLimit();
-    const limit = new ConnectionLimit(options.maxConnections ?? ownerConnectionLimit(fileLimit));
-    const tokenConnections = new TokenConnections(tokenLimitsFor(fileLimit));
+    const tokenLimits = tokenLimitsFor(fileLimit);
+    const limit = new ConnectionLimit(options.maxConnections ?? ownerConnectionLimit(fileLimit, tokenLimits.maxSockets));
+    const tokenConnections = new TokenConnections(tokenLimits);
     const idleTimeoutMs = options.idleTimeoutMs ?? 10 * 60_000;
     const maxPendingWrite = 1024 * 1024;
     const sockets = new ScopeSockets({ dir: scopesDir(runtimeDir), log, limit, idleTimeoutMs, maxPendingWrite, backendFor });
@@ -316,9 +317,16 @@ function zeroBuffers(value: unknown): void {
   else if (value !== null && typeof value === 'object') Object.values(value).forEach(zeroBuffers);
 }
 
-/** What the owner's control and scope sockets may hold: at most a third of the open-file limit. */
-function ownerConnectionLimit(fileLimit: number | null): number {
-  return Math.max(64, Math.min(4096, fileLimit === null ? 4096 : Math.floor(fileLimit / 3)));
+/** Descriptors kept back for the vault's files, the logs, the listeners and the signing threads. */
+const RESERVED_DESCRIPTORS = 256;
+
+/**
+ * What the owner's control and scope sockets may hold: the descriptors the token listeners cannot
+ * take (their own cap) and the daemon does not need for itself, up to 16,384.
+ */
+function ownerConnectionLimit(fileLimit: number | null, tokenSockets: number): number {
+  if (fileLimit === null) return 16_384;
+  return Math.max(64, Math.min(16_384, fileLimit - tokenSockets - RESERVED_DESCRIPTORS));
 }
 
 function isLoopback(host: string): boolean {
