@@ -213,7 +213,10 @@ class AgentConnection {
     });
     socket.on('data', (chunk: Buffer) => this.onData(chunk));
     socket.on('end', () => this.onEnd());
-    socket.on('drain', () => this.updateFlow());
+    socket.on('drain', () => {
+      this.accountMemory();
+      this.updateFlow();
+    });
     socket.once('close', () => {
       this.state = 'closed';
       this.releaseMemory();
@@ -265,15 +268,18 @@ class AgentConnection {
     this.drain(false);
   }
 
-  /** Follows the growth of a partial frame in the memory budget; false if refused (and closed). */
+  /**
+   * Follows what this connection holds in the memory budget: a partial frame, and replies the
+   * client has not read yet; false if refused (and closed).
+   */
   private accountMemory(): boolean {
     const budget = this.options.memory;
-    if (!budget) return true;
-    const held = this.reader.held;
+    if (!budget || this.socket.destroyed) return true;
+    const held = this.reader.held + this.socket.writableLength;
     if (held > this.reserved) {
       if (!budget.reserve(held - this.reserved)) {
         if (this.session.debug) {
-          this.options.log.debug({ peer: this.session.peer, partial: held, reserved: this.reserved }, 'memory budget refused a partial frame');
+          this.options.log.debug({ peer: this.session.peer, partial: held, reserved: this.reserved }, 'memory budget refused (partial frame or unread replies)');
         }
         this.destroy('memory budget exhausted');
         return false;
@@ -352,6 +358,7 @@ class AgentConnection {
     if (replies.length === 0 || this.socket.destroyed || this.socket.writableEnded) return;
     this.answered = true;
     this.socket.write(replies.length === 1 ? replies[0]! : Buffer.concat(replies));
+    if (!this.accountMemory()) return;
     this.updateFlow();
   }
 

@@ -432,6 +432,19 @@ describe('the connection loop', () => {
 });
 
 describe('memory budget', () => {
+  it('replies the client leaves unread are charged too: past the budget the connection is closed, and all is returned', async () => {
+    const backend = new FakeBackend();
+    backend.comment = 'c'.repeat(1000);
+    const budget = new FakeBudget(256 * 1024);
+    // A 1 MiB write limit and a 4 MiB cap per read: only the budget can stop ~1 MB of unread answers.
+    const { client, serverClosed } = await serve({ maxPendingWrite: 1024 * 1024, memory: budget }, backend);
+    client.socket.pause();
+    client.send(Buffer.concat(Array.from({ length: 1000 }, () => identitiesFrame())));
+    await serverClosed;
+    expect(budget.refusals).toBeGreaterThan(0);
+    expect(budget.reserved).toBe(0);
+  });
+
   /** A sign request of `size` bytes in all (framed), cut after `sent` bytes. */
   const bigRequest = (size: number) => signRequestFrame(KEY_BLOB, Buffer.alloc(size - 4 - 1 - 4 - KEY_BLOB.length - 4 - 4, 1));
 
