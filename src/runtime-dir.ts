@@ -31,6 +31,8 @@ export function ensurePrivateDir(dir: string): void {
 
 export interface PidLock {
   release(): void;
+  /** Lets go of the lock without removing the file (it may be another daemon's by now). */
+  abandon(): void;
 }
 
 /** The pid the lock holder wrote (a pid is a few bytes; anything else is not worth showing). */
@@ -63,6 +65,9 @@ export function acquirePidLock(path: string): PidLock {
       } catch {
         /* already gone */
       }
+      closeSync(fd);
+    },
+    abandon() {
       closeSync(fd);
     },
   };

@@ -2,7 +2,7 @@
 // token-gated listeners for containers, and the control socket for the CLI.
 import type { Logger } from 'pino';
 import { isIP } from 'node:net';
-import { unlinkSync } from 'node:fs';
+import { existsSync, unlinkSync } from 'node:fs';
 import type { Server } from 'node:net';
 import { KeyholdError } from '../errors.js';
 import { hardenProcess } from '../libc.js';
@@ -60,7 +60,7 @@ export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
   const hardening = hardenProcess();
   if (!hardening.dumpable || !hardening.coreLimit) log.warn(hardening, 'could not fully disable core dumps and ptrace');
   ensurePrivateDir(runtimeDir);
-  const lock: PidLock = acquirePidLock(pidFilePath(runtimeDir));
+  let lock: PidLock = acquirePidLock(pidFilePath(runtimeDir));
   const session = new VaultSession(options.paths, options.vaultId, log, options.lockTimers ?? { idleMs: null, ttlMs: null });
   const servers: { server: Server; unlinkPath?: string }[] = [];
   const closeServers = async () => {
@@ -197,8 +197,46 @@ export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
       syncedVersion = -1;
     });
     await syncScopes();
+    const controlPath = controlSocketPath(runtimeDir);
+    let control: { server: Server; unlinkPath?: string } | null = null;
+    let restoring = false;
+    let restoreRefused = false;
+    /**
+     * The runtime dir removed under a running daemon (a tmp cleaner, a logout that took
+     * $XDG_RUNTIME_DIR): the dir, daemon.pid, the control socket and the scope sockets are put
+     * back, rather than leave a daemon nobody can reach and the way open to a second one.
+     */
+    const restoreRuntimeDir = async () => {
+      if (restoring || restoreRefused || !control || existsSync(controlPath)) return;
+      restoring = true;
+      try {
+        log.warn({ runtimeDir }, 'the runtime dir or the control socket is gone; putting them back');
+        ensurePrivateDir(runtimeDir);
+        ensurePrivateDir(scopesDir(runtimeDir));
+        let next: PidLock;
+        try {
+          next = acquirePidLock(pidFilePath(runtimeDir));
+        } catch (err) {
+          // Another daemon took the runtime dir meanwhile: it serves it now; this one stays as it is.
+          restoreRefused = true;
+          log.error({ err: (err as Error).message }, 'cannot take the runtime dir back');
+          return;
+        }
+        lock.abandon();
+        lock = next;
+        await closeServer(control.server);
+        control.server = await listenControl(controlPath, { log, limit, handle });
+        await sockets.close();
+        syncedVersion = -1;
+        log.info({ runtimeDir }, 'runtime dir restored');
+      } finally {
+        restoring = false;
+      }
+    };
     const timer = setInterval(() => {
-      syncScopes().catch((err: Error) => log.error({ err: err.message }, 'scope sync failed'));
+      restoreRuntimeDir()
+        .then(syncScopes)
+        .catch((err: Error) => log.error({ err: err.message }, 'scope sync failed'));
     }, options.pollIntervalMs ?? 250);
 
     const handle = async (request: ControlRequest, peer: Peer): Promise<unknown> => {
@@ -253,8 +291,8 @@ export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
         throw new KeyholdError(`this daemon serves another vault (${options.paths.db})`, 'stop it, or use another KEYHOLD_RUNTIME_DIR');
       }
     };
-    const controlPath = controlSocketPath(runtimeDir);
-    servers.push({ server: await listenControl(controlPath, { log, limit, handle }), unlinkPath: controlPath });
+    control = { server: await listenControl(controlPath, { log, limit, handle }), unlinkPath: controlPath };
+    servers.push(control);
 
     log.info({ vault: options.paths.db, runtimeDir, locked: !session.unlocked, sockets: sockets.paths() }, 'keyhold daemon ready');
     let stopping: Promise<void> | null = null;

@@ -1,11 +1,12 @@
 // The runtime dir, its sockets and daemon.pid: modes, refusals, stale leftovers, one daemon per dir.
 import { afterEach, describe, expect, it } from 'vitest';
 import { spawn } from 'node:child_process';
-import { chmodSync, chownSync, existsSync, lstatSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { chmodSync, chownSync, existsSync, lstatSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import {
   frameBytes,
   initVault,
+  keyhold,
   KEYHOLD_BIN,
   keyholdOk,
   makeKeyholdEnv,
@@ -13,6 +14,7 @@ import {
   serveExpectingExit,
   startServe,
   stopAllServes,
+  waitFor,
   type KeyholdEnv,
 } from '../helpers/keyhold.js';
 
@@ -187,6 +189,22 @@ describe('leftovers and concurrency', () => {
     const second = await startServe(k);
     expect(readFileSync(join(k.runtime, 'daemon.pid'), 'utf8').trim()).toBe(String(second.proc.pid));
     expect(await identitiesComments(second.socket('web'))).toEqual(['web-key']);
+  });
+
+  it('the runtime dir removed under a running daemon is put back: dir 0700, daemon.pid, control and scope sockets; a second serve is refused', async () => {
+    const k = vaultWith(['web']);
+    const serve = await startServe(k);
+    rmSync(k.runtime, { recursive: true, force: true });
+    await waitFor(() => existsSync(join(k.runtime, 'control.sock')) && existsSync(serve.socket('web')), 5_000, 'the runtime dir to be put back');
+    expect(mode(k.runtime)).toBe(0o700);
+    expect(mode(serve.socket('web'))).toBe(0o600);
+    expect(readFileSync(join(k.runtime, 'daemon.pid'), 'utf8').trim()).toBe(String(serve.proc.pid));
+    expect(keyhold(k, ['status', '--quiet']).status).toBe(0);
+    expect(await identitiesComments(serve.socket('web'))).toEqual(['web-key']);
+    const second = await serveExpectingExit(k, [], 10_000);
+    expect(second.code).toBe(1);
+    expect(second.stderr).toContain(`already running (pid ${serve.proc.pid})`);
+    expect(serve.proc.exitCode).toBeNull();
   });
 
   it('SIGTERM removes the sockets and daemon.pid and exits 0', async () => {
