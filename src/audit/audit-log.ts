@@ -128,8 +128,11 @@ const ANCHOR_INTERVAL_MS = 1_000;
 /** While the log cannot be written: how often to try again, and how often to say so again. */
 const RETRY_MS = 1_000;
 const REPEAT_LOG_MS = 60_000;
-/** How long an append waits for another process's append (the file lock) before it counts as a failure. */
+/** How long the daemon's appends wait for another process's append (the file lock) before it counts as a failure. */
 const LOCK_WAIT_MS = 2_000;
+/** A synchronous flush waits for the lock this long: the daemon's (event loop blocked), a CLI's. */
+const FLUSH_LOCK_WAIT_MS = 250;
+const CLI_LOCK_WAIT_MS = 10_000;
 
 /** The log cannot be written now: sign requests are refused until it can. */
 export class AuditUnavailableError extends Error {
@@ -177,7 +180,6 @@ export interface AuditLogger {
 function errorCode(err: unknown): string {
   return (err as NodeJS.ErrnoException).code ?? (err instanceof LogBusy ? 'locked by another process' : (err as Error).name ?? 'error');
 }
-
 
 /**
  * Appends chained lines to the log. Writers in several processes serialize on an advisory lock on
@@ -294,7 +296,7 @@ export class AuditWriter {
     if (!turn) return;
     const batch = this.takeQueue();
     try {
-      this.appendLocked(batch);
+      this.appendLocked(batch, 0);
     } catch (err) {
       if (err instanceof LogBusy && (turn.busySince ??= Date.now()) > Date.now() - LOCK_WAIT_MS) {
         // Another process is appending: this turn's events wait a moment, later ones join them.
@@ -358,7 +360,7 @@ export class AuditWriter {
     };
     const batch = [...this.takeQueue(), resumed];
     try {
-      this.appendLocked(batch);
+      this.appendLocked(batch, 0);
     } catch (err) {
       this.queue = [...batch.slice(0, -1), ...this.queue].slice(-MAX_PENDING_EVENTS);
       failing.code = errorCode(err);
@@ -380,11 +382,11 @@ export class AuditWriter {
    * and whether the file we hold is still linked (removed, or replaced by a rename: then the log
    * is reopened), so an append costs no lookup of the path.
    */
-  private appendLocked(batch: Queued[]): void {
+  private appendLocked(batch: Queued[], lockWaitMs: number): void {
     if (batch.length === 0) return;
     for (let reopened = false; ; reopened = true) {
       const fd = this.fd ?? this.openLog();
-      this.lock(fd);
+      this.lock(fd, lockWaitMs);
       try {
         const stat = fstatSync(fd);
         if (stat.nlink > 0 || reopened) return this.append(fd, stat.size, batch);
@@ -397,14 +399,15 @@ export class AuditWriter {
     }
   }
 
-  private lock(fd: number): void {
+  /** Takes the log's lock, waiting at most `waitMs` (blocking: only a CLI process or a rare daemon flush waits). */
+  private lock(fd: number, waitMs: number): void {
     if (tryLockFile(fd)) return;
-    if (this.daemon) throw new LogBusy();
-    const deadline = Date.now() + LOCK_WAIT_MS * 5;
+    if (waitMs === 0) throw new LogBusy();
+    const deadline = Date.now() + waitMs;
     const pause = new Int32Array(new SharedArrayBuffer(4));
     while (!tryLockFile(fd)) {
-      if (Date.now() > deadline) throw new KeyholdError(`${this.path} stays locked by another process`, 'see which keyhold process hangs');
-      Atomics.wait(pause, 0, 0, 5);
+      if (Date.now() > deadline) throw new KeyholdError(`${this.path} stays locked by another process`, 'see which keyhold process holds it');
+      Atomics.wait(pause, 0, 0, 2);
     }
   }
 
@@ -535,7 +538,8 @@ export class AuditWriter {
     const batch = this.takeQueue();
     if (this.failing) batch.push({ time: new Date().toISOString(), event: { event: 'audit-resumed', reason: this.failing.code, since: this.failing.since, refused: this.failing.refused }, signature: false });
     try {
-      this.appendLocked(batch);
+      // The daemon waits a moment for a CLI's append, never long: its event loop is blocked meanwhile.
+      this.appendLocked(batch, this.daemon ? FLUSH_LOCK_WAIT_MS : CLI_LOCK_WAIT_MS);
     } catch (err) {
       this.queue = [...batch.filter((q) => q.event.event !== 'audit-resumed'), ...this.queue];
       throw err;

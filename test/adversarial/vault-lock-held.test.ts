@@ -92,3 +92,34 @@ describe('another process holds the vault write lock for 11 s', () => {
     await expectAuditVerifies(k);
   }, 60_000);
 });
+
+describe("another process holds the audit log's own lock", () => {
+  it('a short hold delays replies; a long one fails closed (FAILURE, logged), then signing resumes by itself', async () => {
+    const k = makeKeyholdEnv('kh-audit-lock-');
+    envs.push(k);
+    initVault(k);
+    keyholdOk(k, ['key', 'generate', 'web']);
+    const serve = await startServe(k);
+    const load = new SigningLoad(serve.socket('web'), 2, 2);
+    await sleep(300);
+    const audit = `${k.vault}.audit.jsonl`;
+    const hold = (seconds: number) =>
+      new Promise<number | null>((resolve) => spawn('flock', ['-x', audit, 'sleep', String(seconds)], { stdio: 'ignore' }).once('exit', resolve));
+
+    // 0.5 s: appends wait for it, nothing is refused.
+    await hold(0.5);
+    expect(load.refused, 'refused during a short hold').toBe(0);
+    // 4 s, past the 2 s an append may wait: sign requests fail closed, then resume after.
+    const before = load.received.size;
+    await hold(4);
+    expect(load.refused, 'refused while the lock is held for long').toBeGreaterThan(0);
+    expect(serve.stderr()).toMatch(/"code":"locked by another process".*cannot write the audit log/);
+    await waitFor(() => load.received.size > before + 100, 5_000, 'signing to resume');
+    await load.stop();
+    expect(serve.proc.exitCode).toBeNull();
+    await serve.stop();
+    expect(unauditedSignatures(k, load.received)).toEqual([]);
+    expect(completeEntries(k).some((e) => e.event === 'audit-resumed' && e.reason === 'locked by another process')).toBe(true);
+    await expectAuditVerifies(k);
+  }, 60_000);
+});
