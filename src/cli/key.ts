@@ -4,7 +4,7 @@ import { basename } from 'node:path';
 import type { Argv } from 'yargs';
 import { authorizedKeyLine } from '../agent-protocol/public-key.js';
 import { readCapped } from '../read-capped.js';
-import { KeyholdError, notFound, usageError } from '../errors.js';
+import { notFound, usageError } from '../errors.js';
 import {
   describeSupportedKey,
   KEY_TYPES,

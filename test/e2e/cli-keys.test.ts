@@ -79,6 +79,27 @@ describe('key assign / unassign / rm', () => {
     expect(list(k)).toEqual(before);
   });
 
+  it('the same answers through a running daemon (no passphrase source): 5 for a fingerprint or id that names nothing', async () => {
+    const serve = await startServe(k);
+    const viaDaemon = { env: { KEYHOLD_PASSPHRASE_FILE: '' } };
+    try {
+      for (const args of [
+        ['key', 'assign', 'api', 'not-a-fingerprint'],
+        ['key', 'unassign', 'api', 'SHA256:' + 'Z'.repeat(43)],
+        ['key', 'rm', 'MD5:00:11'],
+        ['token', 'revoke', 'tok_nope'],
+        ['factor', 'rm', 'xx-nope'],
+      ]) {
+        const result = keyhold(k, args, viaDaemon);
+        expect(result.status, `${args.join(' ')}: ${result.stderr}`).toBe(5);
+        expect(result.stderr).not.toMatch(/bad control request/);
+      }
+      expect(keyhold(k, ['key', 'assign', 'bad/scope', a.fingerprint], viaDaemon).status).toBe(2);
+    } finally {
+      await serve.stop();
+    }
+  });
+
   it('unassign stops offering a key in one scope; the key stays in the vault', () => {
     expect(keyhold(k, ['key', 'unassign', 'web', a.fingerprint]).status).toBe(0);
     expect(scopesOf(k, a.fingerprint)).toEqual(['api']);
