@@ -270,7 +270,9 @@ function keyAdderScript(everyMs: number): string {
     const { Vault } = await import(${url('vault/vault.js')});
     const { vaultPaths } = await import(${url('vault/paths.js')});
     const { generateKeyPairSync } = await import('node:crypto');
-    const vault = await Vault.open(vaultPaths(process.env.KEYHOLD_VAULT), async () => Buffer.from('bench-passphrase'));
+    const { readFileSync } = await import('node:fs');
+    const passphrase = async () => Buffer.from(readFileSync(process.env.KEYHOLD_PASSPHRASE_FILE, 'utf8').trim());
+    const vault = await Vault.open(vaultPaths(process.env.KEYHOLD_VAULT), passphrase);
     let added = 0;
     process.on('SIGTERM', () => { vault.close(); process.stdout.write('added ' + added + '\\n', () => process.exit(0)); });
     process.stdout.write('ready\\n');
