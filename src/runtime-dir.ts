@@ -1,5 +1,5 @@
 // The per-user runtime directory: control socket, scope sockets, daemon.pid.
-import { closeSync, ftruncateSync, lstatSync, mkdirSync, openSync, unlinkSync, writeSync, constants } from 'node:fs';
+import { closeSync, fstatSync, ftruncateSync, lstatSync, mkdirSync, openSync, statSync, unlinkSync, writeSync, constants } from 'node:fs';
 import { readCapped } from './read-capped.js';
 import { join } from 'node:path';
 import { KeyholdError } from './errors.js';
@@ -33,6 +33,8 @@ export interface PidLock {
   release(): void;
   /** Lets go of the lock without removing the file (it may be another daemon's by now). */
   abandon(): void;
+  /** Whether the locked file is still the one at its path (not removed or replaced). */
+  inPlace(): boolean;
 }
 
 /** The pid the lock holder wrote (a pid is a few bytes; anything else is not worth showing). */
@@ -69,6 +71,13 @@ export function acquirePidLock(path: string): PidLock {
     },
     abandon() {
       closeSync(fd);
+    },
+    inPlace() {
+      try {
+        return statSync(path).ino === fstatSync(fd).ino;
+      } catch {
+        return false;
+      }
     },
   };
 }

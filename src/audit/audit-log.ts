@@ -4,7 +4,7 @@
 // about a second), so that deleting or truncating lines shows. Writers in several processes
 // append under an advisory lock on the log file itself, never under the database's write lock.
 import { createHmac, hkdfSync, timingSafeEqual } from 'node:crypto';
-import { closeSync, constants, fstatSync, fsync, fsyncSync, ftruncateSync, openSync, readSync, writeSync } from 'node:fs';
+import { closeSync, constants, fstatSync, fsync, fsyncSync, ftruncateSync, openSync, readSync, statSync, writeSync } from 'node:fs';
 import { KeyholdError } from '../errors.js';
 import { tryLockFile, unlockFile } from '../libc.js';
 import { isBusyError, type Db } from '../vault/database.js';
@@ -133,6 +133,8 @@ const LOCK_WAIT_MS = 2_000;
 /** A synchronous flush waits for the lock this long: the daemon's (event loop blocked), a CLI's. */
 const FLUSH_LOCK_WAIT_MS = 250;
 const CLI_LOCK_WAIT_MS = 10_000;
+/** How often an append looks the log's path up, to follow a log moved away (renamed) under it. */
+const PATH_CHECK_MS = 100;
 
 /** The log cannot be written now: sign requests are refused until it can. */
 export class AuditUnavailableError extends Error {
@@ -144,7 +146,7 @@ export class AuditUnavailableError extends Error {
 }
 
 /** A rejection for callers that await it; one nobody awaits (`void record(…)`) must not end the process. */
-function unavailable(code: string): Promise<never> {
+export function auditUnavailable(code: string): Promise<never> {
   const rejected = Promise.reject(new AuditUnavailableError(code));
   rejected.catch(() => {});
   return rejected;
@@ -211,6 +213,7 @@ export class AuditWriter {
   private anchorTimer: NodeJS.Timeout | null = null;
   private failing: (AuditFailure & { refused: number; loggedAt: number; retry: NodeJS.Timeout | null }) | null = null;
   private closed = false;
+  private pathCheckedAt = 0;
 
   constructor(
     private readonly path: string,
@@ -242,22 +245,47 @@ export class AuditWriter {
    * AuditUnavailableError if it cannot be); a CLI process writes it at `flush()`.
    */
   record(event: AuditEvent, time = new Date(), options: { signature?: boolean } = {}): Promise<void> {
+    const queued: Queued = { time: time.toISOString(), event, signature: options.signature ?? false };
+    if (!this.daemon) {
+      this.keep(queued);
+      return Promise.resolve();
+    }
+    if (this.failing) {
+      // Nothing is written now: a signature is refused (and counted), anything else kept for later.
+      if (queued.signature) this.failing.refused++;
+      else this.keep(queued);
+      return auditUnavailable(this.failing.code);
+    }
+    if (this.queue.length >= MAX_PENDING_EVENTS) {
+      // Never drop what a waiting reply needs: past the bound (a turn that cannot be written for a
+      // moment while requests keep coming) the new event is refused instead, and counted.
+      this.dropped++;
+      return auditUnavailable('audit queue full');
+    }
+    this.queue.push(queued);
+    return this.scheduleTurn();
+  }
+
+  /** Keeps an event to write later, the oldest dropped (and counted) past MAX_PENDING_EVENTS. */
+  private keep(queued: Queued): void {
     if (this.queue.length >= MAX_PENDING_EVENTS) {
       this.queue.shift();
       this.dropped++;
     }
-    this.queue.push({ time: time.toISOString(), event, signature: options.signature ?? false });
-    if (!this.daemon) return Promise.resolve();
-    if (this.failing) {
-      this.queue = this.queue.filter((q) => !q.signature);
-      return unavailable(this.failing.code);
-    }
-    return this.scheduleTurn();
+    this.queue.push(queued);
+  }
+
+  /** Puts events that could not be written back in front of the queue, within its bound (the rest counted). */
+  private requeue(events: Queued[]): void {
+    const all = [...events, ...this.queue];
+    const over = all.length - MAX_PENDING_EVENTS;
+    if (over > 0) this.dropped += over;
+    this.queue = over > 0 ? all.slice(over) : all;
   }
 
   /** Everything recorded so far is written (daemon mode); resolves at once when nothing is queued. */
   written(): Promise<void> {
-    if (this.failing) return unavailable(this.failing.code);
+    if (this.failing) return auditUnavailable(this.failing.code);
     return this.turn?.promise ?? Promise.resolve();
   }
 
@@ -328,7 +356,7 @@ export class AuditWriter {
   private fail(err: unknown, batch: Queued[]): void {
     const code = errorCode(err);
     const refused = batch.filter((q) => q.signature).length;
-    this.queue = [...batch.filter((q) => !q.signature), ...this.queue].slice(-MAX_PENDING_EVENTS);
+    this.requeue(batch.filter((q) => !q.signature));
     if (this.failing) {
       this.failing.refused += refused;
       return;
@@ -362,7 +390,7 @@ export class AuditWriter {
     try {
       this.appendLocked(batch, 0);
     } catch (err) {
-      this.queue = [...batch.slice(0, -1), ...this.queue].slice(-MAX_PENDING_EVENTS);
+      this.requeue(batch.slice(0, -1));
       failing.code = errorCode(err);
       if (Date.now() - failing.loggedAt >= REPEAT_LOG_MS) {
         failing.loggedAt = Date.now();
@@ -380,7 +408,7 @@ export class AuditWriter {
    * Appends under the log's file lock; in daemon mode a held lock throws LogBusy instead of
    * waiting. One fstat under the lock gives the size (another writer's append shows as a change)
    * and whether the file we hold is still linked (removed, or replaced by a rename: then the log
-   * is reopened), so an append costs no lookup of the path.
+   * is reopened); the path itself is looked up only now and then (see stillAtPath).
    */
   private appendLocked(batch: Queued[], lockWaitMs: number): void {
     if (batch.length === 0) return;
@@ -389,7 +417,7 @@ export class AuditWriter {
       this.lock(fd, lockWaitMs);
       try {
         const stat = fstatSync(fd);
-        if (stat.nlink > 0 || reopened) return this.append(fd, stat.size, batch);
+        if ((stat.nlink > 0 && this.stillAtPath(stat.ino)) || reopened) return this.append(fd, stat.size, batch);
       } finally {
         unlockFile(fd);
       }
@@ -408,6 +436,21 @@ export class AuditWriter {
     while (!tryLockFile(fd)) {
       if (Date.now() > deadline) throw new KeyholdError(`${this.path} stays locked by another process`, 'see which keyhold process holds it');
       Atomics.wait(pause, 0, 0, 2);
+    }
+  }
+
+  /**
+   * Whether the path still names the file we hold. A rename (logrotate, `mv`) leaves it linked,
+   * so the path is looked up too, at most every PATH_CHECK_MS: not on every append.
+   */
+  private stillAtPath(ino: number): boolean {
+    const now = Date.now();
+    if (now - this.pathCheckedAt < PATH_CHECK_MS) return true;
+    this.pathCheckedAt = now;
+    try {
+      return statSync(this.path).ino === ino;
+    } catch {
+      return false;
     }
   }
 
@@ -541,13 +584,25 @@ export class AuditWriter {
       // The daemon waits a moment for a CLI's append, never long: its event loop is blocked meanwhile.
       this.appendLocked(batch, this.daemon ? FLUSH_LOCK_WAIT_MS : CLI_LOCK_WAIT_MS);
     } catch (err) {
-      this.queue = [...batch.filter((q) => q.event.event !== 'audit-resumed'), ...this.queue];
+      this.requeue(batch.filter((q) => q.event.event !== 'audit-resumed'));
+      this.scheduleSync();
       throw err;
     }
     if (this.failing?.retry) clearTimeout(this.failing.retry);
     this.failing = null;
+    // What a pending turn waited for is written now (this flush took its events).
+    const turn = this.turn;
+    this.turn = null;
+    turn?.resolve();
     const target = this.unsynced ?? this.synced;
-    if (this.fd !== null && this.unsynced) fsyncSync(this.fd);
+    if (this.fd !== null && this.unsynced) {
+      try {
+        fsyncSync(this.fd);
+      } catch (err) {
+        this.fail(err, []);
+        throw err;
+      }
+    }
     this.unsynced = null;
     if (!target || target.seq <= this.anchoredSeq || !this.db.open) return;
     this.synced = target;
@@ -564,6 +619,10 @@ export class AuditWriter {
   /** Stops the timers and closes the file; call after a last flush. */
   close(): void {
     this.closed = true;
+    // Events still queued are not written by this writer any more: whoever waits on them is refused.
+    const turn = this.turn;
+    this.turn = null;
+    turn?.reject(new AuditUnavailableError('closed'));
     for (const timer of [this.syncTimer, this.anchorTimer, this.failing?.retry ?? null]) if (timer) clearTimeout(timer);
     this.syncTimer = this.anchorTimer = null;
     if (this.fd !== null && !this.syncing) closeSync(this.fd);
@@ -575,7 +634,15 @@ export class AuditWriter {
    * across a lock that happens while the log cannot be written, and writes them at the next unlock.
    */
   takeUnwritten(): { time: Date; event: AuditEvent }[] {
-    const events = this.takeQueue().map((q) => ({ time: new Date(q.time), event: q.event }));
+    // Their lines are not in the file: replies waiting on them are refused, and a signature among
+    // them is kept as a refusal (it is never sent).
+    const turn = this.turn;
+    this.turn = null;
+    turn?.reject(new AuditUnavailableError(this.failing?.code ?? 'locked'));
+    const events = this.takeQueue().map((q) => ({
+      time: new Date(q.time),
+      event: q.signature ? { ...q.event, event: 'sign-refused', reason: 'audit-unavailable' } : q.event,
+    }));
     if (this.failing) {
       const { code, since, refused } = this.failing;
       events.push({ time: new Date(), event: { event: 'audit-unavailable', reason: code, since, refused } });

@@ -213,17 +213,19 @@ export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
         log.warn({ runtimeDir }, 'the runtime dir or the control socket is gone; putting them back');
         ensurePrivateDir(runtimeDir);
         ensurePrivateDir(scopesDir(runtimeDir));
-        let next: PidLock;
-        try {
-          next = acquirePidLock(pidFilePath(runtimeDir));
-        } catch (err) {
-          // Another daemon took the runtime dir meanwhile: it serves it now; this one stays as it is.
-          restoreRefused = true;
-          log.error({ err: (err as Error).message }, 'cannot take the runtime dir back');
-          return;
+        if (!lock.inPlace()) {
+          let next: PidLock;
+          try {
+            next = acquirePidLock(pidFilePath(runtimeDir));
+          } catch (err) {
+            // Another daemon took the runtime dir meanwhile: it serves it now; this one stays as it is.
+            restoreRefused = true;
+            log.error({ err: (err as Error).message }, 'cannot take the runtime dir back');
+            return;
+          }
+          lock.abandon();
+          lock = next;
         }
-        lock.abandon();
-        lock = next;
         await closeServer(control.server);
         control.server = await listenControl(controlPath, { log, limit, handle });
         await sockets.close();

@@ -6,7 +6,7 @@ import { EXIT, KeyholdError } from '../errors.js';
 import type { DaemonStatus, LockTimers } from '../control/protocol.js';
 import { TokenCache } from '../tokens/token-cache.js';
 import { localVaultApi, type VaultApi } from '../vault/api.js';
-import { MAX_PENDING_EVENTS, type AuditEvent, type AuditFailure, type AuditPeer } from '../audit/audit-log.js';
+import { MAX_PENDING_EVENTS, auditUnavailable, type AuditEvent, type AuditFailure, type AuditPeer } from '../audit/audit-log.js';
 import { KeyCache } from '../vault/key-cache.js';
 import type { FactorKeks } from '../vault/keyring.js';
 import type { VaultPaths } from '../vault/paths.js';
@@ -31,6 +31,7 @@ export class VaultSession {
   private readonly listeners: ((unlocked: boolean) => void)[] = [];
   private pending: { event: AuditEvent; time: Date }[] = [];
   private droppedWhileLocked = 0;
+  private unreadableLoggedAt = 0;
 
   constructor(
     readonly paths: VaultPaths,
@@ -59,8 +60,12 @@ export class VaultSession {
     try {
       current.keys.refresh();
     } catch (err) {
-      // The database cannot be read right now (busy, I/O error): sign from the keys we hold.
-      this.log.warn({ code: (err as { code?: string }).code }, 'cannot read the vault; serving the cached keys');
+      // The database cannot be read right now (busy, I/O error): sign from the keys we hold, and
+      // say so once a minute, not once a request.
+      if (Date.now() - this.unreadableLoggedAt >= 60_000) {
+        this.unreadableLoggedAt = Date.now();
+        this.log.warn({ code: (err as { code?: string }).code }, 'cannot read the vault; serving the cached keys');
+      }
     }
     return current.keys;
   }
@@ -109,6 +114,12 @@ export class VaultSession {
    */
   record(event: AuditEvent, options?: { signature?: boolean }): Promise<void> {
     if (this.current) return this.current.vault.record(event, undefined, options);
+    if (options?.signature) {
+      // Made before a lock (on a signing thread) and finished after it: the vault is locked, so
+      // the signature is withheld, and recorded as the refusal it becomes.
+      this.keepWhileLocked({ ...event, event: 'sign-refused', reason: 'locked' }, new Date());
+      return auditUnavailable('locked');
+    }
     this.keepWhileLocked(event, new Date());
     return Promise.resolve();
   }
@@ -163,7 +174,12 @@ export class VaultSession {
     this.turnVersion = null;
     const observe = () => this.observeVersion(vault);
     const keys = new KeyCache(vault, observe);
-    keys.refresh();
+    try {
+      keys.refresh();
+    } catch (err) {
+      vault.close({ flushAudit: false });
+      throw err;
+    }
     const now = Date.now();
     const ttlMs = timers.ttlMs !== undefined && timers.ttlMs !== null ? timers.ttlMs : this.defaults.ttlMs;
     const idleMs = timers.idleMs !== undefined && timers.idleMs !== null ? timers.idleMs : this.defaults.idleMs;

@@ -3,12 +3,12 @@
 // says why in its log, refuses changes, and resumes by itself once a write succeeds; every
 // signature it did hand out has its line, and the log verifies afterwards.
 import { afterEach, describe, expect, it } from 'vitest';
-import { spawnSync } from 'node:child_process';
-import { mkdirSync, rmSync, writeSync, openSync, closeSync } from 'node:fs';
+import { spawn, spawnSync } from 'node:child_process';
+import { closeSync, existsSync, mkdirSync, openSync, rmSync, writeSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { bare, completeEntries, expectAuditVerifies, killLaunched, run, sha256, sleep, unauditedSignatures } from '../helpers/audit.js';
-import { initVault, keyhold, keyholdOk, makeKeyholdEnv, startServe, stopAllServes, type KeyholdEnv, type ServeHandle } from '../helpers/keyhold.js';
-import { identitiesFrame, parseIdentities, RawConn, signRequestFrame } from '../helpers/raw-wire.js';
+import { initVault, keyhold, KEYHOLD_BIN, keyholdOk, makeKeyholdEnv, startServe, stopAllServes, waitFor, type KeyholdEnv, type ServeHandle } from '../helpers/keyhold.js';
+import { freePort, identitiesFrame, parseIdentities, RawConn, signRequestFrame, tokenHandshake } from '../helpers/raw-wire.js';
 
 const isRoot = process.getuid?.() === 0;
 // Mounting a tmpfs needs root; CI runs as root, so there the test always runs.
@@ -145,3 +145,36 @@ describe.runIf(isRoot)('the disk under the audit log fills up (a real 2 MiB tmpf
   }, 60_000);
 });
 
+describe("the daemon's own log cannot be written (stderr on /dev/full)", () => {
+  it('it signs, answers status, and survives the lines that protocol errors and bad handshakes log', async () => {
+    const k = makeKeyholdEnv('kh-log-full-');
+    envs.push(k);
+    initVault(k);
+    keyholdOk(k, ['key', 'generate', 'web']);
+    const port = await freePort();
+    const full = openSync('/dev/full', 'w');
+    const daemon = spawn(process.execPath, [KEYHOLD_BIN, 'serve', '--listen', `tcp:127.0.0.1:${port}`], { env: { ...k.env, KEYHOLD_LOG_LEVEL: 'debug' }, stdio: ['ignore', 'ignore', full] });
+    closeSync(full);
+    try {
+      const socket = join(k.runtime, 'scopes', 'web.sock');
+      await waitFor(() => existsSync(socket) || daemon.exitCode !== null, 15_000, 'the scope socket');
+      const signer = await Signer.open(socket);
+      expect(await signer.sign()).toBe(14);
+      for (let i = 0; i < 5; i++) {
+        const bad = await RawConn.open({ kind: 'tcp', port });
+        bad.send(tokenHandshake('khp_not-a-token'));
+        await bad.waitClosed(5_000);
+        const garbage = await RawConn.connect(socket);
+        garbage.send(Buffer.alloc(4)); // a zero-length frame: a protocol error, logged
+        await garbage.waitClosed(5_000);
+      }
+      expect(await signer.sign()).toBe(14);
+      signer.close();
+      expect(keyhold(bare(k), ['status', '--quiet']).status).toBe(0);
+      expect({ exitCode: daemon.exitCode, signalCode: daemon.signalCode }).toEqual({ exitCode: null, signalCode: null });
+    } finally {
+      daemon.kill('SIGTERM');
+      await new Promise((resolve) => (daemon.exitCode !== null ? resolve(null) : daemon.once('exit', resolve)));
+    }
+  }, 60_000);
+});

@@ -663,3 +663,46 @@ describe('a crash that cut the append just before its final newline', () => {
     expect(result, JSON.stringify(result)).toMatchObject({ ok: true });
   });
 });
+
+describe('daemon mode: a reply waits for its line, and never gets a line that is not written', () => {
+  const quietLog = { error() {}, info() {} };
+  const signEvent = (n: number): AuditEvent => ({ event: 'sign', scope: 'web', data_sha256: String(n).padStart(64, '0') });
+
+  it('a turn past MAX_PENDING_EVENTS refuses the newest; every promise that resolved has its line', async () => {
+    const t = await newVault();
+    t.vault.serveAudit(quietLog);
+    const outcomes = await Promise.allSettled(Array.from({ length: MAX_PENDING_EVENTS + 500 }, (_, i) => t.vault.record(signEvent(i), undefined, { signature: true })));
+    const resolved = outcomes.flatMap((o, i) => (o.status === 'fulfilled' ? [String(i).padStart(64, '0')] : []));
+    expect(resolved.length).toBeLessThanOrEqual(MAX_PENDING_EVENTS);
+    expect(outcomes.filter((o) => o.status === 'rejected').length).toBeGreaterThanOrEqual(500);
+    const logged = new Set(t.lines().map((l) => (JSON.parse(l) as AuditEntry).data_sha256));
+    expect(resolved.filter((d) => !logged.has(d))).toEqual([]);
+    t.vault.flushAudit();
+    expect(t.vault.verifyAudit().ok).toBe(true);
+  });
+
+  it('a lock while the log is held by another process: the waiting signature is refused, kept as a refusal, never released', async () => {
+    const t = await newVault();
+    t.vault.serveAudit(quietLog);
+    await t.vault.record({ event: 'unlock' });
+    const holder = spawn('flock', ['-x', t.paths.audit, 'sleep', '1']);
+    await new Promise((r) => setTimeout(r, 200));
+    const signature = t.vault.record(signEvent(1), undefined, { signature: true });
+    const settled = signature.then(() => 'released', () => 'refused');
+    expect(() => t.vault.flushAudit()).toThrow(/locked by another process/);
+    const kept = t.vault.takeUnwrittenAudit();
+    expect(await settled).toBe('refused');
+    expect(kept.map((k) => [k.event.event, k.event.reason])).toEqual([['sign-refused', 'audit-unavailable']]);
+    await new Promise((r) => holder.once('exit', r));
+    expect(t.lines().some((l) => l.includes('"event":"sign"'))).toBe(false);
+  });
+
+  it('a flush resolves what a pending turn waited for (its lines are written)', async () => {
+    const t = await newVault();
+    t.vault.serveAudit(quietLog);
+    const waiting = t.vault.record(signEvent(7), undefined, { signature: true });
+    t.vault.flushAudit();
+    await expect(waiting).resolves.toBeUndefined();
+    expect(t.lines().filter((l) => l.includes(String(7).padStart(64, '0')))).toHaveLength(1);
+  });
+});

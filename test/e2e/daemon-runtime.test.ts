@@ -204,6 +204,11 @@ describe('leftovers and concurrency', () => {
     const second = await serveExpectingExit(k, [], 10_000);
     expect(second.code).toBe(1);
     expect(second.stderr).toContain(`already running (pid ${serve.proc.pid})`);
+    // Only the control socket removed: put back too (the daemon keeps the pid lock it holds).
+    rmSync(join(k.runtime, 'control.sock'));
+    await waitFor(() => existsSync(join(k.runtime, 'control.sock')), 5_000, 'the control socket to be put back');
+    expect(keyhold(k, ['status', '--quiet']).status).toBe(0);
+    expect(readFileSync(join(k.runtime, 'daemon.pid'), 'utf8').trim()).toBe(String(serve.proc.pid));
     expect(serve.proc.exitCode).toBeNull();
   });
 
