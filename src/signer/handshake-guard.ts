@@ -78,6 +78,8 @@ export class HandshakeGuard {
   private readonly pending = new Set<Pending>();
   private readonly delayedCloses = new Set<() => void>();
   private epoch = 0;
+  /** Sources holding more pending handshakes than maxPendingPerSource (kept up to date, not counted). */
+  private sourcesOverCap = 0;
   private passTimer: NodeJS.Timeout | null = null;
   /** Handshakes evicted so far (for logs and tests). */
   evicted = 0;
@@ -119,6 +121,7 @@ export class HandshakeGuard {
     const entry: Pending = { source, startedAt: now, epoch: this.epoch, evict };
     this.pending.add(entry);
     state.pending.add(entry);
+    if (state.pending.size === this.options.maxPendingPerSource + 1) this.sourcesOverCap++;
     while (this.pending.size > this.options.hardPendingTotal) {
       const victim = this.pickVictim(now, entry);
       if (!victim) break;
@@ -135,7 +138,7 @@ export class HandshakeGuard {
   finish(entry: Pending, outcome: HandshakeOutcome, now = Date.now()): number {
     if (!this.pending.delete(entry)) return 0;
     const state = this.state(entry.source);
-    state.pending.delete(entry);
+    if (state.pending.delete(entry) && state.pending.size === this.options.maxPendingPerSource) this.sourcesOverCap--;
     if (outcome !== 'failed') {
       this.forgetIfIdle(entry.source, state, now);
       return 0;
@@ -225,10 +228,9 @@ export class HandshakeGuard {
     if (state.pending.size === 0 && state.held === 0 && state.failures.length === 0 && state.blockedUntil <= now) this.sources.delete(source);
   }
 
+  /** O(1): a new connection must not cost a pass over every remembered source. */
   private overSoftCaps(): boolean {
-    if (this.pending.size > this.options.maxPendingTotal) return true;
-    for (const state of this.sources.values()) if (state.pending.size > this.options.maxPendingPerSource) return true;
-    return false;
+    return this.pending.size > this.options.maxPendingTotal || this.sourcesOverCap > 0;
   }
 
   private schedulePass(): void {
@@ -271,17 +273,29 @@ export class HandshakeGuard {
     if (this.overSoftCaps()) this.schedulePass();
   }
 
-  /** A blocked source's oldest, else the oldest that had its chance, else the oldest. */
+  /**
+   * Among the handshakes that had their chance: a blocked source's oldest, else the oldest. Only
+   * when none has (a burst past the hard cap) one within its grace: a blocked source's, else the
+   * oldest. A handshake within its grace is spared while any other can go, since a valid client
+   * sends its token at once, blocked source or not (another container of the same uid may be the
+   * one that got it blocked).
+   */
   private pickVictim(now: number, except: Pending | null): Pending | null {
     let oldestEligible: Pending | null = null;
+    let oldestBlocked: Pending | null = null;
     let oldest: Pending | null = null;
     for (const entry of this.pending) {
       if (entry === except) continue;
-      if (this.isBlocked(entry.source, now)) return entry;
       oldest ??= entry;
-      if (!oldestEligible && entry.epoch < this.epoch && now - entry.startedAt >= this.options.graceMs) oldestEligible = entry;
+      const blocked = this.isBlocked(entry.source, now);
+      if (entry.epoch >= this.epoch || now - entry.startedAt < this.options.graceMs) {
+        if (blocked) oldestBlocked ??= entry;
+        continue;
+      }
+      if (blocked) return entry;
+      oldestEligible ??= entry;
     }
-    return oldestEligible ?? oldest;
+    return oldestEligible ?? oldestBlocked ?? oldest;
   }
 
   private evictEntry(entry: Pending): void {

@@ -90,6 +90,19 @@ describe('HandshakeGuard: pending handshakes are never refused; the oldest are e
     expect(evicted.slice(0, 4)).toEqual(['#1', '#3', '#5', '#7']);
   });
 
+  it('at the hard cap, a new handshake of a blocked source (a valid container of the uid another one got blocked) is spared while older ones can go', () => {
+    const g = guard({ maxPendingPerSource: 100, maxPendingTotal: 100, hardPendingTotal: 3, blockAfterFailures: 1, graceMs: 100 });
+    g.finish(g.begin('uid:0', () => {}, 0), 'failed', 0);
+    expect(g.isBlocked('uid:0', 1000)).toBe(true);
+    const evicted: string[] = [];
+    open(g, 'slow-a', 0, evicted, 'slow-a');
+    open(g, 'slow-b', 0, evicted, 'slow-b');
+    g.evictionPass(1); // a poll of the event loop happened: the slow ones had their chance
+    open(g, 'uid:0', 1000, evicted, 'valid-of-uid-0');
+    open(g, 'other', 1000, evicted, 'newest');
+    expect(evicted).toEqual(['slow-a']);
+  });
+
   it('an eviction pass spares handshakes that have not had their grace time and a poll since they began', () => {
     const g = guard({ maxPendingPerSource: 1000, maxPendingTotal: 4, hardPendingTotal: 100, graceMs: 100 });
     const evicted: string[] = [];
