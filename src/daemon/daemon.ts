@@ -16,7 +16,7 @@ import { listenToken, TOKEN_MAX_PENDING_WRITE, type ListenAddress } from '../sig
 import { openFileLimit, TokenConnections, tokenLimitsFor } from '../signer/token-limits.js';
 import { closeServer, ConnectionLimit } from '../signer/unix-listener.js';
 import type { AgentBackend, Peer } from '../signer/backend.js';
-import type { AuditEvent, AuditPeer } from '../audit/audit-log.js';
+import { AuditUnavailableError, type AuditEvent, type AuditPeer } from '../audit/audit-log.js';
 import { thisProcess } from '../vault/api.js';
 import { zeroKeks, type FactorKeks } from '../vault/keyring.js';
 import type { VaultPaths } from '../vault/paths.js';
@@ -271,17 +271,22 @@ export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
             throw new KeyholdError(`the audit log cannot be written (${failure.code}) since ${failure.since}; nothing was done`, 'free space on its disk; keyhold resumes by itself');
           }
           const api = session.api(actor);
+          const notAudited = (err: AuditUnavailableError) =>
+            new KeyholdError(
+              `its audit line could not be written (${err.code}): a change was made but is not confirmed, and nothing read is returned`,
+              'free space on the disk of the audit log, then check with `keyhold audit tail`',
+            );
           try {
             // Another process may hold the vault's write lock: wait for it here, without blocking
-            // the event loop (the database's own busy timeout is 0 in the daemon).
+            // the event loop (the database's own busy timeout is 0 in the daemon). Each operation
+            // resolves only once its own audit line is in the log.
             const result: unknown = await retryWhileBusy<unknown>(() => callVaultMethod(api, { ...request, args: copyBuffers(request.args) }));
             session.changed();
-            // Acknowledged only once audited: a change (or a secret read) is in the log before its reply.
-            await session.auditWritten().catch((err: Error) => {
-              throw new KeyholdError(`done, but its audit line could not be written (${(err as { code?: string }).code ?? err.message})`, 'free space on the disk of the audit log');
-            });
+            await session.auditWritten();
             await syncScopes();
             return result;
+          } catch (err) {
+            throw err instanceof AuditUnavailableError ? notAudited(err) : err;
           } finally {
             zeroBuffers(request.args);
           }

@@ -71,9 +71,11 @@ void everyMethodListed;
  * control socket's peer in the daemon); every change and every secret read goes to the audit log.
  */
 export function localVaultApi(vault: Vault, actor: AuditPeer): VaultApi {
+  // In the daemon this resolves once the line is in the log file (a CLI process writes its lines
+  // at close): each operation answers only after its own line is written, and fails if it cannot be.
   const audit = (event: AuditEvent) => vault.record({ ...event, peer: actor });
-  const added = (result: AddKeyResult, scope: string): AddedKey => {
-    audit({ event: result.created ? 'key-added' : 'key-assigned', scope, fingerprint: result.fingerprint });
+  const added = async (result: AddKeyResult, scope: string): Promise<AddedKey> => {
+    await audit({ event: result.created ? 'key-added' : 'key-assigned', scope, fingerprint: result.fingerprint });
     return { added: result, record: vault.listKeys().find((k) => k.fingerprint === result.fingerprint)! };
   };
   return {
@@ -92,22 +94,22 @@ export function localVaultApi(vault: Vault, actor: AuditPeer): VaultApi {
     },
     async assign(scope, fp) {
       vault.assign(scope, fp);
-      audit({ event: 'key-assigned', scope, fingerprint: fullFingerprint(fp) });
+      await audit({ event: 'key-assigned', scope, fingerprint: fullFingerprint(fp) });
     },
     async unassign(scope, fp) {
       vault.unassign(scope, fp);
-      audit({ event: 'key-unassigned', scope, fingerprint: fullFingerprint(fp) });
+      await audit({ event: 'key-unassigned', scope, fingerprint: fullFingerprint(fp) });
     },
     async removeKey(fp) {
       vault.removeKey(fp);
-      audit({ event: 'key-removed', fingerprint: fullFingerprint(fp) });
+      await audit({ event: 'key-removed', fingerprint: fullFingerprint(fp) });
     },
     async scopes() {
       return vault.scopes();
     },
     async issueToken(scope, subject, ttlMs) {
       const issued = vault.issueToken(scope, subject, ttlMs);
-      audit({ event: 'token-issued', scope, token_id: issued.record.id, subject, ...(issued.record.expires ? { expires: issued.record.expires } : {}) });
+      await audit({ event: 'token-issued', scope, token_id: issued.record.id, subject, ...(issued.record.expires ? { expires: issued.record.expires } : {}) });
       return issued;
     },
     async listTokens(scope) {
@@ -115,22 +117,22 @@ export function localVaultApi(vault: Vault, actor: AuditPeer): VaultApi {
     },
     async revokeToken(id) {
       const record = vault.revokeToken(id);
-      audit({ event: 'token-revoked', scope: record.scope, token_id: record.id, subject: record.subject });
+      await audit({ event: 'token-revoked', scope: record.scope, token_id: record.id, subject: record.subject });
       return record;
     },
     async revokeTokens(scope, subject) {
       const count = vault.revokeTokens(scope, subject);
-      audit({ event: 'token-revoked', scope, ...(subject !== undefined ? { subject } : {}), count });
+      await audit({ event: 'token-revoked', scope, ...(subject !== undefined ? { subject } : {}), count });
       return count;
     },
     async setSecret(scope, name, value) {
       const result = vault.setSecret(scope, name, value);
-      audit({ event: 'secret-set', scope, name });
+      await audit({ event: 'secret-set', scope, name });
       return result;
     },
     async getSecret(scope, name) {
       const value = vault.getSecret(scope, name);
-      audit({ event: 'secret-read', scope, name });
+      await audit({ event: 'secret-read', scope, name });
       return value;
     },
     async listSecrets(scope) {
@@ -138,14 +140,14 @@ export function localVaultApi(vault: Vault, actor: AuditPeer): VaultApi {
     },
     async removeSecret(scope, name) {
       vault.removeSecret(scope, name);
-      audit({ event: 'secret-removed', scope, name });
+      await audit({ event: 'secret-removed', scope, name });
     },
     async secretValues(scopes) {
       if (!Array.isArray(scopes)) throw new TypeError('scopes must be a list');
       const values = vault.secretValues(scopes);
       for (const scope of new Set(scopes)) {
         const names = values.filter((v) => v.scope === scope).map((v) => v.name);
-        if (names.length > 0) audit({ event: 'secret-read', scope, names });
+        if (names.length > 0) await audit({ event: 'secret-read', scope, names });
       }
       return values;
     },
