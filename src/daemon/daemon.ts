@@ -211,8 +211,15 @@ export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
       restoring = true;
       try {
         log.warn({ runtimeDir }, 'the runtime dir or the control socket is gone; putting them back');
-        ensurePrivateDir(runtimeDir);
-        ensurePrivateDir(scopesDir(runtimeDir));
+        try {
+          ensurePrivateDir(runtimeDir);
+          ensurePrivateDir(scopesDir(runtimeDir));
+        } catch (err) {
+          // Someone else made it, open to others, say: not a place for our sockets. Said once.
+          restoreRefused = true;
+          log.error({ err: (err as Error).message }, 'cannot put the runtime dir back');
+          return;
+        }
         if (!lock.inPlace()) {
           let next: PidLock;
           try {
