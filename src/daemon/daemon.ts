@@ -12,7 +12,7 @@ import { callVaultMethod } from '../control/requests.js';
 import { listenControl } from '../control/server.js';
 import { HandshakeGuard } from '../signer/handshake-guard.js';
 import { ScopeSockets } from '../signer/scope-sockets.js';
-import { listenToken, TOKEN_MAX_PENDING_WRITE, type ListenAddress } from '../signer/token-listener.js';
+import { listenToken, tcpSource, TOKEN_MAX_PENDING_WRITE, type ListenAddress } from '../signer/token-listener.js';
 import { openFileLimit, TokenConnections, tokenLimitsFor } from '../signer/token-limits.js';
 import { closeServer, ConnectionLimit } from '../signer/unix-listener.js';
 import type { AgentBackend, Peer } from '../signer/backend.js';
@@ -163,7 +163,7 @@ export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
           // A blocked source, or a client over a cap, can knock as fast as it likes: its knocks
           // are logged and recorded once a minute per source.
           if (repeated) {
-            const source = peer.kind === 'tcp' ? peer.address : `uid:${peer.uid}`;
+            const source = peer.kind === 'tcp' ? tcpSource(peer.address) : `uid:${peer.uid}`;
             const last = quietKnocks.get(source) ?? 0;
             if (Date.now() - last < 60_000) return;
             if (quietKnocks.size >= 10_000) quietKnocks.clear();

@@ -3,7 +3,7 @@
 // agent frames follow on the same stream, served with the token's scope. Anything else: the
 // connection is closed with nothing written (so socat-based bridges interoperate).
 import { chmodSync } from 'node:fs';
-import { createServer, type Server, type Socket } from 'node:net';
+import { createServer, isIPv6, type Server, type Socket } from 'node:net';
 import type { Logger } from 'pino';
 import { peerCredentials } from '../libc.js';
 import type { AgentBackend, Peer } from './backend.js';
@@ -60,11 +60,36 @@ export function parseListenAddress(text: string): ListenAddress | null {
   return null;
 }
 
+/**
+ * What failures and limits are counted against for a TCP peer: its IPv4 address, or the /64 an
+ * IPv6 address is in (one host commonly holds a whole /64, so counting per address would give it
+ * 2^64 fresh starts). An IPv4-mapped IPv6 address counts as its IPv4 address.
+ */
+export function tcpSource(address: string): string {
+  const mapped = /^::ffff:(\d+\.\d+\.\d+\.\d+)$/i.exec(address);
+  if (mapped) return `tcp:${mapped[1]}`;
+  if (isIPv6(address)) return `tcp:${ipv6Groups(address).slice(0, 4).join(':')}::/64`;
+  return `tcp:${address}`;
+}
+
+/** The eight 16-bit groups of an IPv6 address, '::' expanded (an embedded IPv4 tail as two groups). */
+function ipv6Groups(address: string): string[] {
+  const plain = address.split('%')[0]!;
+  const withoutV4 = plain.replace(/(\d+)\.(\d+)\.(\d+)\.(\d+)$/, (_m, a, b, c, d) =>
+    `${((Number(a) << 8) | Number(b)).toString(16)}:${((Number(c) << 8) | Number(d)).toString(16)}`,
+  );
+  const [head, tail] = withoutV4.split('::');
+  const left = head ? head.split(':') : [];
+  const right = tail !== undefined && tail !== '' ? tail.split(':') : [];
+  const middle = tail === undefined ? [] : Array<string>(8 - left.length - right.length).fill('0');
+  return [...left, ...middle, ...right].map((g) => Number.parseInt(g, 16).toString(16));
+}
+
 function peerOf(socket: Socket, kind: 'tcp' | 'unix'): { peer: Peer; source: string } | null {
   if (kind === 'tcp') {
     const address = socket.remoteAddress;
     if (!address) return null;
-    return { peer: { kind: 'tcp', address, port: socket.remotePort ?? 0 }, source: `tcp:${address}` };
+    return { peer: { kind: 'tcp', address, port: socket.remotePort ?? 0 }, source: tcpSource(address) };
   }
   const fd = (socket as unknown as { _handle?: { fd?: number } })._handle?.fd;
   const cred = typeof fd === 'number' && fd >= 0 ? peerCredentials(fd) : null;

@@ -5,6 +5,7 @@ import { EventEmitter } from 'node:events';
 import type { Socket } from 'node:net';
 import { DEFAULT_GUARD, HandshakeGuard, type HandshakeGuardOptions, type Pending } from '../../src/signer/handshake-guard.js';
 import { ByteBudget, ConnectionMemory, TokenConnections, tokenLimitsFor, DEFAULT_TOKEN_LIMITS } from '../../src/signer/token-limits.js';
+import { tcpSource } from '../../src/signer/token-listener.js';
 
 const guards: HandshakeGuard[] = [];
 afterEach(() => {
@@ -310,5 +311,19 @@ describe('HandshakeGuard: what it remembers is bounded', () => {
     expect(g.finish(g.begin('s1', () => {}, 0), 'failed', 0)).toBe(10);
     expect(g.pendingCount).toBe(1);
     g.finish(held, 'ok', 0);
+  });
+});
+
+describe('tcpSource: what a TCP peer is counted as', () => {
+  it('an IPv4 address as itself, an IPv4-mapped IPv6 address as its IPv4 address, IPv6 by its /64', () => {
+    expect(tcpSource('127.0.0.7')).toBe('tcp:127.0.0.7');
+    expect(tcpSource('::ffff:127.0.0.7')).toBe('tcp:127.0.0.7');
+    expect(tcpSource('::FFFF:10.1.2.3')).toBe('tcp:10.1.2.3');
+    // One host holds a whole /64: every address in it is one source.
+    expect(tcpSource('2001:db8:0:1::1')).toBe(tcpSource('2001:db8:0:1:ffff:ffff:ffff:ffff'));
+    expect(tcpSource('2001:db8:0:1:0:0:0:1')).toBe(tcpSource('2001:DB8:0:1::abcd'));
+    expect(tcpSource('2001:db8:0:1::1')).not.toBe(tcpSource('2001:db8:0:2::1'));
+    expect(tcpSource('fe80::1%eth0')).toBe(tcpSource('fe80::2'));
+    expect(tcpSource('::1')).toBe('tcp:0:0:0:0::/64');
   });
 });
