@@ -7,7 +7,7 @@ import { spawn, spawnSync } from 'node:child_process';
 import { closeSync, existsSync, mkdirSync, openSync, rmSync, writeSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { bare, completeEntries, expectAuditVerifies, killLaunched, run, sha256, sleep, unauditedSignatures } from '../helpers/audit.js';
-import { initVault, keyhold, KEYHOLD_BIN, keyholdOk, makeKeyholdEnv, startServe, stopAllServes, waitFor, type KeyholdEnv, type ServeHandle } from '../helpers/keyhold.js';
+import { initVault, keyhold, KEYHOLD_BIN, keyholdOk, makeKeyholdEnv, startServe, stopAllServes, stopBackgroundDaemon, waitFor, type KeyholdEnv, type ServeHandle } from '../helpers/keyhold.js';
 import { freePort, identitiesFrame, parseIdentities, RawConn, signRequestFrame, tokenHandshake } from '../helpers/raw-wire.js';
 
 const isRoot = process.getuid?.() === 0;
@@ -19,6 +19,8 @@ const envs: KeyholdEnv[] = [];
 afterEach(async () => {
   killLaunched();
   await stopAllServes();
+  // `keyhold unlock` starts a daemon of its own if the one under test is gone: stop that too.
+  for (const k of envs) await stopBackgroundDaemon(k.runtime);
   for (const dir of mounts.splice(0)) spawnSync('umount', ['-l', dir]);
   for (const k of envs.splice(0)) k.cleanup();
 });
