@@ -170,7 +170,7 @@ export function localVaultApi(vault: Vault, actor: AuditPeer): VaultApi {
       }
     },
     async verifyAudit() {
-      return vault.verifyAudit();
+      return vault.verifyAuditOffThread();
     },
   };
 }

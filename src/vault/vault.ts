@@ -4,6 +4,8 @@ import { existsSync, mkdirSync, unlinkSync } from 'node:fs';
 import { readCapped } from '../read-capped.js';
 import { auditKey, AuditWriter, readAnchor, verifyAuditText, type AuditEvent, type AuditFailure, type AuditLogger, type AuditPeer, type VerifyResult } from '../audit/audit-log.js';
 import { removeStaleTemps } from './atomic-file.js';
+import { Worker } from 'node:worker_threads';
+import type { VerifyJob, VerifyReply } from '../audit/verify-worker.js';
 import { dirname } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import type { KeyObject } from 'node:crypto';
@@ -355,6 +357,24 @@ export class Vault {
 
   flushAudit(): void {
     this.audit.flush();
+  }
+
+  /**
+   * The same check on a thread of its own (the daemon: its event loop goes on answering while a
+   * large log is read and checked). The MAC key is copied to the thread and zeroed there.
+   */
+  async verifyAuditOffThread(): Promise<VerifyResult> {
+    this.flushAudit();
+    const job: VerifyJob = { path: this.paths.audit, key: Uint8Array.from(this.auditMacKey), anchor: readAnchor(this.db) };
+    const reply = await new Promise<VerifyReply>((resolve, reject) => {
+      const worker = new Worker(new URL('../audit/verify-worker.js', import.meta.url), { workerData: job });
+      worker.once('message', resolve);
+      worker.once('error', reject);
+      worker.once('exit', (code) => reject(new KeyholdError(`the audit check stopped (exit ${code})`)));
+    });
+    job.key.fill(0);
+    if ('error' in reply) throw new KeyholdError(reply.error.message, reply.error.hint);
+    return reply.result;
   }
 
   /** Checks the whole audit log against this vault's key and anchor. */
