@@ -4,7 +4,9 @@
 // about a second), so that deleting or truncating lines shows. Writers in several processes
 // append under an advisory lock on the log file itself, never under the database's write lock.
 import { createHmac, hkdfSync, timingSafeEqual } from 'node:crypto';
-import { closeSync, constants, fstatSync, fsync, fsyncSync, ftruncateSync, openSync, readSync, statSync, writeSync } from 'node:fs';
+import { closeSync, constants, existsSync, fstatSync, fsync, fsyncSync, ftruncateSync, openSync, readSync, statSync, writeSync } from 'node:fs';
+import { readCapped } from '../read-capped.js';
+import { MAX_AUDIT_LOG_BYTES } from '../vault/paths.js';
 import { KeyholdError } from '../errors.js';
 import { tryLockFile, unlockFile } from '../libc.js';
 import { isBusyError, type Db } from '../vault/database.js';
@@ -649,6 +651,17 @@ export class AuditWriter {
     }
     return events;
   }
+}
+
+/** The log's text ('' when there is none yet), through the size cap; it must be a regular file. */
+export function readAuditLog(path: string): string {
+  if (!existsSync(path)) return '';
+  return readCapped(path, MAX_AUDIT_LOG_BYTES, 'audit log', { regularFile: true }).toString('utf8');
+}
+
+/** Reads the log at `path` and checks it against `key` and the vault's anchor (read before it). */
+export function verifyAuditFile(path: string, key: Buffer, anchor: AuditAnchor): VerifyResult {
+  return verifyAuditText(readAuditLog(path), key, anchor);
 }
 
 export interface VerifyWarning {

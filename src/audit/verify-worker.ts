@@ -1,10 +1,7 @@
 // `audit verify` on a thread of its own: reading and checking a log of up to 512 MiB takes
 // seconds, and the daemon's event loop must go on answering signatures meanwhile.
 import { parentPort, workerData } from 'node:worker_threads';
-import { existsSync } from 'node:fs';
-import { readCapped } from '../read-capped.js';
-import { MAX_AUDIT_LOG_BYTES } from '../vault/paths.js';
-import { verifyAuditText, type AuditAnchor, type VerifyResult } from './audit-log.js';
+import { verifyAuditFile, type AuditAnchor, type VerifyResult } from './audit-log.js';
 
 export interface VerifyJob {
   path: string;
@@ -17,8 +14,7 @@ export type VerifyReply = { result: VerifyResult } | { error: { message: string;
 const { path, key, anchor } = workerData as VerifyJob;
 let reply: VerifyReply;
 try {
-  const text = existsSync(path) ? readCapped(path, MAX_AUDIT_LOG_BYTES, 'audit log', { regularFile: true }).toString('utf8') : '';
-  reply = { result: verifyAuditText(text, Buffer.from(key), anchor) };
+  reply = { result: verifyAuditFile(path, Buffer.from(key), anchor) };
 } catch (err) {
   reply = { error: { message: (err as Error).message, ...((err as { hint?: string }).hint ? { hint: (err as { hint?: string }).hint } : {}) } };
 } finally {

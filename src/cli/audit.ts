@@ -1,17 +1,11 @@
 // `keyhold audit tail` reads the log file (it holds no secret); `keyhold audit verify` needs the
 // vault's key, so it runs where the vault is open: here, or in an unlocked daemon.
-import { closeSync, existsSync, openSync, readSync, statSync } from 'node:fs';
-import { readCapped } from '../read-capped.js';
+import { closeSync, openSync, readSync, statSync } from 'node:fs';
 import type { Argv } from 'yargs';
 import { KeyholdError, usageError } from '../errors.js';
-import type { AuditEntry } from '../audit/audit-log.js';
-import { MAX_AUDIT_LOG_BYTES, vaultPaths } from '../vault/paths.js';
+import { readAuditLog, type AuditEntry } from '../audit/audit-log.js';
+import { vaultPaths } from '../vault/paths.js';
 import { printJson, withVault, type GlobalArgs } from './common.js';
-
-function readLog(path: string): string {
-  if (!existsSync(path)) return '';
-  return readCapped(path, MAX_AUDIT_LOG_BYTES, 'audit log', { regularFile: true }).toString('utf8');
-}
 
 function parseEntry(line: string): AuditEntry | null {
   try {
@@ -58,7 +52,7 @@ export function auditCommand(yargs: Argv<GlobalArgs>) {
         async (args) => {
           if (!Number.isInteger(args.n) || args.n < 0) throw usageError('-n takes a whole number');
           const path = vaultPaths(args.vault).audit;
-          const text = readLog(path);
+          const text = readAuditLog(path);
           const complete = text.endsWith('\n') ? text : text.slice(0, text.lastIndexOf('\n') + 1);
           const entries = complete.split('\n').filter(Boolean).map(parseEntry).filter((e): e is AuditEntry => e !== null);
           const last = args.n === 0 ? [] : entries.slice(-args.n);

@@ -143,10 +143,10 @@ export class HandshakeGuard {
       this.forgetIfIdle(entry.source, state, now);
       return 0;
     }
-    return this.recordFailure(entry.source, state, now);
+    return this.recordFailure(state, now);
   }
 
-  private recordFailure(source: string, state: SourceState, now: number): number {
+  private recordFailure(state: SourceState, now: number): number {
     const { windowMs, blockAfterFailures, blockMs, baseDelayMs, maxDelayMs } = this.options;
     if (state.blockedUntil > now) return maxDelayMs;
     state.failures = state.failures.filter((t) => now - t < windowMs);

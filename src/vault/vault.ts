@@ -1,8 +1,7 @@
 // The unlocked vault: keys, scope assignments and the version counter that lets a running daemon
 // notice any change (its own or another process's) with one cheap check.
 import { existsSync, mkdirSync, unlinkSync } from 'node:fs';
-import { readCapped } from '../read-capped.js';
-import { auditKey, AuditWriter, readAnchor, verifyAuditText, type AuditEvent, type AuditFailure, type AuditLogger, type AuditPeer, type VerifyResult } from '../audit/audit-log.js';
+import { auditKey, AuditWriter, readAnchor, verifyAuditFile, type AuditEvent, type AuditFailure, type AuditLogger, type AuditPeer, type VerifyResult } from '../audit/audit-log.js';
 import { removeStaleTemps } from './atomic-file.js';
 import { Worker } from 'node:worker_threads';
 import type { VerifyJob, VerifyReply } from '../audit/verify-worker.js';
@@ -34,7 +33,7 @@ import {
   type Keyring,
   type Policy,
 } from './keyring.js';
-import { MAX_AUDIT_LOG_BYTES, type VaultPaths } from './paths.js';
+import type { VaultPaths } from './paths.js';
 import { mintToken, newTokenId, TOKEN_SHOWN_CHARS, tokenHash, type TokenRecord } from '../tokens/tokens.js';
 
 export const SCOPE_PATTERN = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
@@ -381,12 +380,9 @@ export class Vault {
   verifyAudit(): VerifyResult {
     this.flushAudit();
     // The anchor first: the file only grows past it while we read (another writer may append).
-    const anchor = readAnchor(this.db);
-    const text = existsSync(this.paths.audit)
-      ? readCapped(this.paths.audit, MAX_AUDIT_LOG_BYTES, 'audit log', { regularFile: true }).toString('utf8')
-      : '';
-    return verifyAuditText(text, this.auditMacKey, anchor);
+    return verifyAuditFile(this.paths.audit, this.auditMacKey, readAnchor(this.db));
   }
+
 
   /** Flushes the audit log (unless told not to: the daemon flushes first and keeps what fails), then closes. */
   close(options: { flushAudit?: boolean } = {}): void {
