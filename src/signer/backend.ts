@@ -23,7 +23,23 @@ export interface RequestContext {
 
 export type SignResult =
   | { ok: true; signature: Buffer; fingerprint: string; algorithm: string }
-  | { ok: false; reason: 'locked' | 'unknown-key' | 'sha1-refused' | 'audit-unavailable' | 'error'; fingerprint?: string };
+  | { ok: false; reason: SignRefusal; fingerprint?: string };
+
+/**
+ * Why a signature was refused. Policy: `policy` (a deny rule or default), `denied` (a confirm was
+ * denied), `confirm-timeout`, `rate` (over a rule's rate), `too-many-pending` (confirms waiting).
+ */
+export type SignRefusal =
+  | 'locked'
+  | 'unknown-key'
+  | 'sha1-refused'
+  | 'audit-unavailable'
+  | 'error'
+  | 'policy'
+  | 'denied'
+  | 'confirm-timeout'
+  | 'rate'
+  | 'too-many-pending';
 
 export interface AgentBackend {
   identities(context: RequestContext): readonly Identity[];

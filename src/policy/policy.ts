@@ -1,0 +1,118 @@
+// A scope's policy as the vault stores it: the TOML file validated, its host names resolved to the
+// host key fingerprints known_hosts gave at `policy set`. Every process that reads a policy from
+// the vault (the daemon, `policy show`, `policy check`) checks it against this schema first.
+import * as v from 'valibot';
+import { FINGERPRINT_PATTERN } from '../agent-protocol/public-key.js';
+
+export const ACTIONS = ['allow', 'deny', 'confirm'] as const;
+export type Action = (typeof ACTIONS)[number];
+
+/** What a signature is for: an SSH login, `ssh-keygen -Y sign` (SSHSIG), or anything else. */
+export const PURPOSES = ['ssh-login', 'sshsig', 'other'] as const;
+export type Purpose = (typeof PURPOSES)[number];
+
+/** The rule fields a policy file may hold, in the order `policy show` prints them. */
+export const RULE_FIELDS = [
+  'action',
+  'purpose',
+  'hosts',
+  'users',
+  'exe',
+  'namespaces',
+  'keys',
+  'subjects',
+  'forwarded',
+  'remember',
+  'rate',
+] as const;
+
+/** A `hosts` entry: as written (a known_hosts name or a `SHA256:` fingerprint) and what it stands for. */
+export interface ResolvedHost {
+  name: string;
+  fingerprints: string[];
+}
+
+export interface PolicyRule {
+  action: Action;
+  /** Absent: any purpose. */
+  purpose?: Purpose;
+  hosts?: ResolvedHost[];
+  users?: string[];
+  /** Globs over the peer's /proc/PID/exe (`*` and `?`; `*` also matches `/`). */
+  exe?: string[];
+  namespaces?: string[];
+  /** `SHA256:` fingerprints. */
+  keys?: string[];
+  /** Globs over container token subjects. */
+  subjects?: string[];
+  forwarded?: boolean;
+  /** A duration (`10m`): an approval covers this peer process (or token), key and rule that long. */
+  remember?: string;
+  /** `N/unit` or `N/duration` (`60/m`, `10/30s`): signatures per peer process or token. */
+  rate?: string;
+}
+
+export interface PolicyDocument {
+  /** When no rule matches. */
+  default: Action;
+  rules: PolicyRule[];
+}
+
+/** A scope without a policy: every request of its socket's uid or its tokens is signed. */
+export const NO_POLICY: PolicyDocument = { default: 'allow', rules: [] };
+
+export const MAX_RULES = 1_000;
+const MAX_LIST = 1_000;
+const MAX_TEXT = 4_096;
+
+const DURATION_PATTERN = /^[1-9][0-9]{0,6}[smhd]$/;
+export const RATE_PATTERN = /^([1-9][0-9]{0,6})\/([1-9][0-9]{0,6})?([smhd])$/;
+
+const text = v.pipe(v.string(), v.minLength(1), v.maxLength(MAX_TEXT));
+const list = <T extends v.GenericSchema>(item: T) => v.pipe(v.array(item), v.minLength(1), v.maxLength(MAX_LIST));
+const fingerprintText = v.pipe(v.string(), v.regex(FINGERPRINT_PATTERN));
+
+const ruleSchema = v.strictObject({
+  action: v.picklist(ACTIONS),
+  purpose: v.optional(v.picklist(PURPOSES)),
+  hosts: v.optional(list(v.strictObject({ name: text, fingerprints: list(fingerprintText) }))),
+  users: v.optional(list(text)),
+  exe: v.optional(list(text)),
+  namespaces: v.optional(list(text)),
+  keys: v.optional(list(fingerprintText)),
+  subjects: v.optional(list(text)),
+  forwarded: v.optional(v.boolean()),
+  remember: v.optional(v.pipe(v.string(), v.regex(DURATION_PATTERN))),
+  rate: v.optional(v.pipe(v.string(), v.regex(RATE_PATTERN))),
+});
+
+/** A stored policy: what `policy set` produced (a control request or a vault row is checked against it). */
+export const policyDocumentSchema = v.strictObject({
+  default: v.picklist(ACTIONS),
+  rules: v.pipe(v.array(ruleSchema), v.maxLength(MAX_RULES)),
+});
+
+/** What the daemon knows about one sign request when it decides. */
+export interface SignFacts {
+  purpose: Purpose;
+  /** The key asked to sign with, `SHA256:…`. */
+  key: string;
+  /** ssh-login: the user in the userauth request. */
+  user?: string;
+  /** ssh-login: the server's host key fingerprint, from the request (hostbound) or a verified session-bind. */
+  hostKey?: string;
+  /** sshsig: the namespace of `ssh-keygen -Y sign -n`. */
+  namespace?: string;
+  /** Unix peers: /proc/PID/exe read when it connected (null if unreadable). */
+  exe?: string | null;
+  /** Container tokens: the token's subject. */
+  subject?: string;
+  /** The request came through an agent forwarded with `ssh -A` (a session-bind with is_forwarding). */
+  forwarded: boolean;
+}
+
+/** Which rule decided (its index in `rules`), or null for the policy's default. */
+export interface Decision {
+  action: Action;
+  rule: number | null;
+}
