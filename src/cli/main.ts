@@ -32,7 +32,7 @@ const VALUE_OPTIONS = new Set([
   '--vault', '--passphrase-file', '--type', '--bits', '--comment', '--key-passphrase-file', '--scope', '-s', '--subject',
   '--ttl', '--idle', '--idle-lock', '--lock-after', '--listen', '--connect', '--token-file', '--value-file',
   '--new-passphrase-file', '--factor', '--key', '--ssh-key', '--policy', '--prefix', '--only', '--allow', '--format',
-  '-n', '--lines', '--value', '--token',
+  '-n', '--lines', '--value', '--token', '--config',
 ]);
 
 function checkOptionValues(argv: string[]): void {

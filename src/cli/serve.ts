@@ -4,6 +4,7 @@ import { startDaemon } from '../daemon/daemon.js';
 import { parseDuration } from '../duration.js';
 import { EXIT, KeyholdError, usageError } from '../errors.js';
 import { createLogger } from '../log.js';
+import { loadConfig } from '../config/config.js';
 import { runtimeDir } from '../runtime-dir.js';
 import { parseListenAddress } from '../signer/token-listener.js';
 import { readKeyring } from '../vault/keyring.js';
@@ -46,20 +47,28 @@ export function serveCommand(yargs: Argv<GlobalArgs>) {
         .option('idle-lock', { type: 'string', describe: 'lock after this long without requests (90s, 30m, 8h, 7d)' })
         .option('lock-after', { type: 'string', describe: 'lock this long after each unlock, whatever the activity' })
         .option('locked', { type: 'boolean', default: false, describe: 'start locked; unlock later with `keyhold unlock`' })
-        .option('allow-sha1', { type: 'boolean', default: false, describe: 'sign SHA-1 ssh-rsa requests (refused by default)' }),
+        .option('allow-sha1', { type: 'boolean', default: false, describe: 'sign SHA-1 ssh-rsa requests (refused by default)' })
+        .option('config', { type: 'string', describe: 'config file (default: $KEYHOLD_CONFIG or ~/.config/keyhold/config.toml); flags win over it' }),
     async (args) => {
-      const listen = args.listen.map((text) => {
-        const address = parseListenAddress(text);
-        if (!address) throw usageError(`invalid --listen ${JSON.stringify(text)}`, 'use unix:PATH or tcp:HOST:PORT');
-        return address;
-      });
-      const lockTimers = { idleMs: optionalDuration(args['idle-lock'], '--idle-lock'), ttlMs: optionalDuration(args['lock-after'], '--lock-after') };
+      const config = loadConfig(args.config).serve;
+      const listen =
+        args.listen.length === 0
+          ? (config.listen ?? [])
+          : args.listen.map((text) => {
+              const address = parseListenAddress(text);
+              if (!address) throw usageError(`invalid --listen ${JSON.stringify(text)}`, 'use unix:PATH or tcp:HOST:PORT');
+              return address;
+            });
+      const lockTimers = {
+        idleMs: optionalDuration(args['idle-lock'], '--idle-lock') ?? config.idleLockMs ?? null,
+        ttlMs: optionalDuration(args['lock-after'], '--lock-after') ?? config.lockAfterMs ?? null,
+      };
       const paths = vaultPaths(args.vault);
       const keyring = readKeyring(paths.keys);
       if (!existsSync(paths.db)) {
         throw new KeyholdError(`no vault database at ${paths.db}`, 'create a vault with `keyhold init`, or pass --vault');
       }
-      const log = createLogger();
+      const log = createLogger(process.env, config.logLevel);
       keepServingThroughUncaughtFaults(log);
       const daemon = await startDaemon({
         paths,
@@ -83,6 +92,7 @@ export function serveCommand(yargs: Argv<GlobalArgs>) {
         log,
         scopeSockets: args['scope-sockets'],
         listen,
+        scopes: config.scopes ?? [],
         allowSha1: args['allow-sha1'],
       });
       await new Promise<void>((resolve) => {

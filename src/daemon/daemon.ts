@@ -40,6 +40,8 @@ export interface DaemonOptions {
   scopeSockets: boolean;
   /** Token-gated listeners for containers. */
   listen?: ListenAddress[];
+  /** Scopes whose sockets exist even while locked or without keys (the config's `scopes`). */
+  scopes?: string[];
   /** How often the vault is checked for new or removed scopes. */
   pollIntervalMs?: number;
   idleTimeoutMs?: number;
@@ -183,15 +185,21 @@ export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
       log.info({ listen: address }, 'token listener ready');
     }
 
-    // Scope sockets follow the vault while it is unlocked, and stay as they are while it is locked.
+    // Scope sockets follow the vault while it is unlocked, and stay as they are while it is locked;
+    // those the config names are there in both states (identities empty while locked), so OpenSSH
+    // tools get their usual answers rather than "no such file".
+    const configuredScopes = options.scopes ?? [];
+    const LOCKED = -2;
     let syncedVersion = -1;
     const syncScopes = async () => {
       closeRevokedSessions();
       if (!options.scopeSockets) return;
       const cache = session.keys(false);
-      if (!cache || cache.version === syncedVersion) return;
-      syncedVersion = cache.version;
-      await sockets.sync(cache.scopeNames());
+      const version = cache ? cache.version : LOCKED;
+      if (version === syncedVersion) return;
+      syncedVersion = version;
+      const current = cache ? cache.scopeNames() : sockets.scopes();
+      await sockets.sync(new Set([...current, ...configuredScopes]));
     };
     session.onChange(() => {
       syncedVersion = -1;

@@ -35,6 +35,11 @@ export class ScopeSockets {
     return this.queue;
   }
 
+  /** The scopes served now. */
+  scopes(): string[] {
+    return [...this.servers.keys()];
+  }
+
   paths(): string[] {
     return [...this.servers.keys()].map((scope) => scopeSocketPath(this.options.dir, scope));
   }

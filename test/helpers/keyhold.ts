@@ -29,6 +29,8 @@ export function makeKeyholdEnv(prefix = 'keyhold-test-'): KeyholdEnv {
     KEYHOLD_VAULT: join(dir, 'data', 'vault.db'),
     KEYHOLD_RUNTIME_DIR: join(dir, 'run'),
     KEYHOLD_PASSPHRASE_FILE: passFile,
+    // The user's own config file must not reach a test's daemon.
+    XDG_CONFIG_HOME: join(dir, 'config'),
     // Tests open the vault hundreds of times; the production scrypt cost would dominate the run.
     KEYHOLD_KDF_LOG2N: '14',
   });
