@@ -1,7 +1,7 @@
 // `npm run bench`: OpenSSH's ssh-agent and `keyhold serve`, same keys, same load generator, side
 // by side; prints a table and writes bench/results.json. Measures; asserts nothing.
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { generateKeyPairSync, sign as cryptoSign, randomBytes } from 'node:crypto';
+import { createHash, generateKeyPairSync, sign as cryptoSign, randomBytes } from 'node:crypto';
 import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { createServer } from 'node:net';
 import { cpus, tmpdir } from 'node:os';
@@ -253,6 +253,15 @@ async function main(): Promise<void> {
   await otherChanger;
   rows.push({ case: `16×4 while ${otherChanges} \`key generate\` run on another vault (${((100 * elsewhere.perSecond) / steadyRate).toFixed(0)}% of steady)`, key: 'ed25519', agent: 'keyhold', ...pick(elsewhere) });
 
+  // A 10-rule policy on the scope, the request decided by its last rule: the cost of deciding
+  // (classifying the data, walking the rules) against the same load without a policy, measured
+  // alternately so that drift in the machine's speed falls on both sides.
+  const policy = await policyCase(endpoints.keyhold.endpoint, daemon.pid!, blobs.get('ed25519')!);
+  rows.push(
+    { case: '16×4 ssh-login, no policy', key: 'ed25519', agent: 'keyhold', ...pick(policy.without) },
+    { case: `16×4 ssh-login, 10-rule policy (${((100 * policy.with.perSecond) / policy.without.perSecond).toFixed(0)}% of no policy)`, key: 'ed25519', agent: 'keyhold', ...pick(policy.with) },
+  );
+
   // Scale: many scopes (a socket each) and many idle connections, while one client signs.
   const scale = await scaleCase(endpoints.keyhold.endpoint, daemon.pid!, ed);
   rows.push({ case: `16×4 with ${scale.scopes} scope sockets + ${scale.idle} idle connections`, key: 'ed25519', agent: 'keyhold', ...pick(scale.result) });
@@ -284,6 +293,99 @@ function keyAdderScript(everyMs: number): string {
       added++;
     }, ${everyMs});
   `;
+}
+
+/** A login as ssh asks an agent to sign it (publickey-hostbound-v00@openssh.com, RFC 4252 §7). */
+function userauthRequest(keyBlob: Buffer, hostKeyBlob: Buffer): Buffer {
+  const u32 = (n: number) => {
+    const b = Buffer.alloc(4);
+    b.writeUInt32BE(n);
+    return b;
+  };
+  const str = (b: Buffer | string) => {
+    const bytes = typeof b === 'string' ? Buffer.from(b) : b;
+    return Buffer.concat([u32(bytes.length), bytes]);
+  };
+  return Buffer.concat([
+    str(randomBytes(32)),
+    Buffer.of(50),
+    str('git'),
+    str('ssh-connection'),
+    str('publickey-hostbound-v00@openssh.com'),
+    Buffer.of(1),
+    str('ssh-ed25519'),
+    str(keyBlob),
+    str(hostKeyBlob),
+  ]);
+}
+
+/** Ten rules a team might write; the bench's requests (a login to `host`, from node) reach the last. */
+function tenRulePolicy(hostFingerprint: string, otherFingerprint: string): string {
+  return `default = "deny"
+[[rule]]
+action = "deny"
+forwarded = true
+[[rule]]
+action = "confirm"
+purpose = "sshsig"
+namespaces = ["file"]
+[[rule]]
+action = "allow"
+purpose = "sshsig"
+namespaces = ["git"]
+[[rule]]
+action = "deny"
+purpose = "ssh-login"
+hosts = ["${otherFingerprint}"]
+[[rule]]
+action = "allow"
+subjects = ["ci-*"]
+[[rule]]
+action = "allow"
+purpose = "ssh-login"
+users = ["deploy"]
+hosts = ["${otherFingerprint}"]
+[[rule]]
+action = "allow"
+exe = ["/usr/bin/ssh", "/usr/lib/git-core/*"]
+[[rule]]
+action = "confirm"
+purpose = "other"
+[[rule]]
+action = "deny"
+keys = ["${otherFingerprint}"]
+[[rule]]
+action = "allow"
+purpose = "ssh-login"
+users = ["git"]
+hosts = ["${hostFingerprint}"]
+exe = ["*/node", "*/nodejs"]
+rate = "10000000/s"
+`;
+}
+
+async function policyCase(endpoint: Endpoint, pid: number, keyBlob: Buffer) {
+  const hostKey = Buffer.from(readFileSync(join(dir, 'id_ed25519.pub'), 'utf8').split(' ')[1]!, 'base64');
+  const otherKey = Buffer.from(readFileSync(join(dir, 'id_ecdsa-p256.pub'), 'utf8').split(' ')[1]!, 'base64');
+  const fingerprint = (blob: Buffer) => 'SHA256:' + createHash('sha256').update(blob).digest('base64').replace(/=+$/, '');
+  const policyFile = join(dir, 'policy.toml');
+  writeFileSync(policyFile, tenRulePolicy(fingerprint(hostKey), fingerprint(otherKey)));
+  const request = signRequest(keyBlob, userauthRequest(keyBlob, hostKey), 0);
+  const runs: { with: LoadResult & { cpuPercent: number; rssMb: number }; without: LoadResult & { cpuPercent: number; rssMb: number } }[] = [];
+  for (let i = 0; i < 2; i++) {
+    const without = await measured(pid, () => signLoad(endpoint, request, 16, 4, SECONDS));
+    keyhold('policy', 'set', 'bench', policyFile);
+    const withPolicy = await measured(pid, () => signLoad(endpoint, request, 16, 4, SECONDS));
+    keyhold('policy', 'rm', 'bench');
+    if (withPolicy.failures > 0) throw new Error(`the 10-rule policy refused ${withPolicy.failures} requests it should allow`);
+    runs.push({ with: withPolicy, without });
+  }
+  const mean = (pick: (r: (typeof runs)[number]) => LoadResult & { cpuPercent: number; rssMb: number }) => {
+    const all = runs.map(pick);
+    const avg = (f: (r: LoadResult & { cpuPercent: number; rssMb: number }) => number) => all.reduce((sum, r) => sum + f(r), 0) / all.length;
+    return { ...all[all.length - 1]!, perSecond: avg((r) => r.perSecond), p50Ms: avg((r) => r.p50Ms), p99Ms: avg((r) => r.p99Ms), cpuPercent: avg((r) => r.cpuPercent), failures: all.reduce((n, r) => n + r.failures, 0) };
+  };
+  return { with: mean((r) => r.with), without: mean((r) => r.without) };
 }
 
 function pick(r: LoadResult & { cpuPercent: number; rssMb: number }) {
