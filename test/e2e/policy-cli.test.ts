@@ -155,6 +155,8 @@ describe('keyhold policy (vault opened by the CLI)', () => {
     expect([r.status, r.stderr]).toEqual([2, expect.stringMatching(/^keyhold: stdin: not UTF-8 text/)]);
     r = keyhold(k, ['policy', 'set', 'web', '-'], { input: '#'.repeat(1024 * 1024 + 10) });
     expect(r.status).toBe(2);
+    r = keyhold(k, ['policy', 'set', 'web', '-', '--passphrase-file', '-'], { input: 'default = "deny"\n' });
+    expect([r.status, r.stderr]).toEqual([2, expect.stringMatching(/cannot both come from stdin/)]);
     r = keyhold(k, ['policy', 'set', 'bad/scope', bad]);
     expect(r.status).toBe(2);
     r = keyhold(k, ['policy', 'set', 'web', join(k.dir, 'missing.toml')]);
