@@ -9,6 +9,7 @@ import { TOKEN_SUBJECT_PATTERN } from '../tokens/tokens.js';
 import { VAULT_METHODS, type VaultApi, type VaultMethod } from '../vault/api.js';
 import { ECDSA_BITS, KEY_TYPES, RSA_BITS } from '../vault/key-material.js';
 import { enrolledFactorSchema, FACTOR_ID_PATTERN, fieldPath, kekSchema } from '../vault/keyring.js';
+import { MAX_POLICY_SOURCE, policyDocumentSchema } from '../policy/policy.js';
 import { MAX_SECRET_BYTES, SCOPE_PATTERN, SECRET_NAME_PATTERN } from '../vault/vault.js';
 
 // ---- fields ----
@@ -71,6 +72,9 @@ const VAULT_PARAMS = {
   listSecrets: params(['scope', scope]),
   removeSecret: params(['scope', scope], ['name', secretName]),
   secretValues: params(['scopes', v.pipe(v.array(scope), v.maxLength(MAX_SCOPES))]),
+  setPolicy: params(['scope', scope], ['document', policyDocumentSchema], ['source', v.pipe(v.string(), v.maxLength(MAX_POLICY_SOURCE))]),
+  getPolicy: params(['scope', scope]),
+  removePolicy: params(['scope', scope]),
   addFactor: params(['enrolled', enrolledFactorSchema]),
   removeFactor: params(['id', lookupKey]),
   replaceFactor: params(['enrolled', enrolledFactorSchema]),
