@@ -14,6 +14,7 @@ import { factorCommand, passphraseCommand } from './factor.js';
 import { secretCommand } from './secret.js';
 import { envCommand } from './env.js';
 import { auditCommand } from './audit.js';
+import { approvalsCommand, approveCommand, denyCommand } from './approvals.js';
 
 /** Options whose value may be `-` (stdin), which yargs would otherwise take for an argument. */
 const FILE_OPTIONS = new Set(['--passphrase-file', '--key-passphrase-file', '--token-file', '--value-file', '--new-passphrase-file']);
@@ -32,7 +33,7 @@ const VALUE_OPTIONS = new Set([
   '--vault', '--passphrase-file', '--type', '--bits', '--comment', '--key-passphrase-file', '--scope', '-s', '--subject',
   '--ttl', '--idle', '--idle-lock', '--lock-after', '--listen', '--connect', '--token-file', '--value-file',
   '--new-passphrase-file', '--factor', '--key', '--ssh-key', '--policy', '--prefix', '--only', '--allow', '--format',
-  '-n', '--lines', '--value', '--token',
+  '-n', '--lines', '--value', '--token', '--remember', '--confirm-program', '--confirm-timeout',
 ]);
 
 function checkOptionValues(argv: string[]): void {
@@ -73,6 +74,9 @@ export async function main(argv: string[]): Promise<number> {
     secretCommand,
     envCommand,
     auditCommand,
+    approvalsCommand,
+    approveCommand,
+    denyCommand,
   ]) register(parser);
   try {
     await parser
