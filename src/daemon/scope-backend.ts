@@ -128,8 +128,7 @@ export function scopeBackend(keys: () => KeyCache | null, scope: string, options
     if (decision.action === 'deny') return audited(refusal('policy', fp), event);
     const current = stateFor(policy);
     const rule = decision.rule === null ? null : policy.rules[decision.rule]!;
-    const account = peerAccount(context);
-    if (rule && !current.takeRate(account, rule)) return audited(refusal('rate', fp), event);
+    if (rule?.rate && !current.takeRate(peerAccount(context), rule)) return audited(refusal('rate', fp), event);
     if (decision.action === 'allow') return signWith(entry, algorithm, data, event);
 
     const identity = peerIdentity(context);
@@ -152,7 +151,7 @@ export function scopeBackend(keys: () => KeyCache | null, scope: string, options
     };
     // The data is a view into a socket chunk, and the answer may take seconds.
     const kept = Buffer.from(data);
-    return approvals.ask(question, account, context.hangup).then((outcome) => {
+    return approvals.ask(question, peerAccount(context), context.hangup).then((outcome) => {
       if (!outcome.approved) {
         if (outcome.reason === 'denied') event.denied_by = outcome.by;
         return audited(refusal(outcome.reason, fp), event);
