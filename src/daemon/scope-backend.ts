@@ -93,10 +93,17 @@ export function scopeBackend(keys: () => KeyCache | null, scope: string, options
     return audited(signed(signSsh(entry.key, algorithm, data)), event);
   };
 
-  // Grants and rate counters live as long as the compiled policy they were made under.
+  // Grants and rate counters live as long as the policy they were made under. Every vault change
+  // compiles every policy anew; one whose document is the same keeps its state (a secret set or a
+  // token issued must not forget approvals), any other change starts afresh.
   let state: PolicyState | null = null;
+  let stateDocument = '';
   const stateFor = (policy: CompiledPolicy): PolicyState => {
-    if (state?.policy !== policy) state = new PolicyState(policy);
+    if (state?.policy === policy) return state;
+    const document = JSON.stringify(policy.document);
+    if (state && document === stateDocument) state.adopt(policy);
+    else state = new PolicyState(policy);
+    stateDocument = document;
     return state;
   };
 
