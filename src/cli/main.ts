@@ -14,6 +14,7 @@ import { factorCommand, passphraseCommand } from './factor.js';
 import { secretCommand } from './secret.js';
 import { envCommand } from './env.js';
 import { auditCommand } from './audit.js';
+import { approvalsCommand, approveCommand, denyCommand } from './approvals.js';
 import { policyCommand } from './policy.js';
 
 /** Options whose value may be `-` (stdin), which yargs would otherwise take for an argument. */
@@ -44,7 +45,8 @@ const VALUE_OPTIONS = new Set([
   '--vault', '--passphrase-file', '--type', '--bits', '--comment', '--key-passphrase-file', '--scope', '-s', '--subject',
   '--ttl', '--idle', '--idle-lock', '--lock-after', '--listen', '--connect', '--token-file', '--value-file',
   '--new-passphrase-file', '--factor', '--key', '--ssh-key', '--policy', '--prefix', '--only', '--allow', '--format',
-  '-n', '--lines', '--value', '--token', '--known-hosts', '--purpose', '--host', '--user', '--namespace', '--exe' '--config',
+  '-n', '--lines', '--value', '--token', '--known-hosts', '--purpose', '--host', '--user', '--namespace', '--exe',
+  '--remember', '--confirm-program', '--confirm-timeout', '--config',
 ]);
 
 function checkOptionValues(argv: string[]): void {
@@ -86,6 +88,9 @@ export async function main(argv: string[]): Promise<number> {
     envCommand,
     auditCommand,
     policyCommand,
+    approvalsCommand,
+    approveCommand,
+    denyCommand,
   ]) register(parser);
   try {
     await parser

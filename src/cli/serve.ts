@@ -48,7 +48,12 @@ export function serveCommand(yargs: Argv<GlobalArgs>) {
         .option('lock-after', { type: 'string', describe: 'lock this long after each unlock, whatever the activity' })
         .option('locked', { type: 'boolean', default: false, describe: 'start locked; unlock later with `keyhold unlock`' })
         .option('allow-sha1', { type: 'boolean', default: false, describe: 'sign SHA-1 ssh-rsa requests (refused by default)' })
-        .option('config', { type: 'string', describe: 'config file (default: $KEYHOLD_CONFIG or ~/.config/keyhold/config.toml); flags win over it' }),
+        .option('config', { type: 'string', describe: 'config file (default: $KEYHOLD_CONFIG or ~/.config/keyhold/config.toml); flags win over it' })
+        .option('confirm-program', {
+          type: 'string',
+          describe: 'SSH_ASKPASS-style program asked to confirm requests (default: $SSH_ASKPASS when a display is set)',
+        })
+        .option('confirm-timeout', { type: 'string', describe: 'how long a request waits for a confirmation (default 30s)' }),
     async (args) => {
       const config = loadConfig(args.config).serve;
       const listen =
@@ -63,6 +68,8 @@ export function serveCommand(yargs: Argv<GlobalArgs>) {
         idleMs: optionalDuration(args['idle-lock'], '--idle-lock') ?? config.idleLockMs ?? null,
         ttlMs: optionalDuration(args['lock-after'], '--lock-after') ?? config.lockAfterMs ?? null,
       };
+      const confirmTimeoutMs = optionalDuration(args['confirm-timeout'], '--confirm-timeout') ?? config.confirmTimeoutMs ?? null;
+      const confirmProgram = args['confirm-program'] ?? config.confirmProgram;
       const paths = vaultPaths(args.vault);
       const keyring = readKeyring(paths.keys);
       if (!existsSync(paths.db)) {
@@ -94,6 +101,8 @@ export function serveCommand(yargs: Argv<GlobalArgs>) {
         listen,
         scopes: config.scopes ?? [],
         allowSha1: args['allow-sha1'],
+        ...(confirmProgram ? { confirmProgram } : {}),
+        ...(confirmTimeoutMs !== null ? { confirmTimeoutMs } : {}),
       });
       await new Promise<void>((resolve) => {
         const stop = (signal: string) => {
