@@ -11,7 +11,7 @@ import { EXIT, KeyholdError, usageError } from '../errors.js';
 import { readCapped } from '../read-capped.js';
 import { parseListenAddress, type ListenAddress } from '../signer/token-listener.js';
 import { SCOPE_PATTERN } from '../vault/vault.js';
-import { lineOfKey } from './toml-lines.js';
+import { tomlLines } from '../toml-lines.js';
 
 export interface ServeConfig {
   listen?: ListenAddress[];
@@ -143,18 +143,20 @@ export function parseServeConfig(text: string, file: string): ServeConfig {
     }
     throw usageError(`${file}: not a TOML document`);
   }
+  const lines = tomlLines(text);
+  const lineOf = (...path: string[]) => lines.line(...path) ?? lines.line(...path.slice(0, -1)) ?? 1;
   const fail = (line: number, key: string, reason: string) => usageError(`${file}:${line}: ${key}: ${reason}`, 'see "Configuration" in the README');
   const config: ServeConfig = {};
   for (const [table, value] of Object.entries(doc)) {
-    if (table !== 'serve') throw fail(lineOfKey(text, [], table), table, 'unknown table or key (keyhold reads [serve])');
-    if (typeof value !== 'object' || value === null || Array.isArray(value)) throw fail(lineOfKey(text, [], table), table, 'must be a table');
+    if (table !== 'serve') throw fail(lineOf(table), table, 'unknown table or key (keyhold reads [serve])');
+    if (typeof value !== 'object' || value === null || Array.isArray(value)) throw fail(lineOf(table), table, 'must be a table');
     for (const [key, raw] of Object.entries(value)) {
       const spec = SERVE_KEYS[key];
-      if (!spec) throw fail(lineOfKey(text, ['serve'], key), `serve.${key}`, 'unknown key');
+      if (!spec) throw fail(lineOf('serve', key), `serve.${key}`, 'unknown key');
       try {
         (config as Record<string, unknown>)[spec.field] = spec.read(raw);
       } catch (err) {
-        throw fail(lineOfKey(text, ['serve'], key), `serve.${key}`, (err as Error).message);
+        throw fail(lineOf('serve', key), `serve.${key}`, (err as Error).message);
       }
     }
   }

@@ -4,7 +4,7 @@ import { chmodSync, mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { defaultConfigPath, loadConfig, parseServeConfig } from '../../src/config/config.js';
-import { lineOfKey } from '../../src/config/toml-lines.js';
+import { tomlLines } from '../../src/toml-lines.js';
 import { KeyholdError } from '../../src/errors.js';
 import { makeKeyholdEnv, type KeyholdEnv } from '../helpers/keyhold.js';
 
@@ -84,19 +84,25 @@ describe('parseServeConfig', () => {
   });
 });
 
-describe('lineOfKey', () => {
-  const text = ['# top', 'a = 1', '[serve]', '  "b" = 2', '[[rule]]', 'action = "allow"', '[[rule]]', '', 'action = "deny"', 'x.y = 3'].join('\n');
-  it('finds keys in tables, quoted keys and the nth array table', () => {
-    expect(lineOfKey(text, [], 'a')).toBe(2);
-    expect(lineOfKey(text, [], 'serve')).toBe(3);
-    expect(lineOfKey(text, ['serve'], 'b')).toBe(4);
-    expect(lineOfKey(text, ['rule'], 'action', 0)).toBe(6);
-    expect(lineOfKey(text, ['rule'], 'action', 1)).toBe(9);
-    expect(lineOfKey(text, ['rule'], 'x', 1)).toBe(10);
+describe('tomlLines', () => {
+  const text = ['# top', 'a = 1', '[serve]', '  "b" = 2', '[[rule]]', 'action = "allow"', '[[rule]]', '', 'action = "deny"', 'x.y = 3', '[rule.hosts]', 'z = 1', 'r = [{ k = 1 },', '  { k = 2 }]'].join('\n');
+  const lines = tomlLines(text);
+  it('finds keys in tables, quoted and dotted keys, the nth array table, its sub-tables and inline tables', () => {
+    expect(lines.line('a')).toBe(2);
+    expect(lines.line('serve')).toBe(3);
+    expect(lines.line('serve', 'b')).toBe(4);
+    expect(lines.line('rule', 0)).toBe(5);
+    expect(lines.line('rule', 0, 'action')).toBe(6);
+    expect(lines.line('rule', 1, 'action')).toBe(9);
+    expect(lines.line('rule', 1, 'x', 'y')).toBe(10);
+    expect(lines.line('rule', 1, 'hosts', 'z')).toBe(12);
+    expect(lines.line('rule', 1, 'hosts', 'r', 1, 'k')).toBe(14);
+    expect([...lines.childLines('rule', 1).keys()]).toEqual(['action', 'x', 'hosts']);
   });
-  it('falls back to the table line, or line 1', () => {
-    expect(lineOfKey(text, ['rule'], 'missing', 1)).toBe(7);
-    expect(lineOfKey(text, ['nosuch'], 'missing')).toBe(1);
+  it('leaves out what is not there, and never throws on text it cannot follow', () => {
+    expect(lines.line('rule', 2)).toBeUndefined();
+    expect(lines.line('nosuch')).toBeUndefined();
+    for (const bad of ['[[rule', '"unterminated', "a = '''", 'x = [1, {', '\u0000']) expect(() => tomlLines(bad)).not.toThrow();
   });
 });
 
