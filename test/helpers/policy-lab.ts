@@ -280,3 +280,36 @@ export function keyholdAsync(lab: PolicyLab, args: string[], timeoutMs = 30_000)
 export function shellQuote(s: string): string {
   return /^[A-Za-z0-9_@%+=:,./-]+$/.test(s) ? s : `'${s.replace(/'/g, `'\\''`)}'`;
 }
+
+/** A `keyhold bridge` in front of the lab's token listener, as a container runs it. */
+export interface LabBridge {
+  sock: string;
+  stop(): Promise<void>;
+}
+
+let bridges = 0;
+export async function startBridge(lab: PolicyLab, token: string): Promise<LabBridge> {
+  const sock = join(lab.work, `bridge-${bridges++}.sock`);
+  const env = clientEnv('/nonexistent', { KEYHOLD_TOKEN: token });
+  delete env.SSH_AUTH_SOCK;
+  const w = launchClient(process.execPath, [KEYHOLD_BIN, 'bridge', '--connect', `unix:${lab.tokenListener}`, '--listen', sock], env, 300_000);
+  let stdout = '';
+  w.proc.stdout!.on('data', (d: Buffer) => (stdout += d.toString()));
+  const stop = async () => {
+    if (!w.exited()) w.proc.kill('SIGTERM');
+    const timer = setTimeout(() => w.proc.kill('SIGKILL'), 3000);
+    await w.done;
+    clearTimeout(timer);
+  };
+  try {
+    await waitFor(() => stdout.includes('SSH_AUTH_SOCK=') || w.exited(), 10_000, 'keyhold bridge to print SSH_AUTH_SOCK=');
+  } catch (err) {
+    await stop();
+    throw err;
+  }
+  if (w.exited()) {
+    const r = await w.done;
+    throw new Error(`keyhold bridge exited ${r.code}: ${r.stderr}`);
+  }
+  return { sock, stop };
+}
