@@ -10,15 +10,15 @@ export function scopeCommand(yargs: Argv<GlobalArgs>) {
       y
         .command(
           'list',
-          'scopes with their key, secret and token counts',
+          'scopes with their key, secret and token counts and whether they have a policy',
           (c) => c,
           async (args) => {
             const scopes = await withVault(args, (api) => api.scopes());
             if (args.json) return printJson(scopes);
             printLines(
               table(
-                ['SCOPE', 'KEYS', 'SECRETS', 'TOKENS'],
-                scopes.map((s) => [s.name, String(s.keys), String(s.secrets), String(s.tokens)]),
+                ['SCOPE', 'KEYS', 'SECRETS', 'TOKENS', 'POLICY'],
+                scopes.map((s) => [s.name, String(s.keys), String(s.secrets), String(s.tokens), s.policy ? 'yes' : 'no']),
               ),
             );
           },

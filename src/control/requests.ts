@@ -3,11 +3,13 @@
 // a secret may be in it).
 import * as v from 'valibot';
 import { MAX_DURATION_MS } from '../duration.js';
+import { MAX_APPROVALS_WAIT_MS } from '../policy/approvals.js';
 import { usageError } from '../errors.js';
 import { TOKEN_SUBJECT_PATTERN } from '../tokens/tokens.js';
 import { VAULT_METHODS, type VaultApi, type VaultMethod } from '../vault/api.js';
 import { ECDSA_BITS, KEY_TYPES, RSA_BITS } from '../vault/key-material.js';
 import { enrolledFactorSchema, FACTOR_ID_PATTERN, fieldPath, kekSchema } from '../vault/keyring.js';
+import { MAX_POLICY_SOURCE, policyDocumentSchema } from '../policy/policy.js';
 import { MAX_SECRET_BYTES, SCOPE_PATTERN, SECRET_NAME_PATTERN } from '../vault/vault.js';
 
 // ---- fields ----
@@ -70,6 +72,9 @@ const VAULT_PARAMS = {
   listSecrets: params(['scope', scope]),
   removeSecret: params(['scope', scope], ['name', secretName]),
   secretValues: params(['scopes', v.pipe(v.array(scope), v.maxLength(MAX_SCOPES))]),
+  setPolicy: params(['scope', scope], ['document', policyDocumentSchema], ['source', v.pipe(v.string(), v.maxLength(MAX_POLICY_SOURCE))]),
+  getPolicy: params(['scope', scope]),
+  removePolicy: params(['scope', scope]),
   addFactor: params(['enrolled', enrolledFactorSchema]),
   removeFactor: params(['id', lookupKey]),
   replaceFactor: params(['enrolled', enrolledFactorSchema]),
@@ -129,10 +134,22 @@ const envelope = v.variant('op', [
     ttlMs: v.optional(v.nullable(duration), null),
   }),
   v.object({ op: v.literal('call'), vaultId, method: v.picklist(VAULT_METHODS), args: v.unknown() }),
+  v.object({
+    op: v.literal('approvals'),
+    after: v.optional(v.pipe(v.number(), v.safeInteger(), v.minValue(0))),
+    waitMs: v.optional(v.pipe(v.number(), v.safeInteger(), v.minValue(0), v.maxValue(MAX_APPROVALS_WAIT_MS))),
+  }),
+  v.object({ op: v.literal('approve'), id: lookupKey, rememberMs: v.optional(duration) }),
+  v.object({ op: v.literal('deny'), id: lookupKey }),
 ]);
 
 export type UnlockRequest = { op: 'unlock'; vaultId: string; keks: Record<string, Buffer>; idleMs?: number | null; ttlMs?: number | null };
-export type ControlRequest = { op: 'status' } | { op: 'lock' } | UnlockRequest | VaultCall;
+/** Confirmations: list (a long-poll with `after` and `waitMs`), approve, deny. */
+export type ApprovalRequest =
+  | { op: 'approvals'; after?: number; waitMs?: number }
+  | { op: 'approve'; id: string; rememberMs?: number }
+  | { op: 'deny'; id: string };
+export type ControlRequest = { op: 'status' } | { op: 'lock' } | UnlockRequest | VaultCall | ApprovalRequest;
 
 const refused = (where: string) => usageError(`bad control request: ${where}`);
 

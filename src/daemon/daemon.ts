@@ -155,6 +155,7 @@ export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
           return {
             scope: record.scope,
             tokenId: record.id,
+            subject: record.subject,
             backend: backendFor(record.scope),
             stillValid: () => session.tokens()?.usable(record.id) ?? false,
           };

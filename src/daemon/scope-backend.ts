@@ -3,11 +3,16 @@
 // signature and refusal is recorded for the audit log.
 import { createHash } from 'node:crypto';
 import { fingerprint } from '../agent-protocol/public-key.js';
-import { signatureAlgorithmFor, signSsh } from '../agent-protocol/signature.js';
-import { parseUserauthRequest } from '../agent-protocol/userauth.js';
+import { signatureAlgorithmFor, signSsh, type SignatureAlgorithm } from '../agent-protocol/signature.js';
+import { parseUserauthRequest, type UserauthRequest } from '../agent-protocol/userauth.js';
 import type { AuditEvent } from '../audit/audit-log.js';
+import type { ApprovalQuestion, Approvals, Caller } from '../policy/approvals.js';
+import { authenticationHost, classifySignedData } from '../policy/classify.js';
+import type { CompiledPolicy } from '../policy/compile.js';
+import { peerAccount, peerIdentity, PolicyState } from '../policy/grants.js';
+import type { SignFacts } from '../policy/policy.js';
 import type { AgentBackend, RequestContext, SignResult } from '../signer/backend.js';
-import type { KeyCache } from '../vault/key-cache.js';
+import type { CachedKey, KeyCache, ScopeKeys } from '../vault/key-cache.js';
 import type { SignPool } from './sign-pool.js';
 
 export interface ScopeBackendOptions {
@@ -21,10 +26,14 @@ export interface ScopeBackendOptions {
   countAuditRefusal: () => void;
   /** Signing threads for RSA (see sign-pool.ts); without one, everything signs inline. */
   pool?: SignPool | null;
+  /** The scope's policy, compiled once per vault version (no policy: inactive). */
+  policy?: (scope: string) => CompiledPolicy;
+  /** Where confirmations wait; without it a confirm is refused as unanswered. */
+  approvals?: Approvals | null;
 }
 
 /** Who asked, a digest of what was signed and, for an SSH login, as whom and to which host. */
-function signDetails(scope: string, data: Buffer, context: RequestContext): AuditEvent {
+function signDetails(scope: string, data: Buffer, context: RequestContext, userauth: UserauthRequest | null): AuditEvent {
   const event: AuditEvent = {
     event: 'sign',
     scope,
@@ -32,7 +41,6 @@ function signDetails(scope: string, data: Buffer, context: RequestContext): Audi
     ...(context.tokenId ? { token_id: context.tokenId } : {}),
     data_sha256: createHash('sha256').update(data).digest('hex'),
   };
-  const userauth = parseUserauthRequest(data);
   if (userauth) {
     event.user = userauth.user;
     // The host key comes from the request itself (hostbound) or from a verified session-bind.
@@ -42,10 +50,24 @@ function signDetails(scope: string, data: Buffer, context: RequestContext): Audi
   return event;
 }
 
+/** Who asks, as a confirmation question names them. */
+function callerOf(context: RequestContext): Caller {
+  const peer = context.peer;
+  const where: Caller = peer.kind === 'unix' ? { pid: peer.pid, uid: peer.uid, exe: peer.exe } : { address: `${peer.address}:${peer.port}` };
+  if (context.tokenId) return { ...where, token_id: context.tokenId, subject: context.tokenSubject ?? '' };
+  return where;
+}
+
 /**
  * Every answer waits for its audit line: a signature leaves only once the line that records it is
  * in the log file (the writer batches a whole turn of the event loop into one write), and when the
  * log cannot be written nothing is signed at all.
+ *
+ * Under an active policy each request is classified once (login, sshsig, other), decided by the
+ * compiled rules, and an allowed one counted against its rule's rate; a confirm is signed at once
+ * when a remembered approval covers it, else it waits (a promise: other connections go on) for
+ * an approval. A scope without a policy takes exactly the path, and writes exactly the audit
+ * line, it always did.
  */
 export function scopeBackend(keys: () => KeyCache | null, scope: string, options: ScopeBackendOptions): AgentBackend {
   const AUDIT_UNAVAILABLE: SignResult = { ok: false, reason: 'audit-unavailable' };
@@ -60,32 +82,134 @@ export function scopeBackend(keys: () => KeyCache | null, scope: string, options
       () => (result.ok ? AUDIT_UNAVAILABLE : result),
     );
   };
+  const signWith = (entry: CachedKey, algorithm: SignatureAlgorithm, data: Buffer, event: AuditEvent): Promise<SignResult> => {
+    const signed = (signature: Buffer): SignResult => ({ ok: true, signature, fingerprint: entry.fingerprint, algorithm });
+    if (options.pool && entry.type === 'ssh-rsa' && options.pool.offload()) {
+      return options.pool.sign(entry.fingerprint, entry.key, algorithm, data).then(
+        (signature) => audited(signed(signature), event),
+        () => audited(refusal('error', entry.fingerprint), event),
+      );
+    }
+    return audited(signed(signSsh(entry.key, algorithm, data)), event);
+  };
+
+  // Grants and rate counters live as long as the compiled policy they were made under.
+  let state: PolicyState | null = null;
+  const stateFor = (policy: CompiledPolicy): PolicyState => {
+    if (state?.policy !== policy) state = new PolicyState(policy);
+    return state;
+  };
+
+  const decide = (
+    policy: CompiledPolicy,
+    scopeKeys: ScopeKeys,
+    keyBlob: Buffer,
+    entry: CachedKey,
+    algorithm: SignatureAlgorithm,
+    data: Buffer,
+    userauth: UserauthRequest | null,
+    context: RequestContext,
+    event: AuditEvent,
+  ): Promise<SignResult> => {
+    const classified = classifySignedData(data, context.bindings, userauth);
+    const peer = context.peer;
+    const facts: SignFacts = {
+      ...classified,
+      key: entry.fingerprint,
+      ...(peer.kind === 'unix' ? { exe: peer.exe } : {}),
+      ...(context.tokenSubject !== undefined ? { subject: context.tokenSubject } : {}),
+    };
+    const decision = policy.decide(facts);
+    event.decision = decision.action;
+    event.rule = decision.rule === null ? 'default' : decision.rule + 1;
+    event.purpose = facts.purpose;
+    if (facts.namespace !== undefined) event.namespace = facts.namespace;
+    const fp = entry.fingerprint;
+    if (decision.action === 'deny') return audited(refusal('policy', fp), event);
+    const current = stateFor(policy);
+    const rule = decision.rule === null ? null : policy.rules[decision.rule]!;
+    const account = peerAccount(context);
+    if (rule && !current.takeRate(account, rule)) return audited(refusal('rate', fp), event);
+    if (decision.action === 'allow') return signWith(entry, algorithm, data, event);
+
+    const identity = peerIdentity(context);
+    if (identity && current.granted(identity, fp, decision.rule)) {
+      event.approved_by = { channel: 'remembered' };
+      return signWith(entry, algorithm, data, event);
+    }
+    const approvals = options.approvals;
+    if (!approvals) return audited(refusal('confirm-timeout', fp), event);
+    const comment = scopeKeys.identities.find((identity) => identity.keyBlob.equals(keyBlob))?.comment ?? '';
+    const question: ApprovalQuestion = {
+      scope,
+      key: { fingerprint: fp, comment },
+      purpose: facts.purpose,
+      ...(facts.hostKey !== undefined ? { host: facts.hostKey } : {}),
+      ...(facts.user !== undefined ? { user: facts.user } : {}),
+      ...(facts.namespace !== undefined ? { namespace: facts.namespace } : {}),
+      rule: decision.rule === null ? 'default' : decision.rule + 1,
+      caller: callerOf(context),
+    };
+    // The data is a view into a socket chunk, and the answer may take seconds.
+    const kept = Buffer.from(data);
+    return approvals.ask(question, account, context.hangup).then((outcome) => {
+      if (!outcome.approved) {
+        if (outcome.reason === 'denied') event.denied_by = outcome.by;
+        return audited(refusal(outcome.reason, fp), event);
+      }
+      event.approved_by = outcome.by;
+      // Approved while the vault was locked, or the key left the scope meanwhile: not signed.
+      const now = keys();
+      if (!now) return audited(refusal('locked', fp), event);
+      if (!now.scope(scope).byBlob.has(keyBlob.toString('latin1'))) return audited(refusal('unknown-key', fp), event);
+      const rememberMs = outcome.rememberMs ?? rule?.rememberMs ?? null;
+      if (rememberMs !== null && identity) current.grant(identity, fp, decision.rule, rememberMs);
+      return signWith(entry, algorithm, kept, event);
+    });
+  };
+
   return {
-    identities() {
-      return keys()?.scope(scope).identities ?? [];
+    identities(context) {
+      const cache = keys();
+      if (!cache) return [];
+      const scopeKeys = cache.scope(scope);
+      const policy = options.policy?.(scope);
+      if (!policy?.active) return scopeKeys.identities;
+      // Routing: a connection ssh bound to a host for authentication is offered only the keys
+      // some rule may allow or confirm for that host.
+      const hostKey = authenticationHost(context.bindings);
+      if (hostKey === null) return scopeKeys.identities;
+      const peer = context.peer;
+      const facts = {
+        hostKey,
+        forwarded: context.bindings.some((b) => b.isForwarding),
+        ...(peer.kind === 'unix' ? { exe: peer.exe } : {}),
+        ...(context.tokenSubject !== undefined ? { subject: context.tokenSubject } : {}),
+      };
+      return scopeKeys.identities.filter((identity) => {
+        const entry = scopeKeys.byBlob.get(identity.keyBlob.toString('latin1'));
+        return entry !== undefined && policy.mayOffer({ ...facts, key: entry.fingerprint });
+      });
     },
     sign(keyBlob, data, flags, context): SignResult | Promise<SignResult> {
       const cache = keys();
+      const userauth = parseUserauthRequest(data);
       // Locked: refused at once (the refusal is kept in memory until an unlock can write it).
-      if (!cache) return audited(refusal('locked'), signDetails(scope, data, context));
+      if (!cache) return audited(refusal('locked'), signDetails(scope, data, context, userauth));
       if (options.auditFailure()) {
         options.countAuditRefusal();
         return AUDIT_UNAVAILABLE;
       }
       // The data is a view into a socket chunk: the audit digest is taken now, not later.
-      const event = signDetails(scope, data, context);
-      const entry = cache.scope(scope).byBlob.get(keyBlob.toString('latin1'));
+      const event = signDetails(scope, data, context, userauth);
+      const scopeKeys = cache.scope(scope);
+      const entry = scopeKeys.byBlob.get(keyBlob.toString('latin1'));
       if (!entry) return audited(refusal('unknown-key'), event);
       const algorithm = signatureAlgorithmFor(entry.type, flags);
       if (algorithm === 'ssh-rsa' && !options.allowSha1) return audited(refusal('sha1-refused', entry.fingerprint), event);
-      const signed = (signature: Buffer): SignResult => ({ ok: true, signature, fingerprint: entry.fingerprint, algorithm });
-      if (options.pool && entry.type === 'ssh-rsa' && options.pool.offload()) {
-        return options.pool.sign(entry.fingerprint, entry.key, algorithm, data).then(
-          (signature) => audited(signed(signature), event),
-          () => audited(refusal('error', entry.fingerprint), event),
-        );
-      }
-      return audited(signed(signSsh(entry.key, algorithm, data)), event);
+      const policy = options.policy?.(scope);
+      if (policy?.active) return decide(policy, scopeKeys, keyBlob, entry, algorithm, data, userauth, context, event);
+      return signWith(entry, algorithm, data, event);
     },
   };
 }

@@ -2,7 +2,7 @@
 // request, with the host from the request or the connection's verified session-bind), an SSHSIG
 // blob from `ssh-keygen -Y sign` (its namespace), or anything else.
 import { fingerprint } from '../agent-protocol/public-key.js';
-import { parseUserauthRequest } from '../agent-protocol/userauth.js';
+import { parseUserauthRequest, type UserauthRequest } from '../agent-protocol/userauth.js';
 import { WireReader } from '../agent-protocol/wire.js';
 import type { SessionBinding } from '../signer/backend.js';
 import type { Purpose } from './policy.js';
@@ -35,9 +35,13 @@ export function sshsigNamespace(data: Buffer): string | null {
   }
 }
 
-export function classifySignedData(data: Buffer, bindings: readonly SessionBinding[]): SignedDataFacts {
+/** `userauth`: the data already parsed as a userauth request (the audit details parse it once). */
+export function classifySignedData(
+  data: Buffer,
+  bindings: readonly SessionBinding[],
+  userauth: UserauthRequest | null = parseUserauthRequest(data),
+): SignedDataFacts {
   const forwarded = bindings.some((b) => b.isForwarding);
-  const userauth = parseUserauthRequest(data);
   if (userauth) {
     const facts: SignedDataFacts = { purpose: 'ssh-login', user: userauth.user, forwarded };
     // On a bound connection the login must be for the session it was bound to (as OpenSSH's

@@ -3,6 +3,7 @@
 // the vault (the daemon, `policy show`, `policy check`) checks it against this schema first.
 import * as v from 'valibot';
 import { FINGERPRINT_PATTERN } from '../agent-protocol/public-key.js';
+import { usageError } from '../errors.js';
 
 export const ACTIONS = ['allow', 'deny', 'confirm'] as const;
 export type Action = (typeof ACTIONS)[number];
@@ -72,10 +73,20 @@ const text = v.pipe(v.string(), v.minLength(1), v.maxLength(MAX_TEXT));
 const list = <T extends v.GenericSchema>(item: T) => v.pipe(v.array(item), v.minLength(1), v.maxLength(MAX_LIST));
 const fingerprintText = v.pipe(v.string(), v.regex(FINGERPRINT_PATTERN));
 
-const ruleSchema = v.strictObject({
+/**
+ * An object with only these keys. Unlike strictObject, an unknown key is reported at the object,
+ * not by its name: the name is the sender's text and a refusal quotes nothing a peer sent.
+ */
+function closedObject<const E extends v.ObjectEntries>(entries: E) {
+  const known = (value: unknown) =>
+    typeof value === 'object' && value !== null && !Array.isArray(value) && Object.keys(value).every((key) => Object.hasOwn(entries, key));
+  return v.pipe(v.custom<Record<string, unknown>>(known), v.object(entries));
+}
+
+const ruleSchema = closedObject({
   action: v.picklist(ACTIONS),
   purpose: v.optional(v.picklist(PURPOSES)),
-  hosts: v.optional(list(v.strictObject({ name: text, fingerprints: list(fingerprintText) }))),
+  hosts: v.optional(list(closedObject({ name: text, fingerprints: list(fingerprintText) }))),
   users: v.optional(list(text)),
   exe: v.optional(list(text)),
   namespaces: v.optional(list(text)),
@@ -87,7 +98,7 @@ const ruleSchema = v.strictObject({
 });
 
 /** A stored policy: what `policy set` produced (a control request or a vault row is checked against it). */
-export const policyDocumentSchema = v.strictObject({
+export const policyDocumentSchema = closedObject({
   default: v.picklist(ACTIONS),
   rules: v.pipe(v.array(ruleSchema), v.maxLength(MAX_RULES)),
 });
@@ -115,4 +126,65 @@ export interface SignFacts {
 export interface Decision {
   action: Action;
   rule: number | null;
+}
+
+/** The largest policy file `policy set` reads, and the largest source the vault keeps. */
+export const MAX_POLICY_SOURCE = 1024 * 1024;
+
+/** Which purpose each purpose-bound field can match; with any other purpose the rule never matches. */
+export const FIELD_PURPOSE: Partial<Record<(typeof RULE_FIELDS)[number], Purpose>> = {
+  hosts: 'ssh-login',
+  users: 'ssh-login',
+  namespaces: 'sshsig',
+};
+
+/** What is wrong with a document: where (a 0-based rule index, a field) and what. */
+export interface PolicyProblem {
+  rule?: number;
+  field?: string;
+  message: string;
+}
+
+/**
+ * The first problem of a would-be stored policy, or null: the schema, then what the schema cannot
+ * say (a field that can never match the rule's purpose, `remember` on a rule that never asks).
+ */
+export function policyDocumentProblem(value: unknown): PolicyProblem | null {
+  const result = v.safeParse(policyDocumentSchema, value, { abortEarly: true });
+  if (!result.success) {
+    const issue = result.issues[0];
+    const keys = (issue.path ?? []).map((item) => item.key);
+    if (keys[0] === 'rules' && typeof keys[1] === 'number') {
+      const field = keys.slice(2).map((k) => (typeof k === 'number' ? `[${k}]` : `.${String(k)}`)).join('').replace(/^\./, '');
+      return { rule: keys[1], ...(field ? { field } : {}), message: 'invalid value' };
+    }
+    return keys.length > 0 ? { field: String(keys[0]), message: 'invalid value' } : { message: 'not a policy document' };
+  }
+  return ruleProblems(result.output.rules);
+}
+
+function ruleProblems(rules: readonly PolicyRule[]): PolicyProblem | null {
+  for (const [index, rule] of rules.entries()) {
+    for (const [field, purpose] of Object.entries(FIELD_PURPOSE) as [keyof PolicyRule, Purpose][]) {
+      if (rule[field] !== undefined && rule.purpose !== undefined && rule.purpose !== purpose) {
+        return { rule: index, field, message: `only a ${purpose} request has ${field}: with purpose ${rule.purpose} this rule would never match` };
+      }
+    }
+    if (rule.remember !== undefined && rule.action !== 'confirm') {
+      return { rule: index, field: 'remember', message: 'only a confirm rule remembers an approval' };
+    }
+  }
+  return null;
+}
+
+/** `rule 2: purpose: …` (rules numbered from 1, as users see them). */
+export function describePolicyProblem(problem: PolicyProblem): string {
+  return [problem.rule !== undefined ? `rule ${problem.rule + 1}` : null, problem.field ?? null, problem.message].filter((p) => p !== null).join(': ');
+}
+
+/** A document checked whole before it is stored or used; exit 2 naming the rule and field otherwise. */
+export function checkPolicyDocument(value: unknown): PolicyDocument {
+  const problem = policyDocumentProblem(value);
+  if (problem) throw usageError(`invalid policy: ${describePolicyProblem(problem)}`, 'write it as a TOML file and store it with `keyhold policy set`');
+  return value as PolicyDocument;
 }

@@ -19,6 +19,15 @@ export interface RequestContext {
   bindings: readonly SessionBinding[];
   /** The token a container connection authenticated with. */
   tokenId?: string;
+  /** That token's subject (policy `subjects`). */
+  tokenSubject?: string;
+  /**
+   * Unix peers: the process's start time (field 22 of /proc/PID/stat) read when it connected, so
+   * that what is granted to a process is not inherited by a later one given the same pid.
+   */
+  processStart?: string | null;
+  /** Aborted once the client is gone: a request still waiting for a confirmation is withdrawn. */
+  hangup?: AbortSignal;
 }
 
 export type SignResult =
@@ -27,7 +36,8 @@ export type SignResult =
 
 /**
  * Why a signature was refused. Policy: `policy` (a deny rule or default), `denied` (a confirm was
- * denied), `confirm-timeout`, `rate` (over a rule's rate), `too-many-pending` (confirms waiting).
+ * denied), `confirm-timeout`, `rate` (over a rule's rate), `too-many-pending` (confirms waiting),
+ * `withdrawn` (its client hung up while it waited for a confirmation).
  */
 export type SignRefusal =
   | 'locked'
@@ -39,7 +49,8 @@ export type SignRefusal =
   | 'denied'
   | 'confirm-timeout'
   | 'rate'
-  | 'too-many-pending';
+  | 'too-many-pending'
+  | 'withdrawn';
 
 export interface AgentBackend {
   identities(context: RequestContext): readonly Identity[];

@@ -47,6 +47,10 @@ export interface ConnectionOptions {
   admit?: () => boolean;
   /** The token this connection authenticated with, for the backend's records. */
   tokenId?: string;
+  /** That token's subject. */
+  tokenSubject?: string;
+  /** Unix peers: the process's start time (see processStartTime). */
+  processStart?: string | null;
   /** Where bytes of partially received frames are accounted (token listeners); none: unlimited. */
   memory?: MemoryBudget;
 }
@@ -194,6 +198,7 @@ class AgentConnection {
   private reserved = 0;
   /** Reply bytes the client has not read, counting those the current read is producing. */
   private unread = 0;
+  private readonly hangup: AbortController;
 
   constructor(
     private readonly socket: Socket,
@@ -202,7 +207,19 @@ class AgentConnection {
   ) {
     const { peer, log } = options;
     const bindings: SessionBinding[] = [];
-    const context: RequestContext = { peer, bindings, ...(options.tokenId ? { tokenId: options.tokenId } : {}) };
+    // An agent client waits for its reply with its side open; once it stops sending (it exited,
+    // or half-closed) or the socket closes, a request still waiting for a confirmation is
+    // withdrawn rather than put to a human on behalf of nobody.
+    const hangup = new AbortController();
+    const context: RequestContext = {
+      peer,
+      bindings,
+      ...(options.tokenId ? { tokenId: options.tokenId } : {}),
+      ...(options.tokenSubject !== undefined ? { tokenSubject: options.tokenSubject } : {}),
+      ...(options.processStart !== undefined ? { processStart: options.processStart } : {}),
+      hangup: hangup.signal,
+    };
+    this.hangup = hangup;
     this.session = { backend, context, bindings, peer, log, debug: log.isLevelEnabled('debug') };
 
     // A client's FIN ends only its direction: the replies it is owed still go out (drain, then end).
@@ -212,12 +229,16 @@ class AgentConnection {
       if (this.session.debug) log.debug({ peer, err: err.message }, 'agent connection error');
     });
     socket.on('data', (chunk: Buffer) => this.onData(chunk));
-    socket.on('end', () => this.onEnd());
+    socket.on('end', () => {
+      this.hangup.abort();
+      this.onEnd();
+    });
     socket.on('drain', () => {
       this.accountMemory();
       this.updateFlow();
     });
     socket.once('close', () => {
+      this.hangup.abort();
       this.state = 'closed';
       this.releaseMemory();
     });

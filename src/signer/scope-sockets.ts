@@ -68,13 +68,14 @@ export class ScopeSockets {
           log,
           limit: this.options.limit,
           allowPeer: sameUserOrRoot,
-          onConnection: (socket, peer) => {
+          onConnection: (socket, peer, processStart) => {
             if (scopeLog.isLevelEnabled('debug')) scopeLog.debug({ peer }, 'agent connection');
             serveConnection(socket, backend, {
               peer,
               log: scopeLog,
               idleTimeoutMs: this.options.idleTimeoutMs,
               maxPendingWrite: this.options.maxPendingWrite,
+              processStart,
             });
           },
         });

@@ -24,6 +24,8 @@ export const TOKEN_MAX_PENDING_WRITE = 64 * 1024;
 export interface TokenSession {
   scope: string;
   tokenId: string;
+  /** The token's subject label (policy `subjects`). */
+  subject: string;
   backend: AgentBackend;
   /** Checked before every request: false once the token is revoked or expired. */
   stillValid(): boolean;
@@ -172,6 +174,7 @@ function handleConnection(socket: Socket, kind: 'tcp' | 'unix', options: TokenLi
       maxPendingWrite: options.maxPendingWrite,
       admit: session.stillValid,
       tokenId: session.tokenId,
+      tokenSubject: session.subject,
       memory: admission.memory,
     });
     socket.resume();

@@ -1,5 +1,5 @@
 // Unix-socket listeners: a 0600 socket at a path we own, peers checked with SO_PEERCRED.
-import { chmodSync, lstatSync, readlinkSync, unlinkSync } from 'node:fs';
+import { chmodSync, lstatSync, readFileSync, readlinkSync, unlinkSync } from 'node:fs';
 import { createServer, type Server, type Socket } from 'node:net';
 import type { Logger } from 'pino';
 import { peerCredentials, type PeerCredentials } from '../libc.js';
@@ -35,6 +35,23 @@ export function processExe(pid: number): string | null {
   }
 }
 
+/**
+ * When a process started (clock ticks since boot, field 22 of /proc/PID/stat), read when it
+ * connects: with its pid it names that process and no later one that reuses the pid. Null if the
+ * process is gone.
+ */
+export function processStartTime(pid: number): string | null {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, 'latin1');
+    // Field 2 (the command name) is in parentheses and may hold spaces or ')': count from the last one.
+    const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    const start = fields[22 - 3];
+    return start && /^[0-9]+$/.test(start) ? start : null;
+  } catch {
+    return null;
+  }
+}
+
 /** Only the daemon's own uid, or root, may talk to a host socket. */
 export function sameUserOrRoot(cred: PeerCredentials): boolean {
   return cred.uid === process.getuid!() || cred.uid === 0;
@@ -65,7 +82,8 @@ export interface UnixListenerOptions {
   log: Logger;
   limit: ConnectionLimit;
   allowPeer: (cred: PeerCredentials) => boolean;
-  onConnection: (socket: Socket, peer: Peer & { kind: 'unix' }) => void;
+  /** `processStart`: see processStartTime. */
+  onConnection: (socket: Socket, peer: Peer & { kind: 'unix' }, processStart: string | null) => void;
 }
 
 export function listenUnix(options: UnixListenerOptions): Promise<Server> {
@@ -84,7 +102,7 @@ export function listenUnix(options: UnixListenerOptions): Promise<Server> {
       socket.destroy();
       return;
     }
-    options.onConnection(socket, { kind: 'unix', ...cred, exe: processExe(cred.pid) });
+    options.onConnection(socket, { kind: 'unix', ...cred, exe: processExe(cred.pid) }, processStartTime(cred.pid));
   }));
   return new Promise((resolve, reject) => {
     server.once('error', reject);

@@ -3,7 +3,8 @@
 // the private keys and the master key stay in the daemon).
 import { generatePrivateKey, parsePkcs8, type KeyKind } from './key-material.js';
 import type { EnrolledFactor, Factor } from './keyring.js';
-import type { AddKeyResult, KeyRecord, ScopeSummary, SecretInfo, SecretValue, Vault } from './vault.js';
+import type { AddKeyResult, KeyRecord, PolicyRecord, ScopeSummary, SecretInfo, SecretValue, Vault } from './vault.js';
+import type { PolicyDocument } from '../policy/policy.js';
 import type { TokenRecord } from '../tokens/tokens.js';
 import { readlinkSync } from 'node:fs';
 import type { AuditEvent, AuditPeer, VerifyResult } from '../audit/audit-log.js';
@@ -32,6 +33,10 @@ export interface VaultApi {
   removeSecret(scope: string, name: string): Promise<void>;
   /** Every secret of these scopes, values included (for `env` and `export`). */
   secretValues(scopes: string[]): Promise<SecretValue[]>;
+  /** Stores a scope's policy (host names already resolved) and the TOML it came from. */
+  setPolicy(scope: string, document: PolicyDocument, source: string): Promise<PolicyRecord>;
+  getPolicy(scope: string): Promise<PolicyRecord>;
+  removePolicy(scope: string): Promise<void>;
   addFactor(enrolled: EnrolledFactor): Promise<Factor>;
   removeFactor(id: string): Promise<void>;
   replaceFactor(enrolled: EnrolledFactor): Promise<Factor>;
@@ -58,6 +63,9 @@ export const VAULT_METHODS = [
   'listSecrets',
   'removeSecret',
   'secretValues',
+  'setPolicy',
+  'getPolicy',
+  'removePolicy',
   'addFactor',
   'removeFactor',
   'replaceFactor',
@@ -150,6 +158,18 @@ export function localVaultApi(vault: Vault, actor: AuditPeer): VaultApi {
         if (names.length > 0) await audit({ event: 'secret-read', scope, names });
       }
       return values;
+    },
+    async setPolicy(scope, document, source) {
+      const record = vault.setPolicy(scope, document, source);
+      await audit({ event: 'policy-set', scope, rules: record.document.rules.length, default: record.document.default });
+      return record;
+    },
+    async getPolicy(scope) {
+      return vault.getPolicy(scope);
+    },
+    async removePolicy(scope) {
+      vault.removePolicy(scope);
+      await audit({ event: 'policy-removed', scope });
     },
     async addFactor(enrolled) {
       try {

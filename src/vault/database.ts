@@ -85,6 +85,21 @@ const MIGRATIONS: readonly Migration[] = [
       `);
     },
   },
+  {
+    version: 4,
+    up(db) {
+      // `document` is the validated PolicyDocument as JSON (host names already resolved), what the
+      // daemon compiles; `source` is the TOML file as given, kept for people, never evaluated.
+      db.exec(`
+        CREATE TABLE policies (
+          scope TEXT PRIMARY KEY,
+          document TEXT NOT NULL,
+          source TEXT NOT NULL,
+          updated_at TEXT NOT NULL
+        ) STRICT;
+      `);
+    },
+  },
 ];
 
 export const SCHEMA_VERSION = MIGRATIONS[MIGRATIONS.length - 1]!.version;

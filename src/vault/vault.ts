@@ -34,6 +34,7 @@ import {
   type Policy,
 } from './keyring.js';
 import type { VaultPaths } from './paths.js';
+import { checkPolicyDocument, MAX_POLICY_SOURCE, type PolicyDocument } from '../policy/policy.js';
 import { mintToken, newTokenId, TOKEN_SHOWN_CHARS, tokenHash, type TokenRecord } from '../tokens/tokens.js';
 
 export const SCOPE_PATTERN = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
@@ -71,6 +72,25 @@ export interface ScopeSummary {
   keys: number;
   secrets: number;
   tokens: number;
+  /** Whether the scope has a policy. */
+  policy: boolean;
+}
+
+/** A stored policy as `policy show` and `policy check` get it. */
+export interface PolicyRecord {
+  scope: string;
+  document: PolicyDocument;
+  /** The TOML file as it was given to `policy set`. */
+  source: string;
+  updated: string;
+}
+
+/** A policies row as stored: `document` is JSON text, checked by whoever uses it. */
+export interface PolicyRow {
+  scope: string;
+  document: string;
+  source: string;
+  updated: string;
 }
 
 export interface SecretInfo {
@@ -401,7 +421,7 @@ export class Vault {
     return this.db.open;
   }
 
-  /** The version counter: advanced by every change to keys, assignments or tokens. */
+  /** The version counter: advanced by every change to keys, assignments, tokens or policies. */
   version(): number {
     return this.statements.version.get() as number;
   }
@@ -515,19 +535,74 @@ export class Vault {
     });
   }
 
-  /** Scopes that hold anything. A scope exists while a key, a secret or a live token belongs to it. */
+  /** Scopes that hold anything. A scope exists while a key, a secret, a live token or a policy belongs to it. */
   scopes(): ScopeSummary[] {
-    return this.db
+    const rows = this.db
       .prepare(
-        `SELECT name, sum(keys) AS keys, sum(secrets) AS secrets, sum(tokens) AS tokens FROM (
-           SELECT scope AS name, count(*) AS keys, 0 AS secrets, 0 AS tokens FROM key_scopes GROUP BY scope
+        `SELECT name, sum(keys) AS keys, sum(secrets) AS secrets, sum(tokens) AS tokens, max(policy) AS policy FROM (
+           SELECT scope AS name, count(*) AS keys, 0 AS secrets, 0 AS tokens, 0 AS policy FROM key_scopes GROUP BY scope
            UNION ALL
-           SELECT scope, 0, count(*), 0 FROM secrets GROUP BY scope
+           SELECT scope, 0, count(*), 0, 0 FROM secrets GROUP BY scope
            UNION ALL
-           SELECT scope, 0, 0, count(*) FROM tokens WHERE revoked_at IS NULL GROUP BY scope
+           SELECT scope, 0, 0, count(*), 0 FROM tokens WHERE revoked_at IS NULL GROUP BY scope
+           UNION ALL
+           SELECT scope, 0, 0, 0, 1 FROM policies
          ) GROUP BY name ORDER BY name`,
       )
-      .all() as ScopeSummary[];
+      .all() as (Omit<ScopeSummary, 'policy'> & { policy: number })[];
+    return rows.map((row) => ({ ...row, policy: row.policy === 1 }));
+  }
+
+  // Policies move the version counter: the daemon compiles them once per version.
+
+  /** Stores (or replaces) a scope's policy; the document is checked again here, whoever sent it. */
+  setPolicy(scope: string, document: PolicyDocument, source: string): PolicyRecord {
+    checkScopeName(scope);
+    const checked = checkPolicyDocument(document);
+    if (typeof source !== 'string') throw usageError('a policy source is text');
+    if (Buffer.byteLength(source) > MAX_POLICY_SOURCE) throw usageError('the policy file is over the 1 MiB limit');
+    const record: PolicyRecord = { scope, document: checked, source, updated: now() };
+    this.write(() => {
+      this.db
+        .prepare(
+          `INSERT INTO policies (scope, document, source, updated_at) VALUES (?, ?, ?, ?)
+           ON CONFLICT (scope) DO UPDATE SET document = excluded.document, source = excluded.source, updated_at = excluded.updated_at`,
+        )
+        .run(scope, JSON.stringify(checked), source, record.updated);
+    });
+    return record;
+  }
+
+  /** A scope's policy, checked against the schema (a damaged row is an error, not a policy). */
+  getPolicy(scope: string): PolicyRecord {
+    checkScopeName(scope);
+    const row = this.db.prepare(`SELECT ${Vault.POLICY_COLUMNS} FROM policies WHERE scope = ?`).get(scope) as PolicyRow | undefined;
+    if (!row) throw notFound(`scope ${scope} has no policy`, `set one with \`keyhold policy set ${scope} FILE\``);
+    let document: PolicyDocument;
+    try {
+      document = checkPolicyDocument(JSON.parse(row.document));
+    } catch (err) {
+      throw new KeyholdError(
+        `the stored policy of scope ${scope} is damaged (${err instanceof KeyholdError ? err.message : 'not JSON'}); the daemon denies every request of this scope`,
+        `store it again with \`keyhold policy set ${scope} FILE\``,
+      );
+    }
+    return { ...row, document };
+  }
+
+  removePolicy(scope: string): void {
+    checkScopeName(scope);
+    this.write(() => {
+      const result = this.db.prepare('DELETE FROM policies WHERE scope = ?').run(scope);
+      if (result.changes === 0) throw notFound(`scope ${scope} has no policy`, 'see `keyhold scope list`');
+    });
+  }
+
+  private static readonly POLICY_COLUMNS = 'scope, document, source, updated_at AS updated';
+
+  /** Every stored policy as written, for the daemon's per-version cache. */
+  policies(): PolicyRow[] {
+    return this.db.prepare(`SELECT ${Vault.POLICY_COLUMNS} FROM policies ORDER BY scope`).all() as PolicyRow[];
   }
 
   // Secrets are not cached by the daemon, so they do not move the version counter.

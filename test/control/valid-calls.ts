@@ -44,6 +44,22 @@ export async function validCalls(): Promise<Record<VaultMethod, unknown[][]>> {
     listSecrets: [['web']],
     removeSecret: [['web', 'API_TOKEN']],
     secretValues: [[['web', 'api']], [[]]],
+    setPolicy: [
+      ['web', { default: 'deny', rules: [] }, ''],
+      [
+        'web',
+        {
+          default: 'allow',
+          rules: [
+            { action: 'allow', purpose: 'ssh-login', hosts: [{ name: 'github.com', fingerprints: [FP] }], users: ['git'], exe: ['/usr/bin/*'] },
+            { action: 'confirm', purpose: 'sshsig', namespaces: ['git'], keys: [FP], subjects: ['ci-*'], forwarded: false, remember: '10m', rate: '60/m' },
+          ],
+        },
+        'default = "allow"\n',
+      ],
+    ],
+    getPolicy: [['web']],
+    removePolicy: [['web']],
     addFactor: [[pp], [sa]],
     removeFactor: [['pp-0123abcd'], ['sa-0123abcd']],
     replaceFactor: [[pp]],

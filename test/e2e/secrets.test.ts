@@ -291,7 +291,7 @@ describe('secret set / get / list / rm', () => {
     ]);
     const scopes = JSON.parse(ok(scopeJson!, 'scope list').stdout.toString()) as { name: string; secrets: number }[];
     expect(scopes.find((s) => s.name === 'lst')?.secrets).toBe(2);
-    expect(ok(scopeTable!, 'scope list').stdout.toString()).toMatch(/^lst\s+0\s+2\s+0$/m);
+    expect(ok(scopeTable!, 'scope list').stdout.toString()).toMatch(/^lst\s+0\s+2\s+0\s+no$/m);
 
     ok(kh(d, ['secret', 'rm', 'lst', 'ALPHA']), 'rm');
     const [gone, rmAgain, beta] = await many([

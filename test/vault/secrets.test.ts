@@ -176,9 +176,9 @@ describe('Vault secret store', () => {
       expect(vault.getSecret('b', 'SHARED').toString()).toBe('from-b');
 
       expect(vault.scopes()).toEqual([
-        { name: 'a', keys: 0, secrets: 2, tokens: 0 },
-        { name: 'b', keys: 0, secrets: 2, tokens: 0 },
-        { name: 'c', keys: 0, secrets: 1, tokens: 0 },
+        { name: 'a', keys: 0, secrets: 2, tokens: 0, policy: false },
+        { name: 'b', keys: 0, secrets: 2, tokens: 0, policy: false },
+        { name: 'c', keys: 0, secrets: 1, tokens: 0, policy: false },
       ]);
       vault.removeSecret('c', 'ONLY_C');
       expect(vault.scopes().map((s) => s.name)).toEqual(['a', 'b']);
