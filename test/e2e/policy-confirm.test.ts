@@ -5,8 +5,10 @@
 // approved it.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { randomBytes } from 'node:crypto';
+import { spawn } from 'node:child_process';
 import { chmodSync, existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
+import { KEYHOLD_BIN, waitFor } from '../helpers/keyhold.js';
 import { RawConn, signRequestFrame, verifyEd25519 } from '../helpers/raw-wire.js';
 import { run } from '../helpers/sshd.js';
 import {
@@ -18,6 +20,7 @@ import {
   listApprovals,
   messageFile,
   setPolicy,
+  shellQuote,
   startPolicyLab,
   verifySshsig,
   waitForApproval,
@@ -110,6 +113,50 @@ describe('keyhold approve / deny from another process', () => {
     const who = approvedBy(entry, 'denied_by');
     expect(who.channel).toBe('control');
     expect(who.uid).toBe(process.getuid!());
+  });
+
+  it('`keyhold approve --watch` on a terminal asks y/n for a waiting request; y approves it', async () => {
+    // A terminal for the watcher: script(1) gives it a pty whose input is our pipe.
+    const watcher = spawn('script', ['-qfec', `${shellQuote(process.execPath)} ${shellQuote(KEYHOLD_BIN)} approve --watch`, '/dev/null'], {
+      env: lab.k.env,
+      stdio: ['pipe', 'pipe', 'pipe'],
+      detached: true,
+    });
+    let screen = '';
+    watcher.stdout!.on('data', (d: Buffer) => (screen += d.toString()));
+    watcher.stderr!.on('data', (d: Buffer) => (screen += d.toString()));
+    const exited = new Promise<void>((resolve) => watcher.once('exit', () => resolve()));
+    try {
+      const seq = lastSeq(lab);
+      const { w, msg } = startSign();
+      const pending = await waitForApproval(lab, w.proc.pid!);
+      await waitFor(() => screen.includes(pending.id) || screen.includes(String(w.proc.pid)), 15_000, `approve --watch to ask about ${pending.id}`).catch(
+        (err: Error) => {
+          throw new Error(`${err.message}; the terminal showed: ${JSON.stringify(screen)}`);
+        },
+      );
+      watcher.stdin!.write('y\n');
+      const signed = await w.done;
+      expect(signed.code, `${lab.diagnostics(signed)}\n--- approve --watch ---\n${screen}`).toBe(0);
+      expect((await verifySshsig(lab, key, 'git', msg)).code).toBe(0);
+      const entry = await waitForDecision(lab, seq, { event: 'sign', decision: 'confirm', rule: 1 });
+      expect(approvedBy(entry, 'approved_by')).toMatchObject({ channel: 'control', uid: process.getuid!() });
+    } finally {
+      try {
+        process.kill(-watcher.pid!, 'SIGTERM');
+      } catch {
+        /* already gone */
+      }
+      const timer = setTimeout(() => {
+        try {
+          process.kill(-watcher.pid!, 'SIGKILL');
+        } catch {
+          /* already gone */
+        }
+      }, 3000);
+      await exited;
+      clearTimeout(timer);
+    }
   });
 
   it('an unknown approval id is not found (exit 5)', async () => {
