@@ -16,6 +16,9 @@ export interface GlobalArgs {
   'passphrase-file'?: string | undefined;
 }
 
+/** What a FILE argument given as `-` (stdin) reaches its command as (see main.ts). */
+export const STDIN_ARGUMENT = '\u0000stdin';
+
 export function globalOptions<T>(yargs: Argv<T>) {
   return yargs
     .option('vault', { type: 'string', describe: 'vault file (default: $KEYHOLD_VAULT or ~/.local/share/keyhold/vault.db)', global: true })

@@ -2,7 +2,7 @@
 import yargs, { type Argv } from 'yargs';
 import { hideBin } from 'yargs/helpers';
 import { EXIT, formatError, KeyholdError, oneLine, QuietExit, usageError } from '../errors.js';
-import { globalOptions, type GlobalArgs } from './common.js';
+import { globalOptions, STDIN_ARGUMENT, type GlobalArgs } from './common.js';
 import { initCommand } from './init.js';
 import { keyCommand } from './key.js';
 import { scopeCommand } from './scope.js';
@@ -14,14 +14,26 @@ import { factorCommand, passphraseCommand } from './factor.js';
 import { secretCommand } from './secret.js';
 import { envCommand } from './env.js';
 import { auditCommand } from './audit.js';
+import { policyCommand } from './policy.js';
 
 /** Options whose value may be `-` (stdin), which yargs would otherwise take for an argument. */
 const FILE_OPTIONS = new Set(['--passphrase-file', '--key-passphrase-file', '--token-file', '--value-file', '--new-passphrase-file']);
 
+/** Commands with a FILE argument that may be `-` (stdin): yargs would turn a lone `-` into an empty string. */
+const STDIN_ARGUMENT_COMMANDS = [['policy', 'set']];
+
 function joinStdinValues(argv: string[]): string[] {
+  // The command's words: arguments that are neither options nor an option's value.
+  const words = argv.filter((a, i) => !a.startsWith('-') && !VALUE_OPTIONS.has(argv[i - 1] ?? ''));
+  const stdinArgument = STDIN_ARGUMENT_COMMANDS.some((command) => command.every((word, i) => words[i] === word));
   const out: string[] = [];
   for (let i = 0; i < argv.length; i++) {
+    if (argv[i] === '--') {
+      out.push(...argv.slice(i));
+      break;
+    }
     if (FILE_OPTIONS.has(argv[i]!) && argv[i + 1] === '-') out.push(`${argv[i++]}=-`);
+    else if (stdinArgument && argv[i] === '-' && !VALUE_OPTIONS.has(argv[i - 1] ?? '')) out.push(STDIN_ARGUMENT);
     else out.push(argv[i]!);
   }
   return out;
@@ -32,7 +44,7 @@ const VALUE_OPTIONS = new Set([
   '--vault', '--passphrase-file', '--type', '--bits', '--comment', '--key-passphrase-file', '--scope', '-s', '--subject',
   '--ttl', '--idle', '--idle-lock', '--lock-after', '--listen', '--connect', '--token-file', '--value-file',
   '--new-passphrase-file', '--factor', '--key', '--ssh-key', '--policy', '--prefix', '--only', '--allow', '--format',
-  '-n', '--lines', '--value', '--token',
+  '-n', '--lines', '--value', '--token', '--known-hosts', '--purpose', '--host', '--user', '--namespace', '--exe',
 ]);
 
 function checkOptionValues(argv: string[]): void {
@@ -73,6 +85,7 @@ export async function main(argv: string[]): Promise<number> {
     secretCommand,
     envCommand,
     auditCommand,
+    policyCommand,
   ]) register(parser);
   try {
     await parser

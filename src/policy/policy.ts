@@ -63,10 +63,10 @@ export interface PolicyDocument {
 export const NO_POLICY: PolicyDocument = { default: 'allow', rules: [] };
 
 export const MAX_RULES = 1_000;
-const MAX_LIST = 1_000;
-const MAX_TEXT = 4_096;
+export const MAX_LIST = 1_000;
+export const MAX_TEXT = 4_096;
 
-const DURATION_PATTERN = /^[1-9][0-9]{0,6}[smhd]$/;
+export const DURATION_PATTERN = /^[1-9][0-9]{0,6}[smhd]$/;
 export const RATE_PATTERN = /^([1-9][0-9]{0,6})\/([1-9][0-9]{0,6})?([smhd])$/;
 
 const text = v.pipe(v.string(), v.minLength(1), v.maxLength(MAX_TEXT));
@@ -130,6 +130,8 @@ export interface Decision {
 
 /** The largest policy file `policy set` reads, and the largest source the vault keeps. */
 export const MAX_POLICY_SOURCE = 1024 * 1024;
+/** The largest stored document (JSON, hosts resolved): well inside a control frame with its source. */
+export const MAX_POLICY_DOCUMENT = 2 * 1024 * 1024;
 
 /** Which purpose each purpose-bound field can match; with any other purpose the rule never matches. */
 export const FIELD_PURPOSE: Partial<Record<(typeof RULE_FIELDS)[number], Purpose>> = {
@@ -163,9 +165,13 @@ export function policyDocumentProblem(value: unknown): PolicyProblem | null {
   return ruleProblems(result.output.rules);
 }
 
-function ruleProblems(rules: readonly PolicyRule[]): PolicyProblem | null {
+/** The part of a rule that says whether its other fields make sense together. */
+export type RuleShape = Pick<PolicyRule, 'action' | 'purpose' | 'remember'> & Partial<Record<keyof typeof FIELD_PURPOSE, unknown>>;
+
+/** What the schema cannot say about rules: the first field that can never match, or `remember` without confirm. */
+export function ruleProblems(rules: readonly RuleShape[]): PolicyProblem | null {
   for (const [index, rule] of rules.entries()) {
-    for (const [field, purpose] of Object.entries(FIELD_PURPOSE) as [keyof PolicyRule, Purpose][]) {
+    for (const [field, purpose] of Object.entries(FIELD_PURPOSE) as [keyof typeof FIELD_PURPOSE, Purpose][]) {
       if (rule[field] !== undefined && rule.purpose !== undefined && rule.purpose !== purpose) {
         return { rule: index, field, message: `only a ${purpose} request has ${field}: with purpose ${rule.purpose} this rule would never match` };
       }
@@ -186,5 +192,8 @@ export function describePolicyProblem(problem: PolicyProblem): string {
 export function checkPolicyDocument(value: unknown): PolicyDocument {
   const problem = policyDocumentProblem(value);
   if (problem) throw usageError(`invalid policy: ${describePolicyProblem(problem)}`, 'write it as a TOML file and store it with `keyhold policy set`');
+  // Host names resolved to many keys each could make a small file a large document.
+  const size = Buffer.byteLength(JSON.stringify(value));
+  if (size > MAX_POLICY_DOCUMENT) throw usageError(`the policy with its hosts resolved is ${size} bytes; the limit is 2 MiB`, 'use fewer hosts, or split the scope');
   return value as PolicyDocument;
 }

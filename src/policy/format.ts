@@ -1,0 +1,56 @@
+// A stored policy shown to people: as TOML that `policy set` takes back (rules numbered in
+// comments, each host followed by the fingerprints it stood for), and one rule in a line.
+import { RULE_FIELDS, type PolicyDocument, type PolicyRule } from './policy.js';
+
+/** A TOML basic string: JSON's escapes are TOML's, except that DEL must be escaped too. */
+function tomlString(text: string): string {
+  return JSON.stringify(text).replace(/\x7f/g, '\\u007f');
+}
+
+function tomlValue(value: unknown): string {
+  if (typeof value === 'string') return tomlString(value);
+  if (typeof value === 'boolean') return String(value);
+  if (Array.isArray(value)) return `[${value.map(tomlValue).join(', ')}]`;
+  throw new TypeError('not a policy value');
+}
+
+/** Control characters in a name shown in a comment would end the comment: show them escaped. */
+const commentSafe = (text: string) => JSON.stringify(text).slice(1, -1);
+
+/** The field as the file writes it (hosts by the names they were written with). */
+function writtenValue(rule: PolicyRule, field: (typeof RULE_FIELDS)[number]): unknown {
+  if (field === 'hosts') return rule.hosts?.map((h) => h.name);
+  return rule[field];
+}
+
+export function formatPolicyToml(document: PolicyDocument, header: string[] = []): string {
+  const out: string[] = header.map((line) => `# ${commentSafe(line)}`);
+  out.push(`default = ${tomlString(document.default)}`);
+  for (const [index, rule] of document.rules.entries()) {
+    out.push('', `# rule ${index + 1}`, '[[rule]]');
+    for (const field of RULE_FIELDS) {
+      const value = writtenValue(rule, field);
+      if (value === undefined) continue;
+      out.push(`${field} = ${tomlValue(value)}`);
+      if (field === 'hosts') {
+        for (const host of rule.hosts!) {
+          if (host.fingerprints.length === 1 && host.fingerprints[0] === host.name) continue;
+          out.push(`#   ${commentSafe(host.name)}: ${host.fingerprints.join(' ')}`);
+        }
+      }
+    }
+  }
+  return out.join('\n') + '\n';
+}
+
+/** `purpose=sshsig namespaces=git` (what the rule matches; `any request` if nothing). */
+export function describeRuleMatch(rule: PolicyRule): string {
+  const parts: string[] = [];
+  for (const field of RULE_FIELDS) {
+    if (field === 'action' || field === 'remember' || field === 'rate') continue;
+    const value = writtenValue(rule, field);
+    if (value === undefined) continue;
+    parts.push(`${field}=${Array.isArray(value) ? value.map(String).join(',') : String(value)}`);
+  }
+  return parts.length > 0 ? commentSafe(parts.join(' ')) : 'any request';
+}
