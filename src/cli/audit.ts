@@ -22,6 +22,16 @@ function describePeer(peer: AuditEntry['peer']): string {
   return `pid ${peer.pid} uid ${peer.uid}${peer.exe ? ` ${peer.exe}` : ''}`;
 }
 
+/** `control(pid 123 uid 1000)`, `program(/usr/bin/ssh-askpass)`, `remembered`. */
+function describeApprover(by: unknown): string | null {
+  if (typeof by !== 'object' || by === null) return null;
+  const { channel, pid, uid, program } = by as { channel?: unknown; pid?: unknown; uid?: unknown; program?: unknown };
+  if (typeof channel !== 'string') return null;
+  if (typeof program === 'string') return `${channel}(${program})`;
+  if (pid !== undefined || uid !== undefined) return `${channel}(pid ${String(pid)} uid ${String(uid)})`;
+  return channel;
+}
+
 /** One line per entry, like a log: time, event, then what it concerns. */
 function humanLine(entry: AuditEntry): string {
   const parts = [entry.time, String(entry.seq).padStart(6), entry.event];
@@ -34,6 +44,14 @@ function humanLine(entry: AuditEntry): string {
   if (entry.names) parts.push(`names=${entry.names.join(',')}`);
   if (entry.factor) parts.push(`factor=${entry.factor}`);
   if (entry.reason) parts.push(`reason=${JSON.stringify(entry.reason)}`);
+  if (typeof entry.decision === 'string') parts.push(`decision=${entry.decision}`);
+  if (entry.rule !== undefined) parts.push(`rule=${String(entry.rule)}`);
+  if (typeof entry.purpose === 'string') parts.push(`purpose=${entry.purpose}`);
+  if (typeof entry.namespace === 'string') parts.push(`namespace=${JSON.stringify(entry.namespace)}`);
+  const approved = describeApprover(entry.approved_by);
+  if (approved) parts.push(`approved-by=${approved}`);
+  const denied = describeApprover(entry.denied_by);
+  if (denied) parts.push(`denied-by=${denied}`);
   const peer = describePeer(entry.peer);
   if (peer) parts.push(`(${peer})`);
   return parts.join(' ');

@@ -15,6 +15,7 @@ import { secretCommand } from './secret.js';
 import { envCommand } from './env.js';
 import { auditCommand } from './audit.js';
 import { policyCommand } from './policy.js';
+import { approvalsCommand, approveCommand, denyCommand } from './approvals.js';
 
 /** Options whose value may be `-` (stdin), which yargs would otherwise take for an argument. */
 const FILE_OPTIONS = new Set(['--passphrase-file', '--key-passphrase-file', '--token-file', '--value-file', '--new-passphrase-file']);
@@ -45,6 +46,7 @@ const VALUE_OPTIONS = new Set([
   '--ttl', '--idle', '--idle-lock', '--lock-after', '--listen', '--connect', '--token-file', '--value-file',
   '--new-passphrase-file', '--factor', '--key', '--ssh-key', '--policy', '--prefix', '--only', '--allow', '--format',
   '-n', '--lines', '--value', '--token', '--known-hosts', '--purpose', '--host', '--user', '--namespace', '--exe',
+  '--remember', '--confirm-program', '--confirm-timeout',
 ]);
 
 function checkOptionValues(argv: string[]): void {
@@ -86,6 +88,9 @@ export async function main(argv: string[]): Promise<number> {
     envCommand,
     auditCommand,
     policyCommand,
+    approvalsCommand,
+    approveCommand,
+    denyCommand,
   ]) register(parser);
   try {
     await parser

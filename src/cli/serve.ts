@@ -46,13 +46,19 @@ export function serveCommand(yargs: Argv<GlobalArgs>) {
         .option('idle-lock', { type: 'string', describe: 'lock after this long without requests (90s, 30m, 8h, 7d)' })
         .option('lock-after', { type: 'string', describe: 'lock this long after each unlock, whatever the activity' })
         .option('locked', { type: 'boolean', default: false, describe: 'start locked; unlock later with `keyhold unlock`' })
-        .option('allow-sha1', { type: 'boolean', default: false, describe: 'sign SHA-1 ssh-rsa requests (refused by default)' }),
+        .option('allow-sha1', { type: 'boolean', default: false, describe: 'sign SHA-1 ssh-rsa requests (refused by default)' })
+        .option('confirm-program', {
+          type: 'string',
+          describe: 'SSH_ASKPASS-style program asked to confirm requests (default: $SSH_ASKPASS when a display is set)',
+        })
+        .option('confirm-timeout', { type: 'string', describe: 'how long a request waits for a confirmation (default 30s)' }),
     async (args) => {
       const listen = args.listen.map((text) => {
         const address = parseListenAddress(text);
         if (!address) throw usageError(`invalid --listen ${JSON.stringify(text)}`, 'use unix:PATH or tcp:HOST:PORT');
         return address;
       });
+      const confirmTimeoutMs = optionalDuration(args['confirm-timeout'], '--confirm-timeout');
       const lockTimers = { idleMs: optionalDuration(args['idle-lock'], '--idle-lock'), ttlMs: optionalDuration(args['lock-after'], '--lock-after') };
       const paths = vaultPaths(args.vault);
       const keyring = readKeyring(paths.keys);
@@ -84,6 +90,8 @@ export function serveCommand(yargs: Argv<GlobalArgs>) {
         scopeSockets: args['scope-sockets'],
         listen,
         allowSha1: args['allow-sha1'],
+        ...(args['confirm-program'] ? { confirmProgram: args['confirm-program'] } : {}),
+        ...(confirmTimeoutMs !== null ? { confirmTimeoutMs } : {}),
       });
       await new Promise<void>((resolve) => {
         const stop = (signal: string) => {

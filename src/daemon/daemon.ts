@@ -4,7 +4,9 @@ import type { Logger } from 'pino';
 import { isIP } from 'node:net';
 import { existsSync, unlinkSync } from 'node:fs';
 import type { Server } from 'node:net';
-import { KeyholdError } from '../errors.js';
+import { KeyholdError, notFound } from '../errors.js';
+import { Approvals, DEFAULT_CONFIRM_TIMEOUT_MS, type Approver } from '../policy/approvals.js';
+import { ConfirmProgram, confirmProgramFor } from '../policy/confirm-program.js';
 import { hardenProcess } from '../libc.js';
 import { acquirePidLock, ensurePrivateDir, pidFilePath, scopesDir, type PidLock } from '../runtime-dir.js';
 import { controlSocketPath, type ControlRequest, type LockTimers } from '../control/protocol.js';
@@ -47,6 +49,10 @@ export interface DaemonOptions {
   allowSha1?: boolean;
   /** RSA signing threads (default: one per core; 0 signs everything on the main thread). */
   signThreads?: number;
+  /** SSH_ASKPASS-style confirm program; unset: `$SSH_ASKPASS` when a display is set, else none. */
+  confirmProgram?: string;
+  /** How long a request waits for a confirmation before it is refused (default 30 s). */
+  confirmTimeoutMs?: number;
 }
 
 export interface Daemon {
@@ -90,6 +96,17 @@ export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
     session.onChange((unlocked) => {
       if (!unlocked) pool?.clear();
     });
+    const confirmProgram = confirmProgramFor(options.confirmProgram);
+    const approvals = new Approvals({
+      timeoutMs: options.confirmTimeoutMs ?? DEFAULT_CONFIRM_TIMEOUT_MS,
+      log,
+      program: confirmProgram ? new ConfirmProgram(confirmProgram, log) : null,
+    });
+    // Locked, nothing can be signed: the requests waiting for a confirmation are refused now.
+    session.onChange((unlocked) => {
+      if (!unlocked) approvals.refuseAll('locked');
+    });
+    const policy = (scope: string) => session.policy(scope);
     const backends = new Map<string, AgentBackend>();
     const keys = () => session.keys();
     const backendFor = (scope: string) => {
@@ -100,6 +117,8 @@ export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
         auditFailure: () => session.auditFailure,
         countAuditRefusal: () => session.countAuditRefusal(),
         pool,
+        policy,
+        approvals,
       })));
       return backend;
     };
@@ -272,6 +291,15 @@ export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
           await syncScopes();
           return session.status(sockets.paths());
         }
+        case 'approvals':
+          return approvals.wait(request.after, request.waitMs ?? 0);
+        case 'approve':
+        case 'deny': {
+          const by = controlApprover(peer);
+          const found = request.op === 'approve' ? approvals.approve(request.id, by, request.rememberMs) : approvals.deny(request.id, by);
+          if (!found) throw notFound('no request with that id waits for a confirmation', 'see `keyhold approvals`: it may have been answered, timed out or withdrawn');
+          return { id: request.id, approved: request.op === 'approve' };
+        }
         case 'call': {
           checkVault(request.vaultId);
           const failure = session.auditFailure;
@@ -318,6 +346,7 @@ export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
         stopping ??= (async () => {
           clearInterval(timer);
           clearInterval(guardSweep);
+          approvals.refuseAll('withdrawn');
           guard.stop();
           await closeServers();
           await sockets.close();
@@ -335,6 +364,11 @@ export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
     lock.release();
     throw err;
   }
+}
+
+/** Who answered through the control socket (its peer is always a local process). */
+function controlApprover(peer: Peer): Approver {
+  return peer.kind === 'unix' ? { channel: 'control', pid: peer.pid, uid: peer.uid } : { channel: 'control', pid: 0, uid: -1 };
 }
 
 /** How long a change through the daemon waits for another process's write lock on the vault. */

@@ -8,6 +8,8 @@ import { TokenCache } from '../tokens/token-cache.js';
 import { localVaultApi, type VaultApi } from '../vault/api.js';
 import { MAX_PENDING_EVENTS, auditUnavailable, type AuditEvent, type AuditFailure, type AuditPeer } from '../audit/audit-log.js';
 import { KeyCache } from '../vault/key-cache.js';
+import type { CompiledPolicy } from '../policy/compile.js';
+import { NO_POLICY_COMPILED, PolicyCache } from '../policy/policy-cache.js';
 import type { FactorKeks } from '../vault/keyring.js';
 import type { VaultPaths } from '../vault/paths.js';
 import { Vault } from '../vault/vault.js';
@@ -15,6 +17,7 @@ import { Vault } from '../vault/vault.js';
 interface Unlocked {
   vault: Vault;
   keys: KeyCache;
+  policies: PolicyCache;
   tokens: TokenCache;
   unlockedAt: number;
   lockAt: number | null;
@@ -95,6 +98,20 @@ export class VaultSession {
   /** After a change made through this daemon: the next request reads the version afresh. */
   changed(): void {
     this.turnVersion = null;
+  }
+
+  /**
+   * A scope's compiled policy as of this turn's vault version (the same observation the key cache
+   * uses, so a request sees keys and policy of one version); no policy while locked.
+   */
+  policy(scope: string): CompiledPolicy {
+    const current = this.current;
+    if (!current) return NO_POLICY_COMPILED;
+    if (current.policies.refresh()) {
+      // A damaged stored policy refuses its scope's requests; say why each time the vault changes.
+      for (const problem of current.policies.problems()) this.log.error(problem);
+    }
+    return current.policies.forScope(scope);
   }
 
   tokens(): TokenCache | null {
@@ -186,6 +203,7 @@ export class VaultSession {
     this.current = {
       vault,
       keys,
+      policies: new PolicyCache(vault, observe),
       tokens: new TokenCache(vault, observe),
       unlockedAt: now,
       lockAt: ttlMs === null ? null : now + ttlMs,
@@ -206,6 +224,7 @@ export class VaultSession {
     if (this.timer) clearTimeout(this.timer);
     this.timer = null;
     current.keys.clear();
+    current.policies.clear();
     try {
       current.vault.flushAudit();
     } catch (err) {

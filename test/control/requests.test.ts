@@ -214,6 +214,27 @@ describe('status, lock and unlock requests', () => {
   });
 });
 
+describe('approvals, approve and deny requests', () => {
+  it('good ones pass', () => {
+    expect(parseControlRequest({ op: 'approvals' })).toEqual({ op: 'approvals' });
+    expect(parseControlRequest({ op: 'approvals', after: 3, waitMs: 25_000 })).toEqual({ op: 'approvals', after: 3, waitMs: 25_000 });
+    expect(parseControlRequest({ op: 'approve', id: 'abcdefgh', rememberMs: 600_000 })).toEqual({ op: 'approve', id: 'abcdefgh', rememberMs: 600_000 });
+    expect(parseControlRequest({ op: 'deny', id: 'abcdefgh' })).toEqual({ op: 'deny', id: 'abcdefgh' });
+  });
+
+  it('bad ones name the field, never the value', () => {
+    const cases: [unknown, string][] = [
+      [{ op: 'approvals', after: -1 }, 'approvals: after'],
+      [{ op: 'approvals', waitMs: 3_600_000 }, 'approvals: waitMs'],
+      [{ op: 'approve' }, 'approve: id'],
+      [{ op: 'approve', id: MARK.repeat(100) }, 'approve: id'],
+      [{ op: 'approve', id: 'abcdefgh', rememberMs: 0 }, 'approve: rememberMs'],
+      [{ op: 'deny', id: 5 }, 'deny: id'],
+    ];
+    for (const [request, field] of cases) expect(refusal(request), field).toBe(`bad control request: ${field}`);
+  });
+});
+
 describe('callVaultMethod', () => {
   it('calls the named method with the parsed arguments, on the api as `this`', async () => {
     const seen: [string, unknown[], unknown][] = [];
