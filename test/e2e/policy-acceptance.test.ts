@@ -229,6 +229,36 @@ exe = ["/usr/bin/ssh-add"]
   });
 });
 
+describe('rate', () => {
+  it('rate = "2/m": a third signature of the same process within the minute is refused; another process still signs', async () => {
+    setPolicy(
+      lab,
+      `[[rule]]
+action = "allow"
+purpose = "other"
+rate = "2/m"
+`,
+    );
+    const seq = lastSeq(lab);
+    const blob = Buffer.from(first.pubLine.split(/\s+/)[1]!, 'base64');
+    const conn = await RawConn.connect(lab.sock);
+    const answers: number[] = [];
+    try {
+      for (let i = 0; i < 3; i++) {
+        conn.send(signRequestFrame(blob, randomBytes(32)));
+        answers.push((await conn.reply())[0]!);
+      }
+    } finally {
+      conn.close();
+    }
+    expect(answers, lab.diagnostics()).toEqual([14, 14, 5]);
+    await waitForDecision(lab, seq, { event: 'sign-refused', decision: 'allow', rule: 1, reason: 'rate' });
+    // The count is per process: ssh-add is a process of its own.
+    const other = await run('ssh-add', ['-T', first.pubFile], { env: clientEnv(lab.sock) });
+    expect(other.code, lab.diagnostics(other)).toBe(0);
+  });
+});
+
 describe('routing', () => {
   it('ssh -v to A is offered only the key a rule allows for A, among six, and logs in', async () => {
     setPolicy(

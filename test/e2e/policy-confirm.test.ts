@@ -61,6 +61,17 @@ function startSign(namespace = 'git'): { w: Waiting; msg: string } {
   return { w, msg };
 }
 
+/** The "data to be signed" of `ssh-keygen -Y sign -n NAMESPACE` (PROTOCOL.sshsig), for a raw client. */
+function sshsigBlob(namespace: string): Buffer {
+  const str = (b: Buffer | string) => {
+    const bytes = Buffer.from(b);
+    const len = Buffer.alloc(4);
+    len.writeUInt32BE(bytes.length);
+    return Buffer.concat([len, bytes]);
+  };
+  return Buffer.concat([Buffer.from('SSHSIG'), str(namespace), str(''), str('sha512'), str(randomBytes(64))]);
+}
+
 function approvedBy(entry: Record<string, unknown>, field: 'approved_by' | 'denied_by'): Record<string, unknown> {
   const who = entry[field];
   expect(who, `${field} in ${JSON.stringify(entry)}`).toBeTypeOf('object');
@@ -157,6 +168,37 @@ describe('keyhold approve / deny from another process', () => {
       await exited;
       clearTimeout(timer);
     }
+  });
+
+  it('waiting requests are bounded per process (the fifth is refused at once), and withdrawn when their client hangs up', async () => {
+    const blob = Buffer.from(key.pubLine.split(/\s+/)[1]!, 'base64');
+    const seq = lastSeq(lab);
+    const conns: RawConn[] = [];
+    try {
+      for (let i = 0; i < 4; i++) {
+        const conn = await RawConn.connect(lab.sock);
+        conns.push(conn);
+        conn.send(signRequestFrame(blob, sshsigBlob('git')));
+      }
+      await waitFor(() => listApprovals(lab).filter((p) => JSON.stringify(p).includes(String(process.pid))).length === 4, 15_000, 'four waiting requests');
+      const fifth = await RawConn.connect(lab.sock);
+      conns.push(fifth);
+      fifth.send(signRequestFrame(blob, sshsigBlob('git')));
+      expect((await fifth.reply(5000))[0], lab.diagnostics()).toBe(5);
+      await waitForDecision(lab, seq, { event: 'sign-refused', decision: 'confirm', rule: 1, reason: 'too-many-pending' });
+      // Another process is not held up by this one's four.
+      const { w } = startSign();
+      const pending = await waitForApproval(lab, w.proc.pid!);
+      expect((await keyholdAsync(lab, ['deny', pending.id])).code).toBe(0);
+      expect((await w.done).code).not.toBe(0);
+      for (const conn of conns) expect(conn.frames.length === 0 || conn === fifth).toBe(true);
+    } finally {
+      for (const conn of conns) conn.close();
+    }
+    // Hung up: nothing of this process waits any more, and the daemon goes on.
+    await waitFor(() => listApprovals(lab).length === 0, 10_000, 'the hung-up requests to be withdrawn');
+    const listed = await run('ssh-add', ['-l'], { env: clientEnv(lab.sock), timeoutMs: 10_000 });
+    expect(listed.code, lab.diagnostics(listed)).toBe(0);
   });
 
   it('an unknown approval id is not found (exit 5)', async () => {
