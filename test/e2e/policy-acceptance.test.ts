@@ -373,6 +373,34 @@ forwarded = true
   });
 });
 
+describe('changes on a running daemon', () => {
+  it('policy set takes effect on the next request of an already open connection; policy rm restores signing as before, without decision fields', async () => {
+    keyhold(lab.k, ['policy', 'rm', lab.scope]);
+    const blob = Buffer.from(first.pubLine.split(/\s+/)[1]!, 'base64');
+    const conn = await RawConn.connect(lab.sock);
+    try {
+      const sign = async () => {
+        conn.send(signRequestFrame(blob, randomBytes(32)));
+        return (await conn.reply())[0];
+      };
+      expect(await sign(), lab.diagnostics()).toBe(14);
+      setPolicy(lab, 'default = "deny"\n');
+      expect(await sign(), 'the same connection, after policy set').toBe(5);
+      const removed = keyhold(lab.k, ['policy', 'rm', lab.scope]);
+      expect(removed.status, removed.stderr).toBe(0);
+      const seq = lastSeq(lab);
+      expect(await sign(), 'the same connection, after policy rm').toBe(14);
+      const after = completeEntries(lab.k).filter((e) => e.seq > seq && e.event === 'sign');
+      expect(after).toHaveLength(1);
+      expect(after[0]).not.toHaveProperty('decision');
+      expect(after[0]).not.toHaveProperty('rule');
+    } finally {
+      conn.close();
+    }
+    expect(keyhold(lab.k, ['policy', 'show', lab.scope]).status).toBe(5);
+  });
+});
+
 describe('audit', () => {
   it('keyhold audit tail shows each decision with its rule', () => {
     const entries = completeEntries(lab.k).filter((e) => typeof e.decision === 'string');
