@@ -15,7 +15,6 @@ import {
   launchClient,
   listApprovals,
   messageFile,
-  setPolicy,
   shellQuote,
   sshsign,
   startBridge,
@@ -43,6 +42,15 @@ function recipe(name: string): string {
   const toml = recipes.get(name);
   if (toml === undefined) throw new Error(`README.md has no <!-- policy-recipe: ${name} --> block before a toml fence`);
   return toml;
+}
+
+/** `keyhold policy set SCOPE NAME.toml`, the file holding the README's block, as the recipe's commands say. */
+function setRecipe(name: string, scope: string): void {
+  expect(readFileSync(join(REPO, 'README.md'), 'utf8'), 'the recipe tells its reader this command').toContain(`keyhold policy set ${scope} ${name}.toml`);
+  const file = join(lab.work, `${name}.toml`);
+  writeFileSync(file, recipe(name));
+  const r = keyhold(lab.k, ['policy', 'set', scope, file]);
+  expect(r.status, `keyhold policy set ${scope} ${name}.toml: ${r.stderr}`).toBe(0);
 }
 
 let lab: PolicyLab;
@@ -121,7 +129,7 @@ describe('recipe: git signing only', () => {
   it('git commit -S signs with gpg.format=ssh and git verify-commit accepts it; other namespaces and logins are refused', async () => {
     assignKey('signing');
     const sock = await scopeSocket('signing');
-    setPolicy(lab, recipe('git-signing'), 'signing');
+    setRecipe('git-signing', 'signing');
     const pub = join(lab.work, 'signing.pub');
     writeFileSync(pub, keyholdOk(lab.k, ['key', 'pub', 'signing']));
 
@@ -156,7 +164,7 @@ describe('recipe: a CI container that may only log in to one git host', () => {
   it('the ci-42 token pushes to git.example.com (host A) through keyhold bridge; host B, another subject and the host socket are refused', async () => {
     assignKey('ci');
     const hostSock = await scopeSocket('ci');
-    setPolicy(lab, recipe('ci-one-host'), 'ci');
+    setRecipe('ci-one-host', 'ci');
     const show = keyhold(lab.k, ['policy', 'show', 'ci']);
     expect(show.status, show.stderr).toBe(0);
     expect(show.stdout).toContain(GIT_HOST);
@@ -193,7 +201,7 @@ describe('recipe: a CI container that may only log in to one git host', () => {
 
 describe('recipe: confirm anything forwarded', () => {
   it('a login from the far side of ssh -A waits for `keyhold approve ID`; the same login from here asks nobody', async () => {
-    setPolicy(lab, recipe('confirm-forwarded'), 'web');
+    setRecipe('confirm-forwarded', 'web');
     let seq = lastSeq(lab);
     expectLoggedIn(await login(lab.b, lab.sock), 'ssh to B directly');
     expect(listApprovals(lab)).toEqual([]);
