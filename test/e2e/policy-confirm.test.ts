@@ -54,9 +54,9 @@ afterAll(async () => {
 }, 30_000);
 
 /** Starts `ssh-keygen -Y sign -n NS` through the scope socket without waiting for it. */
-function startSign(namespace = 'git'): { w: Waiting; msg: string } {
+function startSign(namespace = 'git', signer: LabKey = key): { w: Waiting; msg: string } {
   const msg = messageFile(lab);
-  const w = launchClient('ssh-keygen', ['-Y', 'sign', '-n', namespace, '-f', key.pubFile, msg], clientEnv(lab.sock));
+  const w = launchClient('ssh-keygen', ['-Y', 'sign', '-n', namespace, '-f', signer.pubFile, msg], clientEnv(lab.sock));
   waiting.push(w);
   return { w, msg };
 }
@@ -109,6 +109,34 @@ describe('keyhold approve / deny from another process', () => {
     expect(who.pid).toBeTypeOf('number');
     expect(who.pid).not.toBe(w.proc.pid);
     expect(listApprovals(lab).find((p) => p.id === pending.id)).toBeUndefined();
+  });
+
+  it('`keyhold approve ID --remember 1m` also covers the same process\'s next request, and not another process', async () => {
+    // The grant covers this process, key and rule: the second key keeps it away from the other tests' requests.
+    const remembered = lab.keys[1]!;
+    const blob = Buffer.from(remembered.pubLine.split(/\s+/)[1]!, 'base64');
+    const seq = lastSeq(lab);
+    const first = await RawConn.connect(lab.sock);
+    const second = await RawConn.connect(lab.sock);
+    try {
+      first.send(signRequestFrame(blob, sshsigBlob('git')));
+      const pending = await waitForApproval(lab, process.pid);
+      const approve = await keyholdAsync(lab, ['approve', pending.id, '--remember', '1m']);
+      expect(approve.code, approve.stderr).toBe(0);
+      expect((await first.reply(10_000))[0], lab.diagnostics()).toBe(14);
+      second.send(signRequestFrame(blob, sshsigBlob('git')));
+      expect((await second.reply(10_000))[0], `remembered for pid ${process.pid}\n${lab.diagnostics()}`).toBe(14);
+    } finally {
+      first.close();
+      second.close();
+    }
+    const signs = decisions(lab, seq).filter((e) => e.event === 'sign');
+    expect(signs.map((e) => (e.approved_by as { channel?: string } | undefined)?.channel), JSON.stringify(signs)).toEqual(['control', 'remembered']);
+    // ssh-keygen is another process: asked again.
+    const { w } = startSign('git', remembered);
+    const asked = await waitForApproval(lab, w.proc.pid!);
+    expect((await keyholdAsync(lab, ['deny', asked.id])).code).toBe(0);
+    expect((await w.done).code).not.toBe(0);
   });
 
   it('denied by `keyhold deny ID`: ssh-keygen fails and no signature is written', async () => {
