@@ -40,10 +40,32 @@ export interface CompiledPolicy {
   mayOffer(facts: OfferFacts): boolean;
 }
 
-/** `*` any run of characters (`/` included), `?` one character; everything else literal. */
-export function globToRegExp(glob: string): RegExp {
-  const body = glob.replace(/[.+^${}()|[\]\\*?]/g, (c) => (c === '*' ? '.*' : c === '?' ? '.' : `\\${c}`));
-  return new RegExp(`^${body}$`, 's');
+/**
+ * `*` any run of characters (`/` included), `?` one character; everything else literal. Matched
+ * greedily with one backtrack point, in at most len(glob) x len(value) steps: a regular expression
+ * such as /^.*a.*a.*a.*b$/ takes minutes on a 300-character exe path a caller can choose.
+ */
+export function globMatch(glob: string, value: string): boolean {
+  let g = 0;
+  let v = 0;
+  let star = -1;
+  let resume = 0;
+  while (v < value.length) {
+    const c = glob[g];
+    if (c === '*') {
+      star = g++;
+      resume = v;
+    } else if (c !== undefined && (c === '?' || c === value[v])) {
+      g++;
+      v++;
+    } else if (star >= 0) {
+      // Let the last `*` take one more character and try again from there.
+      g = star + 1;
+      v = ++resume;
+    } else return false;
+  }
+  while (glob[g] === '*') g++;
+  return g === glob.length;
 }
 
 export function parseRate(text: string): Rate {
@@ -53,8 +75,7 @@ export function parseRate(text: string): Rate {
 }
 
 function anyGlob(globs: string[]): (value: string) => boolean {
-  const patterns = globs.map(globToRegExp);
-  return (value) => patterns.some((p) => p.test(value));
+  return (value) => globs.some((glob) => globMatch(glob, value));
 }
 
 function compileRule(rule: PolicyRule, index: number): CompiledRule {

@@ -7,6 +7,7 @@ import { join } from 'node:path';
 import { blobKeyType, fingerprint } from '../agent-protocol/public-key.js';
 import { usageError } from '../errors.js';
 import { readCapped } from '../read-capped.js';
+import { globMatch } from './compile.js';
 import { fieldLine, type ParsedPolicy } from './parse.js';
 import type { PolicyDocument, PolicyRule, ResolvedHost } from './policy.js';
 
@@ -153,11 +154,10 @@ function hostMatcher(field: string): HostMatcher | null {
   };
 }
 
-/** OpenSSH's match_pattern: `*` any run, `?` one character, case-insensitive. */
+/** OpenSSH's match_pattern: `*` any run, `?` one character; names are looked up lowercased. */
 function wildcard(pattern: string): (name: string) => boolean {
-  const body = pattern.toLowerCase().replace(/[.+^${}()|[\]\\*?]/g, (c) => (c === '*' ? '.*' : c === '?' ? '.' : `\\${c}`));
-  const re = new RegExp(`^${body}$`, 's');
-  return (name) => re.test(name);
+  const lower = pattern.toLowerCase();
+  return (name) => globMatch(lower, name);
 }
 
 /** A policy's host as the vault keeps it, and where known_hosts said so. */
