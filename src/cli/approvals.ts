@@ -1,5 +1,6 @@
 // `keyhold approvals`, `approve ID [--remember D]`, `deny ID` and `approve --watch`: the control
 // socket's channel for confirmations. Any terminal of the user can answer; the first answer wins.
+import { existsSync } from 'node:fs';
 import { createInterface } from 'node:readline';
 import type { Argv } from 'yargs';
 import { ControlClient } from '../control/client.js';
@@ -14,15 +15,19 @@ import { printJson, printLines, table, type GlobalArgs } from './common.js';
 /** How long one `--watch` poll waits for a change before asking again. */
 const WATCH_POLL_MS = 25_000;
 
-/** The daemon serving this vault; exit 3 when none runs. */
+/**
+ * The daemon of this runtime dir; exit 3 when none runs. When this vault's key file can be read,
+ * the daemon must serve this vault (another one's requests are not ours to answer).
+ */
 async function connect(args: GlobalArgs): Promise<ControlClient> {
-  const keyring = readKeyring(vaultPaths(args.vault).keys);
   const runtime = runtimeDir();
   const client = await ControlClient.connect(runtime);
   if (!client) throw new KeyholdError('no daemon is running', 'start one with `keyhold serve` or `keyhold unlock`; nothing waits for a confirmation', EXIT.LOCKED);
   try {
     const status = await client.status();
-    if (status.vault_id !== keyring.vault_id) {
+    const keys = vaultPaths(args.vault).keys;
+    const vaultId = existsSync(keys) ? readKeyring(keys).vault_id : null;
+    if (vaultId !== null && status.vault_id !== vaultId) {
       throw new KeyholdError(`the daemon in ${runtime} (pid ${status.pid}) serves another vault, ${status.vault}`, 'set KEYHOLD_RUNTIME_DIR to reach the daemon of this vault');
     }
   } catch (err) {

@@ -14,8 +14,8 @@ import { factorCommand, passphraseCommand } from './factor.js';
 import { secretCommand } from './secret.js';
 import { envCommand } from './env.js';
 import { auditCommand } from './audit.js';
-import { policyCommand } from './policy.js';
 import { approvalsCommand, approveCommand, denyCommand } from './approvals.js';
+import { policyCommand } from './policy.js';
 
 /** Options whose value may be `-` (stdin), which yargs would otherwise take for an argument. */
 const FILE_OPTIONS = new Set(['--passphrase-file', '--key-passphrase-file', '--token-file', '--value-file', '--new-passphrase-file']);

@@ -93,10 +93,17 @@ export function scopeBackend(keys: () => KeyCache | null, scope: string, options
     return audited(signed(signSsh(entry.key, algorithm, data)), event);
   };
 
-  // Grants and rate counters live as long as the compiled policy they were made under.
+  // Grants and rate counters live as long as the policy they were made under. Every vault change
+  // compiles every policy anew; one whose document is the same keeps its state (a secret set or a
+  // token issued must not forget approvals), any other change starts afresh.
   let state: PolicyState | null = null;
+  let stateDocument = '';
   const stateFor = (policy: CompiledPolicy): PolicyState => {
-    if (state?.policy !== policy) state = new PolicyState(policy);
+    if (state?.policy === policy) return state;
+    const document = JSON.stringify(policy.document);
+    if (state && document === stateDocument) state.adopt(policy);
+    else state = new PolicyState(policy);
+    stateDocument = document;
     return state;
   };
 
@@ -128,8 +135,7 @@ export function scopeBackend(keys: () => KeyCache | null, scope: string, options
     if (decision.action === 'deny') return audited(refusal('policy', fp), event);
     const current = stateFor(policy);
     const rule = decision.rule === null ? null : policy.rules[decision.rule]!;
-    const account = peerAccount(context);
-    if (rule && !current.takeRate(account, rule)) return audited(refusal('rate', fp), event);
+    if (rule?.rate && !current.takeRate(peerAccount(context), rule)) return audited(refusal('rate', fp), event);
     if (decision.action === 'allow') return signWith(entry, algorithm, data, event);
 
     const identity = peerIdentity(context);
@@ -152,7 +158,7 @@ export function scopeBackend(keys: () => KeyCache | null, scope: string, options
     };
     // The data is a view into a socket chunk, and the answer may take seconds.
     const kept = Buffer.from(data);
-    return approvals.ask(question, account, context.hangup).then((outcome) => {
+    return approvals.ask(question, peerAccount(context), context.hangup).then((outcome) => {
       if (!outcome.approved) {
         if (outcome.reason === 'denied') event.denied_by = outcome.by;
         return audited(refusal(outcome.reason, fp), event);

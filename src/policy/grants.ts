@@ -1,6 +1,6 @@
 // What a scope's policy remembers between requests: `remember` grants (an approval covering a peer
 // process or token, a key and a rule for a while) and `rate` counters (per rule and peer). Both
-// belong to one compiled policy: a new vault version brings a new object, and with it a fresh state.
+// belong to one policy document: the backend starts a fresh state when the scope's policy changes.
 // Memory stays bounded: expired grants and idle counters are swept, and each map has a cap.
 import type { CompiledPolicy, CompiledRule } from './compile.js';
 import type { RequestContext } from '../signer/backend.js';
@@ -40,10 +40,19 @@ export class PolicyState {
   private sweptAt: number;
 
   constructor(
-    readonly policy: CompiledPolicy,
+    private current: CompiledPolicy,
     now = Date.now(),
   ) {
     this.sweptAt = now;
+  }
+
+  get policy(): CompiledPolicy {
+    return this.current;
+  }
+
+  /** The same document compiled again (a new vault version): the state carries over. */
+  adopt(policy: CompiledPolicy): void {
+    this.current = policy;
   }
 
   /** Whether a remembered approval covers this peer, key and rule now. */

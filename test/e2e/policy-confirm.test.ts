@@ -1,367 +1,326 @@
-// Issue 12's acceptance for `confirm` with real clients: a waiting `ssh-keygen -Y sign` is approved
-// or denied by `keyhold approve/deny ID` from another process, or times out; other clients are
-// served meanwhile; a confirm program (SSH_ASKPASS-style) answers by its exit code; `remember`
-// covers the same process's next request and not another pid's. Each decision is audited with who
-// approved it.
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { randomBytes } from 'node:crypto';
-import { spawn } from 'node:child_process';
-import { chmodSync, existsSync, readFileSync, writeFileSync } from 'node:fs';
+// End-to-end: confirmations with a real daemon and real clients. A waiting `ssh-keygen -Y sign`
+// is approved, denied or timed out by `keyhold approve/deny` from another process (or by
+// `approve --watch`, or a confirm program) while `ssh-add -l` on the same scope answers at once;
+// remember covers the same process only; a rate refuses the 4th; hundreds of waiting requests stay
+// bounded; a client that hangs up leaves nothing listed; a scope without a policy writes today's
+// audit fields.
+import { spawnSync } from 'node:child_process';
+import { chmodSync, existsSync, mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { keyhold, KEYHOLD_BIN, waitFor } from '../helpers/keyhold.js';
-import { RawConn, signRequestFrame, verifyEd25519 } from '../helpers/raw-wire.js';
-import { run } from '../helpers/sshd.js';
+import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { completeEntries, type Entry } from '../helpers/audit.js';
 import {
-  clientEnv,
-  decisions,
-  keyholdAsync,
-  lastSeq,
-  launchClient,
+  daemonPid,
+  initVault,
+  keyhold,
+  keyholdOk,
+  makeKeyholdEnv,
+  startServe,
+  stopAllServes,
+  waitFor,
+  type KeyholdEnv,
+  type ServeHandle,
+} from '../helpers/keyhold.js';
+import {
   listApprovals,
-  messageFile,
-  setPolicy,
-  shellQuote,
-  startPolicyLab,
-  verifySshsig,
-  waitForApproval,
-  waitForDecision,
-  type LabKey,
-  type PolicyLab,
+  killWaiting,
+  residentKiB,
+  setPolicyThroughDaemon,
+  spawnWaiting,
+  waitForApprovals,
   type Waiting,
-} from '../helpers/policy-lab.js';
+} from '../helpers/policy-daemon.js';
+import { RawConn, signRequestFrame, verifyEd25519 } from '../helpers/raw-wire.js';
 
-let lab: PolicyLab;
-let key: LabKey;
-const waiting: Waiting[] = [];
+const CONFIRM_GIT = { default: 'deny', rules: [{ action: 'confirm', purpose: 'sshsig', namespaces: ['git'] }] } as const;
 
-const CONFIRM_SSHSIG = `default = "deny"
+interface Fixture {
+  k: KeyholdEnv;
+  serve: ServeHandle;
+  pubFile: string;
+  blob: Buffer;
+  msgFile: string;
+  socket: string;
+}
 
-[[rule]]
-action = "confirm"
-purpose = "sshsig"
-`;
+/** A vault with one key in `web` and one in `plain`, and a daemon started with `serveArgs`. */
+async function fixture(serveArgs: string[] = []): Promise<Fixture> {
+  const k = makeKeyholdEnv('keyhold-confirm-');
+  initVault(k);
+  const pubLine = keyholdOk(k, ['key', 'generate', 'web', '--comment', 'deploy']).trim();
+  keyholdOk(k, ['key', 'generate', 'plain']);
+  const pubFile = join(k.dir, 'web.pub');
+  writeFileSync(pubFile, pubLine + '\n');
+  const msgFile = join(k.dir, 'message');
+  writeFileSync(msgFile, 'commit 1\n');
+  const serve = await startServe(k, serveArgs);
+  return { k, serve, pubFile, blob: Buffer.from(pubLine.split(' ')[1]!, 'base64'), msgFile, socket: serve.socket('web') };
+}
 
-beforeAll(async () => {
-  lab = await startPolicyLab({ prefix: 'keyhold-policy-confirm-', keyCount: 2, serveArgs: ['--confirm-timeout', '30s'] });
-  key = lab.keys[0]!;
-  setPolicy(lab, CONFIRM_SSHSIG);
-}, 90_000);
+function signWithKeygen(f: Fixture, namespace = 'git', socket = f.socket): Waiting {
+  const msg = join(mkdtempSync(join(f.k.dir, 'sig-')), 'message');
+  writeFileSync(msg, `signed ${Math.random()}\n`);
+  return spawnWaiting('ssh-keygen', ['-Y', 'sign', '-n', namespace, '-f', f.pubFile, msg], { ...process.env, SSH_AUTH_SOCK: socket });
+}
+
+const signEntries = (k: KeyholdEnv): Entry[] => completeEntries(k).filter((e) => e.event === 'sign' || e.event === 'sign-refused');
+const lastSign = (k: KeyholdEnv): Entry => signEntries(k).at(-1)!;
+
+function sshAddList(socket: string): { status: number | null; ms: number } {
+  const started = Date.now();
+  const r = spawnSync('ssh-add', ['-l'], { env: { ...process.env, SSH_AUTH_SOCK: socket }, encoding: 'utf8', timeout: 10_000 });
+  return { status: r.status, ms: Date.now() - started };
+}
+
+afterEach(() => {
+  killWaiting();
+});
 
 afterAll(async () => {
-  for (const w of waiting) if (!w.exited()) w.proc.kill('SIGKILL');
-  await Promise.all(waiting.map((w) => w.done));
-  await lab?.stop();
-}, 30_000);
-
-/** Starts `ssh-keygen -Y sign -n NS` through the scope socket without waiting for it. */
-function startSign(namespace = 'git', signer: LabKey = key): { w: Waiting; msg: string } {
-  const msg = messageFile(lab);
-  const w = launchClient('ssh-keygen', ['-Y', 'sign', '-n', namespace, '-f', signer.pubFile, msg], clientEnv(lab.sock));
-  waiting.push(w);
-  return { w, msg };
-}
-
-/** The "data to be signed" of `ssh-keygen -Y sign -n NAMESPACE` (PROTOCOL.sshsig), for a raw client. */
-function sshsigBlob(namespace: string): Buffer {
-  const str = (b: Buffer | string) => {
-    const bytes = Buffer.from(b);
-    const len = Buffer.alloc(4);
-    len.writeUInt32BE(bytes.length);
-    return Buffer.concat([len, bytes]);
-  };
-  return Buffer.concat([Buffer.from('SSHSIG'), str(namespace), str(''), str('sha512'), str(randomBytes(64))]);
-}
-
-function approvedBy(entry: Record<string, unknown>, field: 'approved_by' | 'denied_by'): Record<string, unknown> {
-  const who = entry[field];
-  expect(who, `${field} in ${JSON.stringify(entry)}`).toBeTypeOf('object');
-  return who as Record<string, unknown>;
-}
+  await stopAllServes();
+});
 
 describe('keyhold approve / deny from another process', () => {
-  it('a waiting ssh-keygen -Y sign is approved by `keyhold approve ID` and succeeds; ssh-add -l is answered meanwhile', async () => {
-    const seq = lastSeq(lab);
-    const { w, msg } = startSign();
-    const pending = await waitForApproval(lab, w.proc.pid!);
-    expect(pending.id).toMatch(/^[a-z2-7]{8}$/i);
-    // The question names scope, key, purpose, namespace and the caller.
-    const question = JSON.stringify(pending);
-    for (const part of [lab.scope, key.fingerprint, 'sshsig', 'git', '/usr/bin/ssh-keygen']) expect(question).toContain(part);
+  let f: Fixture;
+  beforeAll(async () => {
+    f = await fixture(['--confirm-timeout', '4s']);
+    await setPolicyThroughDaemon(f.k, 'web', CONFIRM_GIT as never);
+  });
+  afterAll(() => f.k.cleanup());
 
-    // Another client is served while the sign request waits.
-    const listed = await run('ssh-add', ['-l'], { env: clientEnv(lab.sock), timeoutMs: 10_000 });
-    expect(listed.code, lab.diagnostics(listed)).toBe(0);
-    expect(listed.stdout).toContain(key.fingerprint);
-    expect(w.exited(), 'ssh-keygen must still be waiting for its approval while ssh-add -l returned').toBe(false);
+  it('a waiting ssh-keygen -Y sign is listed, ssh-add -l answers meanwhile, and `keyhold approve ID` lets it sign', async () => {
+    const signer = signWithKeygen(f);
+    const [pending] = await waitForApprovals(f.k, 1);
+    expect(pending).toMatchObject({ scope: 'web', purpose: 'sshsig', namespace: 'git', rule: 1, key: { comment: 'deploy' } });
+    expect(pending!.caller.exe).toMatch(/ssh-keygen$/);
+    expect(pending!.caller.pid).toBe(signer.proc.pid);
+    const table = keyholdOk(f.k, ['approvals']);
+    expect(table.split('\n')[0]).toMatch(/^ID\s+SCOPE\s+KEY\s+PURPOSE\s+HOST\/NAMESPACE\s+CALLER\s+WAITING$/);
+    expect(table).toContain(pending!.id);
 
-    const approve = await keyholdAsync(lab, ['approve', pending.id]);
-    expect(approve.code, `keyhold approve: ${approve.stderr}`).toBe(0);
-    const signed = await w.done;
-    expect(signed.code, lab.diagnostics(signed)).toBe(0);
-    const verified = await verifySshsig(lab, key, 'git', msg);
-    expect(verified.code, verified.stdout + verified.stderr).toBe(0);
+    const list = sshAddList(f.socket);
+    expect(list.status).toBe(0);
+    expect(list.ms).toBeLessThan(2_000);
 
-    const entry = await waitForDecision(lab, seq, { event: 'sign', decision: 'confirm', rule: 1 });
-    expect(entry).toMatchObject({ purpose: 'sshsig', namespace: 'git', fingerprint: key.fingerprint });
-    const who = approvedBy(entry, 'approved_by');
-    expect(who.channel).toBe('control');
-    expect(who.uid).toBe(process.getuid!());
-    expect(who.pid).toBeTypeOf('number');
-    expect(who.pid).not.toBe(w.proc.pid);
-    expect(listApprovals(lab).find((p) => p.id === pending.id)).toBeUndefined();
+    expect(keyhold(f.k, ['approve', pending!.id]).status).toBe(0);
+    const done = await signer.done;
+    expect(done.code, done.stderr).toBe(0);
+    expect(lastSign(f.k)).toMatchObject({ event: 'sign', decision: 'confirm', rule: 1, purpose: 'sshsig', namespace: 'git', approved_by: { channel: 'control' } });
+    expect(listApprovals(f.k)).toEqual([]);
+    expect(keyholdOk(f.k, ['audit', 'tail', '-n', '1'])).toMatch(/decision=confirm rule=1 purpose=sshsig namespace="git" approved-by=control\(pid \d+ uid \d+\)/);
   });
 
-  it('`keyhold approve ID --remember 1m` also covers the same process\'s next request, and not another process', async () => {
-    // The grant covers this process, key and rule: the second key keeps it away from the other tests' requests.
-    const remembered = lab.keys[1]!;
-    const blob = Buffer.from(remembered.pubLine.split(/\s+/)[1]!, 'base64');
-    const seq = lastSeq(lab);
-    const first = await RawConn.connect(lab.sock);
-    const second = await RawConn.connect(lab.sock);
-    try {
-      first.send(signRequestFrame(blob, sshsigBlob('git')));
-      const pending = await waitForApproval(lab, process.pid);
-      const approve = await keyholdAsync(lab, ['approve', pending.id, '--remember', '1m']);
-      expect(approve.code, approve.stderr).toBe(0);
-      expect((await first.reply(10_000))[0], lab.diagnostics()).toBe(14);
-      second.send(signRequestFrame(blob, sshsigBlob('git')));
-      expect((await second.reply(10_000))[0], `remembered for pid ${process.pid}\n${lab.diagnostics()}`).toBe(14);
-    } finally {
-      first.close();
-      second.close();
-    }
-    const signs = decisions(lab, seq).filter((e) => e.event === 'sign');
-    expect(signs.map((e) => (e.approved_by as { channel?: string } | undefined)?.channel), JSON.stringify(signs)).toEqual(['control', 'remembered']);
-    // ssh-keygen is another process: asked again.
-    const { w } = startSign('git', remembered);
-    const asked = await waitForApproval(lab, w.proc.pid!);
-    expect((await keyholdAsync(lab, ['deny', asked.id])).code).toBe(0);
-    expect((await w.done).code).not.toBe(0);
+  it('denied: ssh-keygen fails; timed out: it fails after the confirm timeout', async () => {
+    const denied = signWithKeygen(f);
+    const [pending] = await waitForApprovals(f.k, 1);
+    expect(keyhold(f.k, ['deny', pending!.id]).status).toBe(0);
+    expect((await denied.done).code).not.toBe(0);
+    expect(lastSign(f.k)).toMatchObject({ event: 'sign-refused', reason: 'denied', decision: 'confirm', denied_by: { channel: 'control' } });
+
+    const started = Date.now();
+    const late = signWithKeygen(f);
+    expect((await late.done).code).not.toBe(0);
+    expect(Date.now() - started).toBeGreaterThanOrEqual(3_500);
+    expect(lastSign(f.k)).toMatchObject({ event: 'sign-refused', reason: 'confirm-timeout' });
   });
 
-  it('denied by `keyhold deny ID`: ssh-keygen fails and no signature is written', async () => {
-    const seq = lastSeq(lab);
-    const { w, msg } = startSign();
-    const pending = await waitForApproval(lab, w.proc.pid!);
-    const deny = await keyholdAsync(lab, ['deny', pending.id]);
-    expect(deny.code, `keyhold deny: ${deny.stderr}`).toBe(0);
-    const signed = await w.done;
-    expect(signed.code, lab.diagnostics(signed)).not.toBe(0);
-    expect(existsSync(`${msg}.sig`)).toBe(false);
-    const entry = await waitForDecision(lab, seq, { event: 'sign-refused', decision: 'confirm', rule: 1, reason: 'denied' });
-    const who = approvedBy(entry, 'denied_by');
-    expect(who.channel).toBe('control');
-    expect(who.uid).toBe(process.getuid!());
+  it('a namespace no rule confirms is refused at once (policy); an unknown id exits 5', async () => {
+    const refused = signWithKeygen(f, 'file');
+    expect((await refused.done).code).not.toBe(0);
+    expect(lastSign(f.k)).toMatchObject({ event: 'sign-refused', reason: 'policy', decision: 'deny', rule: 'default', namespace: 'file' });
+    expect(keyhold(f.k, ['approve', 'zzzzzzzz']).status).toBe(5);
+    expect(keyhold(f.k, ['deny', 'zzzzzzzz']).status).toBe(5);
   });
 
-  it('`keyhold approve --watch` on a terminal asks y/n for a waiting request; y approves it', async () => {
-    // A terminal for the watcher: script(1) gives it a pty whose input is our pipe.
-    const watcher = spawn('script', ['-qfec', `${shellQuote(process.execPath)} ${shellQuote(KEYHOLD_BIN)} approve --watch`, '/dev/null'], {
-      env: lab.k.env,
-      stdio: ['pipe', 'pipe', 'pipe'],
-      detached: true,
-    });
-    let screen = '';
-    watcher.stdout!.on('data', (d: Buffer) => (screen += d.toString()));
-    watcher.stderr!.on('data', (d: Buffer) => (screen += d.toString()));
-    const exited = new Promise<void>((resolve) => watcher.once('exit', () => resolve()));
-    try {
-      const seq = lastSeq(lab);
-      const { w, msg } = startSign();
-      const pending = await waitForApproval(lab, w.proc.pid!);
-      await waitFor(() => screen.includes(pending.id) || screen.includes(String(w.proc.pid)), 15_000, `approve --watch to ask about ${pending.id}`).catch(
-        (err: Error) => {
-          throw new Error(`${err.message}; the terminal showed: ${JSON.stringify(screen)}`);
-        },
-      );
-      watcher.stdin!.write('y\n');
-      const signed = await w.done;
-      expect(signed.code, `${lab.diagnostics(signed)}\n--- approve --watch ---\n${screen}`).toBe(0);
-      expect((await verifySshsig(lab, key, 'git', msg)).code).toBe(0);
-      const entry = await waitForDecision(lab, seq, { event: 'sign', decision: 'confirm', rule: 1 });
-      expect(approvedBy(entry, 'approved_by')).toMatchObject({ channel: 'control', uid: process.getuid!() });
-    } finally {
-      try {
-        process.kill(-watcher.pid!, 'SIGTERM');
-      } catch {
-        /* already gone */
-      }
-      const timer = setTimeout(() => {
-        try {
-          process.kill(-watcher.pid!, 'SIGKILL');
-        } catch {
-          /* already gone */
-        }
-      }, 3000);
-      await exited;
-      clearTimeout(timer);
-    }
+  it('a client that hangs up while it waits leaves no entry in `approvals`', async () => {
+    const signer = signWithKeygen(f);
+    await waitForApprovals(f.k, 1);
+    signer.proc.kill('SIGKILL');
+    await waitForApprovals(f.k, 0, 3_000);
+    await waitFor(() => lastSign(f.k)?.reason === 'withdrawn', 3_000, 'the withdrawal in the audit log');
   });
 
-  it('waiting requests are bounded per process (the fifth is refused at once), and withdrawn when their client hangs up', async () => {
-    const blob = Buffer.from(key.pubLine.split(/\s+/)[1]!, 'base64');
-    const seq = lastSeq(lab);
-    const conns: RawConn[] = [];
-    try {
-      for (let i = 0; i < 4; i++) {
-        const conn = await RawConn.connect(lab.sock);
-        conns.push(conn);
-        conn.send(signRequestFrame(blob, sshsigBlob('git')));
-      }
-      await waitFor(() => listApprovals(lab).filter((p) => JSON.stringify(p).includes(String(process.pid))).length === 4, 15_000, 'four waiting requests');
-      const fifth = await RawConn.connect(lab.sock);
-      conns.push(fifth);
-      fifth.send(signRequestFrame(blob, sshsigBlob('git')));
-      expect((await fifth.reply(5000))[0], lab.diagnostics()).toBe(5);
-      await waitForDecision(lab, seq, { event: 'sign-refused', decision: 'confirm', rule: 1, reason: 'too-many-pending' });
-      // Another process is not held up by this one's four.
-      const { w } = startSign();
-      const pending = await waitForApproval(lab, w.proc.pid!);
-      expect((await keyholdAsync(lab, ['deny', pending.id])).code).toBe(0);
-      expect((await w.done).code).not.toBe(0);
-      for (const conn of conns) expect(conn.frames.length === 0 || conn === fifth).toBe(true);
-    } finally {
-      for (const conn of conns) conn.close();
-    }
-    // Hung up: nothing of this process waits any more, and the daemon goes on.
-    await waitFor(() => listApprovals(lab).length === 0, 10_000, 'the hung-up requests to be withdrawn');
-    const listed = await run('ssh-add', ['-l'], { env: clientEnv(lab.sock), timeoutMs: 10_000 });
-    expect(listed.code, lab.diagnostics(listed)).toBe(0);
-  });
-
-  it('an unknown approval id is not found (exit 5)', async () => {
-    const r = await keyholdAsync(lab, ['approve', 'aaaaaaaa']);
-    expect(r.code, r.stderr).toBe(5);
+  it('approve --watch asks y/n for each new request, reading lines from a pipe, and ends at end of input', async () => {
+    const watcher = spawnWaiting(process.execPath, [join(import.meta.dirname, '..', '..', 'bin', 'keyhold'), 'approve', '--watch'], f.k.env);
+    const first = signWithKeygen(f);
+    await waitFor(() => /approve [a-z2-7]{8}\? \[y\/N\] $/.test(watcher.stdout()), 10_000, 'the question');
+    expect(watcher.stdout()).toContain('ssh-keygen signature in namespace git');
+    watcher.proc.stdin!.write('y\n');
+    expect((await first.done).code).toBe(0);
+    const second = signWithKeygen(f);
+    await waitFor(() => (watcher.stdout().match(/\[y\/N\] /g) ?? []).length === 2, 10_000, 'the second question');
+    watcher.proc.stdin!.write('n\n');
+    expect((await second.done).code).not.toBe(0);
+    watcher.proc.stdin!.end();
+    const ended = await watcher.done;
+    expect(ended.code).toBe(0);
+    expect(ended.stdout).toMatch(/approved [a-z2-7]{8}\n[^]*denied [a-z2-7]{8}\n/);
   });
 });
 
-describe('confirm_timeout', () => {
-  it('nobody answers: refused after --confirm-timeout, and the approval is gone', async () => {
-    await lab.restart(['--confirm-timeout', '2s']);
-    setPolicy(lab, CONFIRM_SSHSIG);
-    const seq = lastSeq(lab);
-    const { w, msg } = startSign();
-    // Not waited for in `keyhold approvals`: on a busy machine the CLI may start after 2 s.
-    const signed = await w.done;
-    expect(signed.code, lab.diagnostics(signed)).not.toBe(0);
-    expect(existsSync(`${msg}.sig`)).toBe(false);
-    await waitForDecision(lab, seq, { event: 'sign-refused', decision: 'confirm', rule: 1, reason: 'confirm-timeout' });
-    expect(listApprovals(lab)).toEqual([]);
+describe('remember and rate', () => {
+  let f: Fixture;
+  beforeAll(async () => {
+    f = await fixture(['--confirm-timeout', '10s']);
+  });
+  afterAll(() => f.k.cleanup());
+
+  it('remember = "1m": the same process is not asked again (another connection too); another pid is', async () => {
+    await setPolicyThroughDaemon(f.k, 'web', { default: 'deny', rules: [{ action: 'confirm', remember: '1m' }] });
+    const data = Buffer.from('other data 1');
+    const first = await RawConn.connect(f.socket);
+    first.send(signRequestFrame(f.blob, data));
+    const [pending] = await waitForApprovals(f.k, 1);
+    expect(pending!.caller.pid).toBe(process.pid);
+    keyholdOk(f.k, ['approve', pending!.id]);
+    expect(verifyEd25519(f.blob, data, await first.reply(5_000))).toBe(true);
+
+    const second = await RawConn.connect(f.socket);
+    const more = Buffer.from('other data 2');
+    second.send(signRequestFrame(f.blob, more));
+    expect(verifyEd25519(f.blob, more, await second.reply(2_000))).toBe(true);
+    expect(lastSign(f.k)).toMatchObject({ event: 'sign', decision: 'confirm', approved_by: { channel: 'remembered' } });
+    first.close();
+    second.close();
+
+    const stranger = signWithKeygen(f);
+    const [asked] = await waitForApprovals(f.k, 1);
+    expect(asked!.caller.pid).toBe(stranger.proc.pid);
+    keyholdOk(f.k, ['deny', asked!.id]);
+    expect((await stranger.done).code).not.toBe(0);
+  });
+
+  it('approve --remember D covers the process even when the rule has no remember', async () => {
+    await setPolicyThroughDaemon(f.k, 'web', { default: 'confirm', rules: [] });
+    const conn = await RawConn.connect(f.socket);
+    conn.send(signRequestFrame(f.blob, Buffer.from('a')));
+    const [pending] = await waitForApprovals(f.k, 1);
+    keyholdOk(f.k, ['approve', pending!.id, '--remember', '5m']);
+    expect((await conn.reply(5_000))[0]).toBe(14);
+    conn.send(signRequestFrame(f.blob, Buffer.from('b')));
+    expect((await conn.reply(2_000))[0]).toBe(14);
+    expect(lastSign(f.k)).toMatchObject({ rule: 'default', approved_by: { channel: 'remembered' } });
+    conn.close();
+  });
+
+  it('rate = "3/m": the 4th signature of a process within the minute is refused (rate)', async () => {
+    await setPolicyThroughDaemon(f.k, 'web', { default: 'deny', rules: [{ action: 'allow', rate: '3/m' }] });
+    const conn = await RawConn.connect(f.socket);
+    const types: number[] = [];
+    for (let i = 0; i < 4; i++) {
+      conn.send(signRequestFrame(f.blob, Buffer.from(`rate ${i}`)));
+      types.push((await conn.reply(5_000))[0]!);
+    }
+    expect(types).toEqual([14, 14, 14, 5]);
+    expect(lastSign(f.k)).toMatchObject({ event: 'sign-refused', reason: 'rate', decision: 'allow', rule: 1 });
+    conn.close();
+  });
+
+  it('a scope without a policy writes exactly the audit fields it always did', async () => {
+    const plainPub = join(f.k.dir, 'plain.pub');
+    writeFileSync(plainPub, keyholdOk(f.k, ['key', 'pub', 'plain']));
+    const msg = join(f.k.dir, 'plain-message');
+    writeFileSync(msg, 'x\n');
+    const r = spawnSync('ssh-keygen', ['-Y', 'sign', '-n', 'git', '-f', plainPub, msg], { env: { ...process.env, SSH_AUTH_SOCK: f.serve.socket('plain') }, encoding: 'utf8' });
+    expect(r.status, r.stderr).toBe(0);
+    expect(Object.keys(lastSign(f.k)).sort()).toEqual(['algorithm', 'data_sha256', 'event', 'fingerprint', 'mac', 'peer', 'prev', 'scope', 'seq', 'time']);
+  });
+
+  it('500 waiting requests from 17 processes: 64 wait, the rest are refused (too-many-pending), the daemon stays small and answers; all gone when the clients are', async () => {
+    await setPolicyThroughDaemon(f.k, 'web', { default: 'confirm', rules: [] });
+    const pid = daemonPid(f.k.runtime)!;
+    const before = residentKiB(pid);
+    const frame = signRequestFrame(f.blob, Buffer.from('flood')).toString('base64');
+    // Each child opens its connections, sends one request on each and waits (for replies or a kill).
+    const script = `
+      const net = require('node:net');
+      const frame = Buffer.from(${JSON.stringify(frame)}, 'base64');
+      let replies = 0;
+      for (let i = 0; i < Number(process.argv[1]); i++) {
+        const s = net.connect(process.argv[2], () => s.write(frame));
+        s.on('data', () => { if (++replies % 10 === 0) process.stdout.write('.'); });
+        s.on('error', () => {});
+      }
+      setInterval(() => {}, 1000);`;
+    const children = Array.from({ length: 17 }, (_, i) =>
+      spawnWaiting(process.execPath, ['-e', script, String(i < 7 ? 30 : 29), f.socket], process.env),
+    );
+    await waitForApprovals(f.k, 64, 20_000);
+    await waitFor(() => signEntries(f.k).filter((e) => e.reason === 'too-many-pending').length >= 500 - 64, 20_000, 'the refusals');
+    expect(sshAddList(f.socket).ms).toBeLessThan(2_000);
+    expect(residentKiB(pid) - before).toBeLessThan(64 * 1024);
+    await waitFor(() => f.serve.stderr().includes('too many sign requests wait for a confirmation'), 3_000, 'the log line');
+    expect(f.serve.stderr().match(/too many sign requests wait for a confirmation/g)).toHaveLength(1);
+    for (const child of children) child.proc.kill('SIGKILL');
+    await waitForApprovals(f.k, 0, 5_000);
+    expect(f.serve.proc.exitCode).toBe(null);
   });
 });
 
 describe('a confirm program', () => {
-  let program: string;
-  let answerFile: string;
-  let questionsFile: string;
-  const questions = (): string[] => (existsSync(questionsFile) ? readFileSync(questionsFile, 'utf8').split('\n').filter(Boolean) : []);
-  const answer = (code: 0 | 1) => writeFileSync(answerFile, `${code}\n`);
+  const home = makeKeyholdEnv('keyhold-askpass-');
+  afterAll(() => home.cleanup());
+  const scripts = mkdtempSync(join(home.dir, 'bin-'));
+  const script = (name: string, body: string) => {
+    const path = join(scripts, name);
+    writeFileSync(path, `#!/bin/sh\n${body}\n`);
+    chmodSync(path, 0o700);
+    return path;
+  };
 
-  beforeAll(async () => {
-    program = join(lab.work, 'confirm-program');
-    answerFile = join(lab.work, 'confirm-answer');
-    questionsFile = join(lab.work, 'confirm-questions');
-    // Prints nothing; records how it was asked; answers with its exit code.
-    writeFileSync(
-      program,
-      `#!/bin/sh
-printf '%s|%s\\n' "$SSH_ASKPASS_PROMPT" "$1" | tr -d '\\n' >> '${questionsFile}'
-echo >> '${questionsFile}'
-exit "$(cat '${answerFile}')"
-`,
-    );
-    chmodSync(program, 0o755);
-    answer(0);
-    await lab.restart(['--confirm-program', program, '--confirm-timeout', '20s']);
-  }, 30_000);
+  async function withProgram(program: string, test: (f: Fixture) => Promise<void>): Promise<void> {
+    const f = await fixture(['--confirm-timeout', '3s', '--confirm-program', program]);
+    try {
+      await setPolicyThroughDaemon(f.k, 'web', CONFIRM_GIT as never);
+      await test(f);
+    } finally {
+      await f.serve.stop();
+      f.k.cleanup();
+    }
+  }
 
-  it('exit 0 approves, exit 1 denies; it is asked with SSH_ASKPASS_PROMPT=confirm and a question naming the request', async () => {
-    setPolicy(lab, CONFIRM_SSHSIG);
-    let seq = lastSeq(lab);
-    answer(0);
-    const yes = startSign();
-    const approved = await yes.w.done;
-    expect(approved.code, lab.diagnostics(approved)).toBe(0);
-    expect((await verifySshsig(lab, key, 'git', yes.msg)).code).toBe(0);
-    const asked = questions();
-    expect(asked).toHaveLength(1);
-    expect(asked[0]).toMatch(/^confirm\|/);
-    for (const part of [lab.scope, 'git', 'ssh-keygen', String(yes.w.proc.pid)]) expect(asked[0]).toContain(part);
-    const entry = await waitForDecision(lab, seq, { event: 'sign', decision: 'confirm', rule: 1 });
-    expect(approvedBy(entry, 'approved_by')).toMatchObject({ channel: 'program', program });
-
-    seq = lastSeq(lab);
-    answer(1);
-    const no = startSign();
-    const denied = await no.w.done;
-    expect(denied.code, lab.diagnostics(denied)).not.toBe(0);
-    expect(existsSync(`${no.msg}.sig`)).toBe(false);
-    expect(questions()).toHaveLength(2);
-    const refused = await waitForDecision(lab, seq, { event: 'sign-refused', decision: 'confirm', rule: 1, reason: 'denied' });
-    expect(approvedBy(refused, 'denied_by')).toMatchObject({ channel: 'program', program });
+  it('that prints nothing and exits 0 approves (approved_by program); exits 1 denies', async () => {
+    await withProgram(script('yes', 'exit 0'), async (f) => {
+      expect((await signWithKeygen(f).done).code).toBe(0);
+      expect(lastSign(f.k)).toMatchObject({ event: 'sign', approved_by: { channel: 'program', program: join(scripts, 'yes') } });
+    });
+    await withProgram(script('no', 'exit 1'), async (f) => {
+      expect((await signWithKeygen(f).done).code).not.toBe(0);
+      expect(lastSign(f.k)).toMatchObject({ event: 'sign-refused', reason: 'denied', denied_by: { channel: 'program' } });
+    });
   });
 
-  it('remember = "1m": the same process signs again without a question, another pid is asked', async () => {
-    setPolicy(
-      lab,
-      `default = "deny"
-
-[[rule]]
-action = "confirm"
-remember = "1m"
-`,
-    );
-    const blob = Buffer.from(key.pubLine.split(/\s+/)[1]!, 'base64');
-    const signFromThisProcess = async (): Promise<Buffer> => {
-      const conn = await RawConn.connect(lab.sock);
-      try {
-        const data = randomBytes(40);
-        conn.send(signRequestFrame(blob, data));
-        const reply = await conn.reply(25_000);
-        if (reply[0] === 14) expect(verifyEd25519(blob, data, reply)).toBe(true);
-        return reply;
-      } finally {
-        conn.close();
-      }
-    };
-    const seq = lastSeq(lab);
-    const before = questions().length;
-    answer(0);
-    expect((await signFromThisProcess())[0], lab.diagnostics()).toBe(14);
-    expect(questions()).toHaveLength(before + 1);
-
-    // From now on the program would say no: only the remembered grant can approve.
-    answer(1);
-    expect((await signFromThisProcess())[0], `second connection of pid ${process.pid}\n${lab.diagnostics()}`).toBe(14);
-    expect(questions(), 'the remembered approval asks nobody').toHaveLength(before + 1);
-    const signs = decisions(lab, seq).filter((e) => e.event === 'sign' && e.decision === 'confirm' && e.rule === 1);
-    expect(signs.map((e) => (e.approved_by as { channel?: string } | undefined)?.channel), JSON.stringify(signs)).toEqual(['program', 'remembered']);
-
-    // Another process (ssh-keygen, same key, same rule) is asked, and the program says no.
-    const other = startSign();
-    const r = await other.w.done;
-    expect(r.code, lab.diagnostics(r)).not.toBe(0);
-    expect(questions()).toHaveLength(before + 2);
+  it('that hangs is killed once `keyhold approve` answers; one that is missing is logged and approve still works', async () => {
+    const pidFile = join(scripts, 'hang.pid');
+    await withProgram(script('hang', `echo $$ > '${pidFile}'; exec sleep 60`), async (f) => {
+      const signer = signWithKeygen(f);
+      const [pending] = await waitForApprovals(f.k, 1);
+      await waitFor(() => existsSync(pidFile), 5_000, 'the program to start');
+      const programPid = Number(readFileSync(pidFile, 'utf8'));
+      keyholdOk(f.k, ['approve', pending!.id]);
+      expect((await signer.done).code).toBe(0);
+      await waitFor(() => !existsSync(`/proc/${programPid}`) || readFileSync(`/proc/${programPid}/stat`, 'utf8').includes(') Z'), 5_000, 'the program to be killed');
+    });
+    await withProgram(join(scripts, 'missing'), async (f) => {
+      const signer = signWithKeygen(f);
+      const [pending] = await waitForApprovals(f.k, 1);
+      keyholdOk(f.k, ['approve', pending!.id]);
+      expect((await signer.done).code).toBe(0);
+      expect(f.serve.stderr()).toContain('cannot run the confirm program');
+    });
   });
 });
 
-describe('audit', () => {
-  it('keyhold audit tail names who answered each confirm; the log verifies', () => {
-    const confirms = decisions(lab).filter((e) => e.decision === 'confirm');
-    const channels = new Set(confirms.flatMap((e) => [e.approved_by, e.denied_by]).map((by) => (by as { channel?: string } | undefined)?.channel));
-    for (const channel of ['control', 'program', 'remembered']) expect(channels, JSON.stringify(confirms)).toContain(channel);
-    const tail = keyhold(lab.k, ['audit', 'tail', '-n', '400']);
-    expect(tail.status, tail.stderr).toBe(0);
-    const lines = tail.stdout.split('\n');
-    for (const e of confirms) {
-      const line = lines.find((l) => new RegExp(`^\\S+\\s+${e.seq} `).test(l));
-      expect(line, `audit tail line of seq ${e.seq}`).toMatch(/\bdecision=confirm\b/);
-      for (const field of ['approved_by', 'denied_by'] as const) {
-        const channel = (e[field] as { channel?: string } | undefined)?.channel;
-        if (channel) expect(line).toContain(`${field.replace('_', '-')}=${channel}`);
-      }
+describe('without a daemon', () => {
+  it('approvals, approve and deny exit 3', () => {
+    const k = makeKeyholdEnv('keyhold-confirm-none-');
+    try {
+      initVault(k);
+      expect(keyhold(k, ['approvals']).status).toBe(3);
+      expect(keyhold(k, ['approve', 'abcdefgh']).status).toBe(3);
+      expect(keyhold(k, ['deny', 'abcdefgh']).status).toBe(3);
+    } finally {
+      k.cleanup();
     }
-    const verify = keyhold(lab.k, ['audit', 'verify']);
-    expect(verify.status, verify.stderr).toBe(0);
   });
 });

@@ -174,7 +174,7 @@ describe('confirm', () => {
     expect(await asks(unixContext())).toBe(false);
   });
 
-  it('approve --remember grants even without remember in the rule; grants end after their time and with a new policy', async () => {
+  it('approve --remember grants even without remember in the rule; grants end after their time and when the policy changes, not with other vault changes', async () => {
     vi.useFakeTimers();
     const t = setup(confirmGit);
     const first = t.sign(sshsigData('git'));
@@ -189,7 +189,9 @@ describe('confirm', () => {
     const again = t.sign(sshsigData('git'));
     t.approvals.approve(t.pendingId(), control, 60_000);
     await again;
-    t.setPolicy({ ...confirmGit }); // a new vault version: a new compiled object
+    t.setPolicy({ ...confirmGit }); // another vault change: the same document compiled again
+    expect((await t.sign(sshsigData('git'))).ok).toBe(true);
+    t.setPolicy({ ...confirmGit, rules: [...confirmGit.rules, { action: 'deny' }] }); // a changed policy
     void t.sign(sshsigData('git'));
     expect(t.approvals.size).toBe(1);
     t.approvals.refuseAll('withdrawn');
