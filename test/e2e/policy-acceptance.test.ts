@@ -4,14 +4,15 @@
 // what an agent forwarded with `ssh -A` may do; every decision is in the audit log.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { randomBytes } from 'node:crypto';
-import { existsSync, mkdtempSync, realpathSync, writeFileSync } from 'node:fs';
-import { join } from 'node:path';
+import { existsSync, realpathSync } from 'node:fs';
 import { keyhold } from '../helpers/keyhold.js';
 import { identitiesFrame, parseIdentities, RawConn, signRequestFrame, tokenHandshake, verifyEd25519 } from '../helpers/raw-wire.js';
 import { run, type Run } from '../helpers/sshd.js';
 import {
   checkPolicy,
   clientEnv,
+  gitPush,
+  gitRepoWithCommit,
   lastSeq,
   messageFile,
   setPolicy,
@@ -56,39 +57,6 @@ function expectRefusedLogin(r: Run, what: string): void {
   expect(r.stderr).toMatch(/Permission denied/);
 }
 
-/** A fresh local repository with one commit, and a bare repository to push to (same path on A and B: one machine). */
-async function gitRepo(): Promise<{ repo: string; bare: string; env: (host: LabHost) => NodeJS.ProcessEnv }> {
-  const dir = mkdtempSync(join(lab.work, 'git-'));
-  const repo = join(dir, 'work');
-  const bare = join(dir, 'remote.git');
-  const env = (host: LabHost) =>
-    clientEnv(lab.sock, {
-      GIT_CONFIG_NOSYSTEM: '1',
-      GIT_CONFIG_GLOBAL: '/dev/null',
-      GIT_TERMINAL_PROMPT: '0',
-      GIT_AUTHOR_NAME: 'keyhold e2e',
-      GIT_AUTHOR_EMAIL: 'e2e@example.test',
-      GIT_COMMITTER_NAME: 'keyhold e2e',
-      GIT_COMMITTER_EMAIL: 'e2e@example.test',
-      GIT_SSH_COMMAND: host.sshd.sshCommand(),
-    });
-  for (const args of [['init', '-q', '--bare', bare], ['init', '-q', '-b', 'main', repo]]) {
-    const r = await run('git', args, { env: env(lab.a) });
-    expect(r.code, r.stderr).toBe(0);
-  }
-  writeFileSync(join(repo, 'README'), `hello ${randomBytes(6).toString('hex')}\n`);
-  for (const args of [['add', 'README'], ['commit', '-q', '-m', 'first']]) {
-    const r = await run('git', args, { env: env(lab.a), cwd: repo });
-    expect(r.code, r.stderr).toBe(0);
-  }
-  return { repo, bare, env };
-}
-
-function push(g: { repo: string; bare: string; env: (host: LabHost) => NodeJS.ProcessEnv }, host: LabHost): Promise<Run> {
-  const url = `ssh://${host.sshd.user}@127.0.0.1:${host.sshd.port}${g.bare}`;
-  return run('git', ['push', '-q', url, 'main'], { env: g.env(host), cwd: g.repo });
-}
-
 describe('the fixture', () => {
   it('without a policy, both hosts let every key of the scope in (so a refusal below is the policy)', async () => {
     expect(lab.a.fingerprint).not.toBe(lab.b.fingerprint);
@@ -130,10 +98,10 @@ hosts = ${JSON.stringify(v.hosts())}
       expect(allowed.host_key).toBe(lab.a.fingerprint);
       expectRefusedLogin(await login(lab.b), 'ssh to B');
 
-      const g = await gitRepo();
-      const pushedA = await push(g, lab.a);
+      const g = await gitRepoWithCommit(lab);
+      const pushedA = await gitPush(g, lab.a, lab.sock);
       expect(pushedA.code, `git push to A\n${lab.diagnostics(pushedA)}`).toBe(0);
-      const pushedB = await push(g, lab.b);
+      const pushedB = await gitPush(g, lab.b, lab.sock);
       expect(pushedB.code, `git push to B\n${lab.diagnostics(pushedB)}`).not.toBe(0);
       expect(pushedB.stderr).toMatch(/Permission denied/);
 

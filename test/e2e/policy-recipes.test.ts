@@ -10,6 +10,10 @@ import { run, type Run } from '../helpers/sshd.js';
 import {
   checkPolicy,
   clientEnv,
+  gitEnv,
+  gitOk,
+  gitPush,
+  gitRepoWithCommit,
   keyholdAsync,
   lastSeq,
   launchClient,
@@ -98,27 +102,8 @@ function expectRefusedLogin(r: Run, what: string): void {
   expect(r.stderr).toMatch(/Permission denied/);
 }
 
-function gitEnv(sock: string, extra: NodeJS.ProcessEnv = {}): NodeJS.ProcessEnv {
-  return clientEnv(sock, {
-    GIT_CONFIG_NOSYSTEM: '1',
-    GIT_CONFIG_GLOBAL: '/dev/null',
-    GIT_TERMINAL_PROMPT: '0',
-    GIT_AUTHOR_NAME: 'keyhold e2e',
-    GIT_AUTHOR_EMAIL: 'signer@example.test',
-    GIT_COMMITTER_NAME: 'keyhold e2e',
-    GIT_COMMITTER_EMAIL: 'signer@example.test',
-    ...extra,
-  });
-}
-
 async function git(args: string[], env: NodeJS.ProcessEnv, cwd?: string): Promise<Run> {
   return run('git', args, { env, cwd });
-}
-
-async function gitOk(args: string[], env: NodeJS.ProcessEnv, cwd?: string): Promise<string> {
-  const r = await git(args, env, cwd);
-  expect(r.code, `git ${args.join(' ')}\n${lab.diagnostics(r)}`).toBe(0);
-  return r.stdout;
 }
 
 it('README.md marks the three recipes', () => {
@@ -135,13 +120,13 @@ describe('recipe: git signing only', () => {
 
     const repo = join(mkdtempSync(join(lab.work, 'signing-')), 'repo');
     const env = gitEnv(sock);
-    await gitOk(['init', '-q', '-b', 'main', repo], env);
-    await gitOk(['config', 'gpg.format', 'ssh'], env, repo);
-    await gitOk(['config', 'user.signingkey', pub], env, repo);
+    await gitOk(lab, ['init', '-q', '-b', 'main', repo], env);
+    await gitOk(lab, ['config', 'gpg.format', 'ssh'], env, repo);
+    await gitOk(lab, ['config', 'user.signingkey', pub], env, repo);
     writeFileSync(join(repo, 'README'), `signed ${randomBytes(4).toString('hex')}\n`);
-    await gitOk(['add', 'README'], env, repo);
+    await gitOk(lab, ['add', 'README'], env, repo);
     const seq = lastSeq(lab);
-    await gitOk(['commit', '-q', '-S', '-m', 'signed through keyhold'], env, repo);
+    await gitOk(lab, ['commit', '-q', '-S', '-m', 'signed through keyhold'], env, repo);
 
     const allowedSigners = join(lab.work, 'allowed_signers');
     writeFileSync(allowedSigners, `signer@example.test ${readFileSync(pub, 'utf8').trim()}\n`);
@@ -177,17 +162,10 @@ describe('recipe: a CI container that may only log in to one git host', () => {
     bridges.push(ci);
 
     // git push over ssh to host A, from "inside the container" (the bridge's socket).
-    const dir = mkdtempSync(join(lab.work, 'ci-'));
-    const bare = join(dir, 'remote.git');
-    const repo = join(dir, 'work');
-    const env = gitEnv(ci.sock, { GIT_SSH_COMMAND: lab.a.sshd.sshCommand() });
-    await gitOk(['init', '-q', '--bare', bare], env);
-    await gitOk(['init', '-q', '-b', 'main', repo], env);
-    writeFileSync(join(repo, 'README'), `ci ${randomBytes(4).toString('hex')}\n`);
-    await gitOk(['add', 'README'], env, repo);
-    await gitOk(['commit', '-q', '-m', 'from ci'], env, repo);
+    const g = await gitRepoWithCommit(lab);
     const seq = lastSeq(lab);
-    await gitOk(['push', '-q', `ssh://${lab.a.sshd.user}@127.0.0.1:${lab.a.sshd.port}${bare}`, 'main'], env, repo);
+    const push = await gitPush(g, lab.a, ci.sock);
+    expect(push.code, `git push to git.example.com (A) with the ci-42 token\n${lab.diagnostics(push)}`).toBe(0);
     const pushed = await waitForDecision(lab, seq, { event: 'sign', scope: 'ci', decision: 'allow', rule: 1, purpose: 'ssh-login' });
     expect(pushed.host_key).toBe(lab.a.fingerprint);
 

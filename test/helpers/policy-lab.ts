@@ -3,6 +3,7 @@
 // HashKnownHosts leaves it), and a keyhold daemon with several keys in scope `web`. The CLI runs
 // with that HOME, so `keyhold policy set` resolves host names the way it would for a user.
 import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
 import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -312,4 +313,51 @@ export async function startBridge(lab: PolicyLab, token: string): Promise<LabBri
     throw new Error(`keyhold bridge exited ${r.code}: ${r.stderr}`);
   }
   return { sock, stop };
+}
+
+/** Environment for git using `sock` as its agent: no system or user git config, a fixed author. */
+export function gitEnv(sock: string, extra: NodeJS.ProcessEnv = {}): NodeJS.ProcessEnv {
+  return clientEnv(sock, {
+    GIT_CONFIG_NOSYSTEM: '1',
+    GIT_CONFIG_GLOBAL: '/dev/null',
+    GIT_TERMINAL_PROMPT: '0',
+    GIT_AUTHOR_NAME: 'keyhold e2e',
+    GIT_AUTHOR_EMAIL: 'signer@example.test',
+    GIT_COMMITTER_NAME: 'keyhold e2e',
+    GIT_COMMITTER_EMAIL: 'signer@example.test',
+    ...extra,
+  });
+}
+
+/** `git ARGS` in `cwd`; fails the test unless it exits 0. */
+export async function gitOk(lab: PolicyLab, args: string[], env: NodeJS.ProcessEnv, cwd?: string): Promise<string> {
+  const r = await run('git', args, { env, cwd });
+  expect(r.code, `git ${args.join(' ')}\n${lab.diagnostics(r)}`).toBe(0);
+  return r.stdout;
+}
+
+export interface LabRepo {
+  /** A working repository with one commit on main. */
+  repo: string;
+  /** A bare repository to push to; both sshd run on this machine, so the same path on A and B. */
+  bare: string;
+}
+
+export async function gitRepoWithCommit(lab: PolicyLab): Promise<LabRepo> {
+  const dir = mkdtempSync(join(lab.work, 'git-'));
+  const repo = join(dir, 'work');
+  const bare = join(dir, 'remote.git');
+  const env = gitEnv('/nonexistent');
+  await gitOk(lab, ['init', '-q', '--bare', bare], env);
+  await gitOk(lab, ['init', '-q', '-b', 'main', repo], env);
+  writeFileSync(join(repo, 'README'), `hello ${randomBytes(6).toString('hex')}\n`);
+  await gitOk(lab, ['add', 'README'], env, repo);
+  await gitOk(lab, ['commit', '-q', '-m', 'first'], env, repo);
+  return { repo, bare };
+}
+
+/** `git push` of main over ssh to `host`, with `sock` as the agent. */
+export function gitPush(g: LabRepo, host: LabHost, sock: string): Promise<Run> {
+  const url = `ssh://${host.sshd.user}@127.0.0.1:${host.sshd.port}${g.bare}`;
+  return run('git', ['push', '-q', url, 'main'], { env: gitEnv(sock, { GIT_SSH_COMMAND: host.sshd.sshCommand() }), cwd: g.repo });
 }
