@@ -106,7 +106,11 @@ export function policyCommand(yargs: Argv<GlobalArgs>) {
             .option('known-hosts', knownHostsOption),
         async (args) => {
           const scope = checkScopeName(args.scope);
-          const { text, name } = readPolicyFile(args.file === STDIN_ARGUMENT ? '-' : args.file);
+          const file = args.file === STDIN_ARGUMENT ? '-' : args.file;
+          if (file === '-' && (args['passphrase-file'] ?? process.env.KEYHOLD_PASSPHRASE_FILE) === '-') {
+            throw usageError('the policy file and the passphrase cannot both come from stdin', 'put one of them in a file');
+          }
+          const { text, name } = readPolicyFile(file);
           const parsed = parsePolicyToml(text, name);
           const { document, hosts } = resolvePolicyHosts(parsed, loadKnownHosts(args['known-hosts']));
           checkPolicyDocument(document);

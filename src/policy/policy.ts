@@ -166,7 +166,7 @@ export function policyDocumentProblem(value: unknown): PolicyProblem | null {
 }
 
 /** The part of a rule that says whether its other fields make sense together. */
-export type RuleShape = Pick<PolicyRule, 'action' | 'purpose' | 'remember'> & Partial<Record<keyof typeof FIELD_PURPOSE, unknown>>;
+export type RuleShape = Pick<PolicyRule, 'action' | 'purpose' | 'remember' | 'rate'> & Partial<Record<keyof typeof FIELD_PURPOSE, unknown>>;
 
 /** What the schema cannot say about rules: the first field that can never match, or `remember` without confirm. */
 export function ruleProblems(rules: readonly RuleShape[]): PolicyProblem | null {
@@ -178,6 +178,9 @@ export function ruleProblems(rules: readonly RuleShape[]): PolicyProblem | null 
     }
     if (rule.remember !== undefined && rule.action !== 'confirm') {
       return { rule: index, field: 'remember', message: 'only a confirm rule remembers an approval' };
+    }
+    if (rule.rate !== undefined && rule.action === 'deny') {
+      return { rule: index, field: 'rate', message: 'a deny rule signs nothing, so it has no rate' };
     }
   }
   return null;

@@ -252,8 +252,8 @@ describe('--json shapes', () => {
 
     const scopes = JSON.parse(keyholdOk(k, ['scope', 'list', '--json'])) as Record<string, unknown>[];
     expect(scopes).toEqual([
-      { name: 'api', keys: 2, secrets: 0, tokens: 0 },
-      { name: 'web', keys: 2, secrets: 0, tokens: 0 },
+      { name: 'api', keys: 2, secrets: 0, tokens: 0, policy: false },
+      { name: 'web', keys: 2, secrets: 0, tokens: 0, policy: false },
     ]);
 
     const socket = JSON.parse(keyholdOk(k, ['socket', 'web', '--json'])) as Record<string, unknown>;

@@ -2,6 +2,7 @@
 // the CLI and through an unlocked daemon; host names resolved from a known_hosts under $HOME (hashed
 // by ssh-keygen -H) and from --known-hosts; exit codes 2 (bad file, unknown host), 4 (deny), 5 (none).
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import fc from 'fast-check';
 import { execFileSync } from 'node:child_process';
 import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
@@ -154,6 +155,8 @@ describe('keyhold policy (vault opened by the CLI)', () => {
     expect([r.status, r.stderr]).toEqual([2, expect.stringMatching(/^keyhold: stdin: not UTF-8 text/)]);
     r = keyhold(k, ['policy', 'set', 'web', '-'], { input: '#'.repeat(1024 * 1024 + 10) });
     expect(r.status).toBe(2);
+    r = keyhold(k, ['policy', 'set', 'web', '-', '--passphrase-file', '-'], { input: 'default = "deny"\n' });
+    expect([r.status, r.stderr]).toEqual([2, expect.stringMatching(/cannot both come from stdin/)]);
     r = keyhold(k, ['policy', 'set', 'bad/scope', bad]);
     expect(r.status).toBe(2);
     r = keyhold(k, ['policy', 'set', 'web', join(k.dir, 'missing.toml')]);
@@ -196,5 +199,28 @@ describe('keyhold policy through an unlocked daemon', () => {
     keyholdOk(d, ['policy', 'rm', 'web']);
     expect(keyhold(d, ['policy', 'rm', 'web']).status).toBe(5);
     expect(keyhold(d, ['policy', 'show', 'web']).status).toBe(5);
+  });
+});
+
+describe('keyhold policy with random arguments (fast-check)', () => {
+  it('24 random policy command lines: exit 0-5, every stderr line a `keyhold:` line, no stack trace', () => {
+    const file = writePolicy('fuzz.toml', POLICY.replace('"git.example", "[box.example]:2222"', `"${hostKeys.box!.fp}"`).replace('"other.example"', `"${hostKeys.other!.fp}"`));
+    const word = fc.constantFrom('web', 'other', '-', file, '/dev/null', '/nonexistent', '', '..', 'ssh-login', 'sshsig', 'any', 'git', 'git.example', hostKeys.git!.fp, 'SHA256:', '/usr/bin/ssh', '☃', '\n');
+    const flag = fc.constantFrom('--purpose', '--host', '--user', '--namespace', '--exe', '--subject', '--key', '--forwarded', '--json', '--known-hosts', '--no-such-flag', '--help');
+    const argv = fc.tuple(fc.constantFrom('set', 'show', 'rm', 'check'), fc.array(fc.oneof(word, flag), { maxLength: 6 })).map(([command, rest]) => ['policy', command, ...rest]);
+    const seen = new Set<number | null>();
+    fc.assert(
+      fc.property(argv, (args) => {
+        const r = keyhold(bare(k), args, { env: { KEYHOLD_PASSPHRASE_FILE: k.passFile } });
+        const what = `${JSON.stringify(args)} -> ${r.status}: ${r.stderr}`;
+        seen.add(r.status);
+        expect([0, 1, 2, 3, 4, 5], what).toContain(r.status);
+        expect(r.stderr, what).not.toMatch(/^\s+at /m);
+        expect(r.stderr, what).not.toContain('unexpected error');
+        for (const line of r.stderr.split('\n').filter(Boolean)) expect(line, what).toMatch(/^keyhold: /);
+      }),
+      { numRuns: 24, seed: 5 },
+    );
+    expect(seen.has(2)).toBe(true);
   });
 });

@@ -35,7 +35,7 @@ namespaces = ["git"]
 remember = "10m"
 
 [[rule]]
-action = "deny"
+action = "allow"
 purpose = "any"
 forwarded = true
 keys = ["${'c'.repeat(43)}"]
@@ -47,7 +47,7 @@ subjects = ["ci-*"]
     expect(parsed.rules).toEqual([
       { action: 'allow', purpose: 'ssh-login', hosts: ['github.com', FP], users: ['git'], exe: ['/usr/bin/ssh', '/usr/lib/git-core/*'] },
       { action: 'confirm', purpose: 'sshsig', namespaces: ['git'], remember: '10m' },
-      { action: 'deny', forwarded: true, keys: ['SHA256:' + 'c'.repeat(43)], rate: '60/m', subjects: ['ci-*'] },
+      { action: 'allow', forwarded: true, keys: ['SHA256:' + 'c'.repeat(43)], rate: '60/m', subjects: ['ci-*'] },
     ]);
     expect(parsed.lines.map((l) => l.start)).toEqual([3, 10, 16]);
     expect(parsed.lines[0]!.fields).toMatchObject({ action: 4, purpose: 5, hosts: 6, users: 7, exe: 8 });
@@ -89,6 +89,7 @@ subjects = ["ci-*"]
     ['hosts with sshsig', '[[rule]]\naction = "allow"\npurpose = "sshsig"\nhosts = ["github.com"]\n', /^policy\.toml:4: rule 1: hosts: only a ssh-login request has hosts/],
     ['users with other', '[[rule]]\naction = "allow"\npurpose = "other"\n# users\nusers = ["git"]\n', /^policy\.toml:5: rule 1: users: only a ssh-login request has users/],
     ['remember on an allow rule', '[[rule]]\naction = "allow"\nremember = "1m"\n', /^policy\.toml:3: rule 1: remember: only a confirm rule remembers/],
+    ['rate on a deny rule', '[[rule]]\naction = "deny"\nrate = "5/m"\n', /^policy\.toml:3: rule 1: rate: a deny rule signs nothing/],
     ['a rule that is not a table', 'rule = ["allow"]\n', /^policy\.toml:1: rule 1: must be a table/],
     ['nesting too deep for a policy', `default = ${'['.repeat(20)}${']'.repeat(20)}\n`, /^policy\.toml:1: not valid TOML: /],
   ];
