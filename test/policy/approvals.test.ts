@@ -210,13 +210,21 @@ describe('ConfirmProgram (real programs)', () => {
     const program = new ConfirmProgram(slow, log, 2);
     const cancels = Array.from({ length: 4 }, () => new AbortController());
     const answers = cancels.map((c) => program.ask('q', c.signal));
-    await new Promise((r) => setTimeout(r, 300));
+    const started = () => (existsSync(count) ? readFileSync(count, 'utf8').trim().split('\n').length : 0);
+    const until = async (n: number) => {
+      const deadline = Date.now() + 5_000;
+      while (started() < n && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
+    };
+    await until(2);
+    await new Promise((r) => setTimeout(r, 200));
+    expect(started()).toBe(2);
     cancels[3]!.abort();
     await expect(answers[3]).resolves.toBe(null);
     cancels[0]!.abort();
     await expect(answers[0]).resolves.toBe(null);
-    await new Promise((r) => setTimeout(r, 300));
-    expect(readFileSync(count, 'utf8').trim().split('\n')).toHaveLength(3);
+    await until(3);
+    await new Promise((r) => setTimeout(r, 200));
+    expect(started()).toBe(3);
     for (const c of cancels) c.abort();
     await Promise.all(answers);
   });

@@ -388,6 +388,22 @@ describe('the connection loop', () => {
       await serverClosed;
     });
 
+    it('the request context says the client is gone (hangup) once it stops sending or closes; its reply still goes out', async () => {
+      const { client, backend } = await serve({ processStart: '123', tokenSubject: 'ci-42' });
+      let answer: (r: SignResult) => void = () => {};
+      backend.signWith = () => new Promise((resolve) => (answer = resolve));
+      client.send(signRequestFrame(KEY_BLOB, Buffer.from('waits')));
+      await client.until(() => backend.signCalls === 1, 3000, 'the sign request');
+      const context = backend.contexts[0]!;
+      expect(context).toMatchObject({ processStart: '123', tokenSubject: 'ci-42' });
+      expect(context.hangup!.aborted).toBe(false);
+      const aborted = new Promise<void>((resolve) => context.hangup!.addEventListener('abort', () => resolve()));
+      client.end();
+      await aborted;
+      answer({ ok: false, reason: 'withdrawn' });
+      expect((await client.reply())[0]).toBe(FAILURE);
+    });
+
     it('a signature that never comes does not hold a half-closed connection past the idle timeout', async () => {
       const { client, backend, serverClosed } = await serve({ idleTimeoutMs: 200 });
       backend.signWith = () => new Promise(() => {});
