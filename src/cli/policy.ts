@@ -171,12 +171,19 @@ export function policyCommand(yargs: Argv<GlobalArgs>) {
             .option('known-hosts', knownHostsOption),
         async (args) => {
           const scope = checkScopeName(args.scope);
+          for (const option of ['purpose', 'host', 'user', 'namespace', 'exe', 'subject', 'key'] as const) {
+            // yargs makes a repeated option a list; a request has one of each.
+            if (Array.isArray(args[option])) throw usageError(`--${option} given more than once`, 'a request has one of each; run check once per value');
+          }
           const purpose = checkPurpose(args);
           if (purpose !== 'ssh-login' && (args.host !== undefined || args.user !== undefined)) {
             throw usageError('--host and --user describe an ssh-login', 'leave out --purpose, or pass --purpose ssh-login');
           }
           if (purpose !== 'sshsig' && args.namespace !== undefined) {
             throw usageError('--namespace describes an sshsig request', 'leave out --purpose, or pass --purpose sshsig');
+          }
+          if (args.exe !== undefined && !args.exe.startsWith('/')) {
+            throw usageError('--exe is the full path of the program, as /proc/PID/exe shows it', 'e.g. --exe /usr/bin/ssh');
           }
           const fixedKey = args.key !== undefined ? normaliseKey(args.key) : undefined;
           const hosts = hostKeys(args.host, args['known-hosts']);

@@ -161,7 +161,7 @@ describe('keyhold policy (vault opened by the CLI)', () => {
     expect(r.status).toBe(2);
     r = keyhold(k, ['policy', 'set', 'web', join(k.dir, 'missing.toml')]);
     expect(r.status).toBe(5);
-    for (const args of [['--purpose', 'any'], ['--purpose', 'sshsig', '--host', 'git.example'], ['--namespace', 'git', '--user', 'git'], ['--key', 'nope'], ['--host', 'unknown.example']]) {
+    for (const args of [['--purpose', 'any'], ['--purpose', 'sshsig', '--host', 'git.example'], ['--namespace', 'git', '--user', 'git'], ['--key', 'nope'], ['--host', 'unknown.example'], ['--user', 'git', '--user', 'root'], ['--exe', 'node']]) {
       expect(check(k, args).status, args.join(' ')).toBe(2);
     }
     expect(keyholdOk(k, ['policy', 'show', 'web', '--json'])).toBe(before);

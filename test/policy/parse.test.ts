@@ -1,5 +1,7 @@
 // Policy files: what parses, and for each kind of mistake an error (exit 2) naming file, line and field.
 import { describe, expect, it } from 'vitest';
+import fc from 'fast-check';
+import { stringify } from 'smol-toml';
 import { EXIT, KeyholdError } from '../../src/errors.js';
 import { locate, parsePolicyToml } from '../../src/policy/parse.js';
 import { MAX_RULES } from '../../src/policy/policy.js';
@@ -146,6 +148,28 @@ subjects = ["ci-*"]
 
     it('dotted keys in a rule are reported at their line', () => {
       expect(parseError('[[rule]]\naction = "allow"\nusers.name = "git"\n')).toMatch(/^policy\.toml:3: rule 1: users: must be a list/);
+    });
+
+    it('on files smol-toml writes from random rules, every rule and field is found on its own line', () => {
+      const value = fc.oneof(fc.string({ maxLength: 8 }), fc.array(fc.string({ maxLength: 8 }), { maxLength: 3 }), fc.boolean());
+      const ruleArb = fc.dictionary(fc.constantFrom('action', 'users', 'exe', 'forwarded', 'a b', '#x', '"q"', "'"), value, { minKeys: 1, maxKeys: 4 });
+      fc.assert(
+        fc.property(fc.array(ruleArb, { maxLength: 5 }), (rules) => {
+          const text = stringify({ default: 'deny', rule: rules });
+          const lines = text.split('\n');
+          const found = locate(text).lines;
+          expect(found).toHaveLength(rules.length);
+          rules.forEach((rule, i) => {
+            expect(lines[found[i]!.start - 1]).toBe('[[rule]]');
+            for (const key of Object.keys(rule)) {
+              const line = found[i]!.fields[key];
+              expect(line, `${key} in\n${text}`).toBeDefined();
+              expect(lines[line! - 1]!.startsWith(/^[A-Za-z0-9_-]+$/.test(key) ? `${key} =` : JSON.stringify(key))).toBe(true);
+            }
+          });
+        }),
+        { numRuns: 200, seed: 3 },
+      );
     });
 
     it('never throws on text it cannot follow, and falls back to the rule or line 1', () => {
