@@ -235,6 +235,24 @@ describe('keyhold approve / deny from another process', () => {
   });
 });
 
+describe('lock', () => {
+  it('`keyhold lock` refuses a request that waits for its approval, and lists nothing after', async () => {
+    const seq = lastSeq(lab);
+    const { w, msg } = startSign();
+    await waitForApproval(lab, w.proc.pid!);
+    const locked = await keyholdAsync(lab, ['lock']);
+    expect(locked.code, locked.stderr).toBe(0);
+    const signed = await w.done;
+    expect(signed.code, lab.diagnostics(signed)).not.toBe(0);
+    expect(existsSync(`${msg}.sig`)).toBe(false);
+    expect(listApprovals(lab)).toEqual([]);
+    const unlocked = await keyholdAsync(lab, ['unlock']);
+    expect(unlocked.code, unlocked.stderr).toBe(0);
+    // Refusals while locked are written at the next unlock.
+    await waitForDecision(lab, seq, { event: 'sign-refused', decision: 'confirm', rule: 1 });
+  });
+});
+
 describe('confirm_timeout', () => {
   it('nobody answers: refused after --confirm-timeout, and the approval is gone', async () => {
     await lab.restart(['--confirm-timeout', '2s']);
