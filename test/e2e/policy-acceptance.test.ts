@@ -11,6 +11,7 @@ import { run, type Run } from '../helpers/sshd.js';
 import {
   checkPolicy,
   clientEnv,
+  decisions,
   gitPush,
   gitRepoWithCommit,
   lastSeq,
@@ -20,6 +21,7 @@ import {
   sshsign,
   startPolicyLab,
   verifySshsig,
+  waitForApproval,
   waitForDecision,
   type LabHost,
   type LabKey,
@@ -303,6 +305,56 @@ subjects = ["ci-42"]
     await waitForDecision(lab, seq, { event: 'sign-refused', decision: 'deny', rule: 'default', token_id: otherToken.id, reason: 'policy' });
     expect(checkPolicy(lab, ['--subject', 'ci-42', '--key', first.fingerprint]).status).toBe(0);
     expect(checkPolicy(lab, ['--subject', 'ci-7', '--key', first.fingerprint]).status).toBe(4);
+  });
+
+  it('remember on a confirm rule: an approval covers the same token on a new connection, not another token', async () => {
+    setPolicy(
+      lab,
+      `default = "deny"
+
+[[rule]]
+action = "confirm"
+subjects = ["ci-*"]
+remember = "1m"
+`,
+    );
+    const issue = (subject: string) =>
+      JSON.parse(keyhold(lab.k, ['token', 'issue', lab.scope, '--subject', subject, '--json']).stdout) as { id: string; token: string };
+    const ci = issue('ci-remembered');
+    const other = issue('ci-other');
+    const blob = Buffer.from(first.pubLine.split(/\s+/)[1]!, 'base64');
+    const open = async (token: string): Promise<RawConn> => {
+      const conn = await RawConn.open({ kind: 'unix', path: lab.tokenListener });
+      conn.send(Buffer.concat([tokenHandshake(token), signRequestFrame(blob, randomBytes(32))]));
+      return conn;
+    };
+    const seq = lastSeq(lab);
+    const conns: RawConn[] = [];
+    try {
+      conns.push(await open(ci.token));
+      const asked = await waitForApproval(lab, ci.id);
+      const approve = keyhold(lab.k, ['approve', asked.id]);
+      expect(approve.status, approve.stderr).toBe(0);
+      expect((await conns[0]!.reply(10_000))[0], lab.diagnostics()).toBe(14);
+      // A new connection of the same token: remembered, nobody asked.
+      conns.push(await open(ci.token));
+      expect((await conns[1]!.reply(10_000))[0], lab.diagnostics()).toBe(14);
+      // Another token of the same rule is asked.
+      conns.push(await open(other.token));
+      const otherAsked = await waitForApproval(lab, other.id);
+      expect(keyhold(lab.k, ['deny', otherAsked.id]).status).toBe(0);
+      expect((await conns[2]!.reply(10_000))[0]).toBe(5);
+    } finally {
+      for (const conn of conns) conn.close();
+    }
+    const channels = decisions(lab, seq)
+      .filter((e) => e.decision === 'confirm')
+      .map((e) => [e.token_id, (e.approved_by as { channel?: string } | undefined)?.channel ?? (e.denied_by as { channel?: string } | undefined)?.channel]);
+    expect(channels).toEqual([
+      [ci.id, 'control'],
+      [ci.id, 'remembered'],
+      [other.id, 'control'],
+    ]);
   });
 
   it('forwarded = true: through ssh -A to A, ssh-keygen -Y sign and a second hop to B are refused; the same directly is allowed', async () => {

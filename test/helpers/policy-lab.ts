@@ -231,8 +231,8 @@ export function listApprovals(lab: PolicyLab): PendingApproval[] {
   return parsed as PendingApproval[];
 }
 
-/** Waits until an approval whose JSON mentions `pid` is listed; returns it. */
-export async function waitForApproval(lab: PolicyLab, pid: number, timeoutMs = 15_000): Promise<PendingApproval> {
+/** Waits until an approval whose JSON mentions `pid` (or a token id) is listed; returns it. */
+export async function waitForApproval(lab: PolicyLab, pid: number | string, timeoutMs = 15_000): Promise<PendingApproval> {
   let found: PendingApproval | undefined;
   let last: PendingApproval[] = [];
   try {
