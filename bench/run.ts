@@ -360,7 +360,7 @@ purpose = "ssh-login"
 users = ["git"]
 hosts = ["${hostFingerprint}"]
 exe = ["*/node", "*/nodejs"]
-rate = "10000000/s"
+rate = "1000000/s"
 `;
 }
 

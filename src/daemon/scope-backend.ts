@@ -2,12 +2,11 @@
 // vault is locked there is no cache: no identities, and every signature is refused. Every
 // signature and refusal is recorded for the audit log.
 import { createHash } from 'node:crypto';
-import { fingerprint } from '../agent-protocol/public-key.js';
 import { signatureAlgorithmFor, signSsh, type SignatureAlgorithm } from '../agent-protocol/signature.js';
 import { parseUserauthRequest, type UserauthRequest } from '../agent-protocol/userauth.js';
 import type { AuditEvent } from '../audit/audit-log.js';
 import type { ApprovalQuestion, Approvals, Caller } from '../policy/approvals.js';
-import { authenticationHost, classifySignedData } from '../policy/classify.js';
+import { authenticationHost, classifySignedData, hostKeyFingerprint } from '../policy/classify.js';
 import type { CompiledPolicy } from '../policy/compile.js';
 import { peerAccount, peerIdentity, PolicyState } from '../policy/grants.js';
 import type { SignFacts } from '../policy/policy.js';
@@ -45,7 +44,7 @@ function signDetails(scope: string, data: Buffer, context: RequestContext, usera
     event.user = userauth.user;
     // The host key comes from the request itself (hostbound) or from a verified session-bind.
     const hostKey = userauth.hostKey ?? context.bindings.find((b) => b.sessionId.equals(userauth.sessionId))?.hostKey;
-    if (hostKey) event.host_key = fingerprint(hostKey);
+    if (hostKey) event.host_key = hostKeyFingerprint(hostKey);
   }
   return event;
 }
@@ -118,14 +117,12 @@ export function scopeBackend(keys: () => KeyCache | null, scope: string, options
     context: RequestContext,
     event: AuditEvent,
   ): Promise<SignResult> => {
-    const classified = classifySignedData(data, context.bindings, userauth);
+    // Filled in place rather than spread into a new object: this runs for every signature.
+    const facts = classifySignedData(data, context.bindings, userauth) as SignFacts;
+    facts.key = entry.fingerprint;
     const peer = context.peer;
-    const facts: SignFacts = {
-      ...classified,
-      key: entry.fingerprint,
-      ...(peer.kind === 'unix' ? { exe: peer.exe } : {}),
-      ...(context.tokenSubject !== undefined ? { subject: context.tokenSubject } : {}),
-    };
+    if (peer.kind === 'unix') facts.exe = peer.exe;
+    if (context.tokenSubject !== undefined) facts.subject = context.tokenSubject;
     const decision = policy.decide(facts);
     event.decision = decision.action;
     event.rule = decision.rule === null ? 'default' : decision.rule + 1;

@@ -35,6 +35,21 @@ export function sshsigNamespace(data: Buffer): string | null {
   }
 }
 
+/** Host keys seen recently, by blob: a machine logs in to few hosts, and each login asks this twice. */
+const hostFingerprints = new Map<string, string>();
+const MAX_REMEMBERED_HOSTS = 1_024;
+
+/** A host key's `SHA256:` fingerprint, hashed once per host rather than once per request. */
+export function hostKeyFingerprint(blob: Buffer): string {
+  const id = blob.toString('latin1');
+  let fp = hostFingerprints.get(id);
+  if (fp === undefined) {
+    if (hostFingerprints.size >= MAX_REMEMBERED_HOSTS) hostFingerprints.clear();
+    hostFingerprints.set(id, (fp = fingerprint(blob)));
+  }
+  return fp;
+}
+
 /** `userauth`: the data already parsed as a userauth request (the audit details parse it once). */
 export function classifySignedData(
   data: Buffer,
@@ -50,7 +65,7 @@ export function classifySignedData(
     if (bindings.length > 0 && !bound) return facts;
     if (userauth.hostKey && bound && !bound.hostKey.equals(userauth.hostKey)) return facts;
     const hostKey = userauth.hostKey ?? bound?.hostKey;
-    if (hostKey) facts.hostKey = fingerprint(hostKey);
+    if (hostKey) facts.hostKey = hostKeyFingerprint(hostKey);
     return facts;
   }
   const namespace = sshsigNamespace(data);
@@ -61,5 +76,5 @@ export function classifySignedData(
 /** The host a connection was bound to for authentication (the last hop), for routing identities. */
 export function authenticationHost(bindings: readonly SessionBinding[]): string | null {
   const last = bindings[bindings.length - 1];
-  return last && !last.isForwarding ? fingerprint(last.hostKey) : null;
+  return last && !last.isForwarding ? hostKeyFingerprint(last.hostKey) : null;
 }

@@ -74,8 +74,19 @@ export function parseRate(text: string): Rate {
   return { count: Number(match[1]), perMs: parseDuration(`${match[2] ?? '1'}${match[3]}`, 'rate period') };
 }
 
+/** Answers remembered per value: a daemon sees few distinct programs and subjects, each many times. */
+const MAX_REMEMBERED_MATCHES = 1_024;
+
 function anyGlob(globs: string[]): (value: string) => boolean {
-  return (value) => globs.some((glob) => globMatch(glob, value));
+  const answers = new Map<string, boolean>();
+  return (value) => {
+    let answer = answers.get(value);
+    if (answer === undefined) {
+      if (answers.size >= MAX_REMEMBERED_MATCHES) answers.clear();
+      answers.set(value, (answer = globs.some((glob) => globMatch(glob, value))));
+    }
+    return answer;
+  };
 }
 
 function compileRule(rule: PolicyRule, index: number): CompiledRule {

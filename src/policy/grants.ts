@@ -23,6 +23,15 @@ export function peerIdentity(context: RequestContext): string | null {
 
 /** For bounds and rates, a peer without a known start time still counts, by its pid. */
 export function peerAccount(context: RequestContext): string {
+  let account = accounts.get(context);
+  if (account === undefined) accounts.set(context, (account = accountOf(context)));
+  return account;
+}
+
+/** A connection's context names the same peer for its whole life: its account is built once. */
+const accounts = new WeakMap<RequestContext, string>();
+
+function accountOf(context: RequestContext): string {
   const identity = peerIdentity(context);
   if (identity) return identity;
   const peer = context.peer;
