@@ -3,7 +3,7 @@
 // compiled rules the daemon uses.
 import type { Argv } from 'yargs';
 import { FINGERPRINT_PATTERN } from '../agent-protocol/public-key.js';
-import { EXIT, QuietExit, usageError } from '../errors.js';
+import { EXIT, KeyholdError, QuietExit, usageError } from '../errors.js';
 import { compilePolicy } from '../policy/compile.js';
 import { describeRuleMatch, formatPolicyToml } from '../policy/format.js';
 import { defaultKnownHostsFiles, KnownHosts, resolvePolicyHosts, type HostKeyMatch } from '../policy/known-hosts.js';
@@ -188,9 +188,21 @@ export function policyCommand(yargs: Argv<GlobalArgs>) {
           const fixedKey = args.key !== undefined ? normaliseKey(args.key) : undefined;
           const hosts = hostKeys(args.host, args['known-hosts']);
           const { document, keys } = await withVault(args, async (api) => ({
-            document: (await api.getPolicy(scope)).document,
+            document: await api.getPolicy(scope).then(
+              (stored) => stored.document,
+              (err: unknown) => {
+                if (err instanceof KeyholdError && err.exitCode === EXIT.NOT_FOUND) return null;
+                throw err;
+              },
+            ),
             keys: fixedKey ? [fixedKey] : (await api.listKeys(scope)).map((k) => k.fingerprint),
           }));
+          if (document === null) {
+            // As the contract says of such a scope: every request is signed. The line names the
+            // scope, so a mistyped name shows itself.
+            if (args.json) return printJson({ action: 'allow', rule: null, policy: false });
+            return printLines([`allow: scope ${scope} has no policy (every request of its socket's uid or its tokens is signed)`]);
+          }
           const policy = compilePolicy(document);
           const checks: { key: string | null; hostKey: string | null; decision: Decision }[] = [];
           // A scope without keys still has a policy to ask: with a key no `keys` list names.

@@ -167,13 +167,17 @@ describe('keyhold policy (vault opened by the CLI)', () => {
     expect(keyholdOk(k, ['policy', 'show', 'web', '--json'])).toBe(before);
   });
 
-  it('rm removes (then the scope has none: show, check and rm exit 5); audit has policy-set and policy-removed', () => {
+  it('rm removes (then the scope has none: show and rm exit 5, check allows as the daemon does); audit has policy-set and policy-removed', () => {
     expect(keyholdOk(k, ['policy', 'rm', 'web'])).toBe('removed the policy of web\n');
-    for (const args of [['policy', 'rm', 'web'], ['policy', 'show', 'web'], ['policy', 'check', 'web']]) {
+    for (const args of [['policy', 'rm', 'web'], ['policy', 'show', 'web']]) {
       const r = keyhold(k, args);
       expect(r.status, args.join(' ')).toBe(5);
       expect(r.stderr).toMatch(/scope web has no policy/);
     }
+    const check = keyhold(k, ['policy', 'check', 'web', '--namespace', 'file']);
+    expect(check.status).toBe(0);
+    expect(check.stdout).toMatch(/^allow: scope web has no policy/);
+    expect(JSON.parse(keyholdOk(k, ['policy', 'check', 'web', '--json']))).toEqual({ action: 'allow', rule: null, policy: false });
     const events = readFileSync(vaultPaths(k.vault).audit, 'utf8').trim().split('\n').map((l) => JSON.parse(l) as { event: string; scope?: string; rules?: number });
     const policyEvents = events.filter((e) => e.event.startsWith('policy-')).map((e) => [e.event, e.scope, e.rules]);
     expect(policyEvents).toEqual([
