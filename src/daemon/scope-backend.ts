@@ -135,7 +135,11 @@ export function scopeBackend(keys: () => KeyCache | null, scope: string, options
     if (rule?.rate && !current.takeRate(peerAccount(context), rule)) return audited(refusal('rate', fp), event);
     if (decision.action === 'allow') return signWith(entry, algorithm, data, event);
 
-    const identity = peerIdentity(context);
+    // A grant covers what was approved: this process or token, key and rule, and the same kind of
+    // request by the same route (a local login's approval must not cover what a forwarded
+    // connection of the same ssh process asks, nor another purpose).
+    const who = peerIdentity(context);
+    const identity = who === null ? null : `${who}|${facts.purpose}|${facts.forwarded ? 'forwarded' : 'local'}`;
     if (identity && current.granted(identity, fp, decision.rule)) {
       event.approved_by = { channel: 'remembered' };
       return signWith(entry, algorithm, data, event);
@@ -165,6 +169,10 @@ export function scopeBackend(keys: () => KeyCache | null, scope: string, options
       const now = keys();
       if (!now) return audited(refusal('locked', fp), event);
       if (!now.scope(scope).byBlob.has(keyBlob.toString('latin1'))) return audited(refusal('unknown-key', fp), event);
+      // The policy changed while the request waited: what it says now decides whether an approval
+      // still counts (a rule that now denies wins over the approval given under the old one).
+      const latest = options.policy?.(scope);
+      if (latest && latest !== policy && latest.decide(facts).action === 'deny') return audited(refusal('policy', fp), event);
       const rememberMs = outcome.rememberMs ?? rule?.rememberMs ?? null;
       if (rememberMs !== null && identity) current.grant(identity, fp, decision.rule, rememberMs);
       return signWith(entry, algorithm, kept, event);

@@ -110,6 +110,9 @@ export class VaultSession {
     if (current.policies.refresh()) {
       // A damaged stored policy refuses its scope's requests; say why each time the vault changes.
       for (const problem of current.policies.problems()) this.log.error(problem);
+    } else if (!current.policies.loaded && Date.now() - this.unreadableLoggedAt >= 60_000) {
+      this.unreadableLoggedAt = Date.now();
+      this.log.warn('cannot read the policies from the vault yet; refusing every sign request until it can');
     }
     return current.policies.forScope(scope);
   }
@@ -191,8 +194,11 @@ export class VaultSession {
     this.turnVersion = null;
     const observe = () => this.observeVersion(vault);
     const keys = new KeyCache(vault, observe);
+    const policies = new PolicyCache(vault, observe);
     try {
       keys.refresh();
+      // Read with the keys: until the policies are read, every scope refuses (fail closed).
+      policies.refresh();
     } catch (err) {
       vault.close({ flushAudit: false });
       throw err;
@@ -203,7 +209,7 @@ export class VaultSession {
     this.current = {
       vault,
       keys,
-      policies: new PolicyCache(vault, observe),
+      policies,
       tokens: new TokenCache(vault, observe),
       unlockedAt: now,
       lockAt: ttlMs === null ? null : now + ttlMs,

@@ -93,6 +93,10 @@ function compileRule(rule: PolicyRule, index: number): CompiledRule {
   // One test per field present; a request must pass them all.
   const tests: ((f: SignFacts) => boolean)[] = [];
   const offerTests: ((f: OfferFacts) => Match)[] = [];
+  // A fact the request should have but keyhold cannot know (the host of a login that names none
+  // and was not bound, the program of a process whose /proc entry is gone) fails closed: it never
+  // lets an allow rule match, and always lets a deny or confirm rule match.
+  const unknownMatches = rule.action !== 'allow';
   const { purpose } = rule;
   if (purpose) {
     tests.push((f) => f.purpose === purpose);
@@ -100,7 +104,7 @@ function compileRule(rule: PolicyRule, index: number): CompiledRule {
   }
   if (rule.hosts) {
     const hosts = new Set(rule.hosts.flatMap((h) => h.fingerprints));
-    tests.push((f) => f.hostKey !== undefined && hosts.has(f.hostKey));
+    tests.push((f) => (f.hostKey !== undefined ? hosts.has(f.hostKey) : f.purpose === 'ssh-login' && unknownMatches));
     offerTests.push((f) => (hosts.has(f.hostKey) ? 'yes' : 'no'));
   }
   if (rule.users) {
@@ -110,8 +114,10 @@ function compileRule(rule: PolicyRule, index: number): CompiledRule {
   }
   if (rule.exe) {
     const exe = anyGlob(rule.exe);
-    tests.push((f) => typeof f.exe === 'string' && exe(f.exe));
-    offerTests.push((f) => (typeof f.exe === 'string' && exe(f.exe) ? 'yes' : 'no'));
+    // `exe` undefined: not a local process (a token connection), which no exe rule is about.
+    const known = (value: string | null | undefined) => (typeof value === 'string' ? exe(value) : value === null && unknownMatches);
+    tests.push((f) => known(f.exe));
+    offerTests.push((f) => (known(f.exe) ? 'yes' : 'no'));
   }
   if (rule.namespaces) {
     const namespaces = new Set(rule.namespaces);

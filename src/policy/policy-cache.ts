@@ -9,6 +9,7 @@ export const NO_POLICY_COMPILED: CompiledPolicy = compilePolicy(NO_POLICY);
 
 /** What a stored policy that cannot be used becomes: fail closed, refuse everything. */
 const DENY_ALL: PolicyDocument = { default: 'deny', rules: [] };
+const DENY_ALL_COMPILED: CompiledPolicy = compilePolicy(DENY_ALL);
 
 export class PolicyCache {
   private builtFrom = -1;
@@ -51,9 +52,19 @@ export class PolicyCache {
     return this.builtFrom;
   }
 
-  /** The compiled policy of a scope as of the last refresh (NO_POLICY_COMPILED without one). */
+  /**
+   * The compiled policy of a scope as of the last refresh (NO_POLICY_COMPILED without one). Before
+   * the policies could be read even once, nobody knows which scopes have one: every scope refuses
+   * (fail closed) rather than sign as if none had.
+   */
   forScope(scope: string): CompiledPolicy {
+    if (this.builtFrom === -1) return DENY_ALL_COMPILED;
     return this.scopes.get(scope) ?? NO_POLICY_COMPILED;
+  }
+
+  /** True once the policies were read at least once (until then every scope refuses). */
+  get loaded(): boolean {
+    return this.builtFrom !== -1;
   }
 
   /** Stored policies that could not be used (compiled as deny-all), one sentence each, for the log. */

@@ -1,6 +1,7 @@
 // compilePolicy against a reference written plainly from the contract's words ("rules are tried in
 // order; the first that matches decides; fields are ANDed, a list matches any element, an absent
-// field matches anything"; exe and subjects are globs), on random policies and random requests.
+// field matches anything"; exe and subjects are globs; a fact the request should carry but that is
+// unknown lets deny and confirm rules match, never allow rules), on random policies and random requests.
 import { describe, expect, it } from 'vitest';
 import fc from 'fast-check';
 import { compilePolicy, globMatch, type OfferFacts } from '../../src/policy/compile.js';
@@ -63,13 +64,20 @@ function referenceGlob(pattern: string, value: string): boolean {
 
 function referenceMatches(r: PolicyRule, f: SignFacts): boolean {
   if (r.purpose !== undefined && r.purpose !== f.purpose) return false;
+  // A fact the request should carry but that is unknown: a deny or confirm rule matches, an allow rule does not.
+  const unknownMatches = r.action !== 'allow';
   if (r.hosts !== undefined) {
     let found = false;
+    if (f.hostKey === undefined) found = f.purpose === 'ssh-login' && unknownMatches;
     for (const host of r.hosts) for (const k of host.fingerprints) if (f.hostKey !== undefined && k === f.hostKey) found = true;
     if (!found) return false;
   }
   if (r.users !== undefined && (f.user === undefined || !r.users.includes(f.user))) return false;
-  if (r.exe !== undefined && (typeof f.exe !== 'string' || !r.exe.some((g) => referenceGlob(g, f.exe as string)))) return false;
+  if (r.exe !== undefined) {
+    if (f.exe === null) {
+      if (!unknownMatches) return false;
+    } else if (typeof f.exe !== 'string' || !r.exe.some((g) => referenceGlob(g, f.exe as string))) return false;
+  }
   if (r.namespaces !== undefined && (f.namespace === undefined || !r.namespaces.includes(f.namespace))) return false;
   if (r.keys !== undefined && !r.keys.includes(f.key)) return false;
   if (r.subjects !== undefined && (f.subject === undefined || !r.subjects.some((g) => referenceGlob(g, f.subject as string)))) return false;

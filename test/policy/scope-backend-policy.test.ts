@@ -6,6 +6,7 @@ import { describeKey, fingerprint as fingerprintOf } from '../../src/agent-proto
 import { verifySsh } from '../../src/agent-protocol/signature.js';
 import type { AuditEvent } from '../../src/audit/audit-log.js';
 import { scopeBackend } from '../../src/daemon/scope-backend.js';
+import { WireWriter } from '../../src/agent-protocol/wire.js';
 import { Approvals } from '../../src/policy/approvals.js';
 import { compilePolicy, type CompiledPolicy } from '../../src/policy/compile.js';
 import { NO_POLICY_COMPILED } from '../../src/policy/policy-cache.js';
@@ -218,6 +219,59 @@ describe('confirm', () => {
     keys = [other];
     approvals.approve(approvals.list().approvals[0]!.id, control);
     expect(await result).toMatchObject({ ok: false, reason: 'unknown-key' });
+  });
+});
+
+describe('what the review of issue 12 found', () => {
+  it('a remembered approval of a local login does not cover what a forwarded connection of the same ssh process asks, nor another purpose', async () => {
+    const t = setup({ default: 'confirm', rules: [] });
+    const local = unixContext(4242, '777', '/usr/bin/ssh', [{ hostKey: hostA, sessionId: Buffer.alloc(32, 7), isForwarding: false }]);
+    const first = t.sign(userauthData('git', key, hostA), local);
+    t.approvals.approve(t.pendingId(), control, 3_600_000);
+    expect((await first).ok).toBe(true);
+    expect((await t.sign(userauthData('git', key, hostA), local)).ok).toBe(true); // covered
+    // The same process, a connection bound for forwarding (ssh -A's channel): asked again.
+    const forwarded = unixContext(4242, '777', '/usr/bin/ssh', [{ hostKey: hostA, sessionId: Buffer.alloc(32, 8), isForwarding: true }]);
+    const viaForward = t.sign(Buffer.from('anything the far side asks'), forwarded);
+    await Promise.resolve();
+    expect(t.approvals.size).toBe(1);
+    t.approvals.deny(t.pendingId(), control);
+    expect(await viaForward).toMatchObject({ ok: false, reason: 'denied' });
+    // The same process and route, another purpose: asked again.
+    const other = t.sign(sshsigData('file'), local);
+    await Promise.resolve();
+    expect(t.approvals.size).toBe(1);
+    t.approvals.refuseAll('withdrawn');
+    await other;
+  });
+
+  it('a login whose host is unknown (plain publickey, no session-bind) is caught by a deny rule on hosts, and never let in by an allow rule on hosts', async () => {
+    const plain = new WireWriter().string(Buffer.alloc(32, 9)).byte(50).string('git').string('ssh-connection').string('publickey').boolean(true).string('ssh-ed25519').string(key.blob).toBuffer();
+    const prod = fingerprintOf(hostA);
+    const denyProd = setup({ default: 'allow', rules: [{ action: 'deny', purpose: 'ssh-login', hosts: [{ name: 'prod', fingerprints: [prod] }] }] });
+    expect(await denyProd.sign(plain)).toMatchObject({ ok: false, reason: 'policy' });
+    expect((await denyProd.sign(userauthData('git', key, hostB))).ok).toBe(true); // a known other host
+    const allowProd = setup({ default: 'deny', rules: [{ action: 'allow', hosts: [{ name: 'prod', fingerprints: [prod] }] }] });
+    expect(await allowProd.sign(plain)).toMatchObject({ ok: false, reason: 'policy' });
+    expect((await allowProd.sign(userauthData('git', key, hostA))).ok).toBe(true);
+  });
+
+  it('a process whose exe could not be read is caught by a deny rule on exe, and never let in by an allow rule on exe', async () => {
+    const unreadable = { ...unixContext(), peer: { kind: 'unix' as const, pid: 4242, uid: 1000, gid: 1000, exe: null } };
+    const deny = setup({ default: 'allow', rules: [{ action: 'deny', exe: ['/usr/bin/node'] }] });
+    expect(await deny.sign(sshsigData('git'), unreadable)).toMatchObject({ ok: false, reason: 'policy' });
+    const allow = setup({ default: 'deny', rules: [{ action: 'allow', exe: ['*'] }] });
+    expect(await allow.sign(sshsigData('git'), unreadable)).toMatchObject({ ok: false, reason: 'policy' });
+    expect((await allow.sign(sshsigData('git'))).ok).toBe(true);
+  });
+
+  it('a request approved after the policy changed to deny it is not signed', async () => {
+    const t = setup({ default: 'deny', rules: [{ action: 'confirm', purpose: 'sshsig', namespaces: ['git'] }] });
+    const waiting = t.sign(sshsigData('git'));
+    await Promise.resolve();
+    t.setPolicy({ default: 'deny', rules: [] });
+    t.approvals.approve(t.pendingId(), control);
+    expect(await waiting).toMatchObject({ ok: false, reason: 'policy' });
   });
 });
 

@@ -214,4 +214,17 @@ describe('PolicyCache', () => {
     expect(cache.refresh()).toBe(false);
     expect(cache.forScope('web')).toBe(web);
   });
+
+  it('refuses every scope until the policies could be read once (fail closed, not "no policy")', async () => {
+    const a = await Vault.create(paths, Buffer.from(PASS));
+    a.setPolicy('web', gitOnly, '');
+    const cache = new PolicyCache(a, () => 1);
+    a.close(); // the first read fails
+    expect(cache.refresh()).toBe(false);
+    expect(cache.loaded).toBe(false);
+    for (const scope of ['web', 'no-policy-here']) {
+      expect(cache.forScope(scope).active).toBe(true);
+      expect(cache.forScope(scope).decide(login)).toEqual({ action: 'deny', rule: null });
+    }
+  });
 });
