@@ -5,6 +5,7 @@ import { parseDuration } from '../duration.js';
 import { EXIT, KeyholdError, usageError } from '../errors.js';
 import { createLogger } from '../log.js';
 import { loadConfig } from '../config/config.js';
+import { MAX_CONFIRM_TIMEOUT_MS } from '../policy/approvals.js';
 import { runtimeDir } from '../runtime-dir.js';
 import { parseListenAddress } from '../signer/token-listener.js';
 import { readKeyring } from '../vault/keyring.js';
@@ -69,6 +70,9 @@ export function serveCommand(yargs: Argv<GlobalArgs>) {
         ttlMs: optionalDuration(args['lock-after'], '--lock-after') ?? config.lockAfterMs ?? null,
       };
       const confirmTimeoutMs = optionalDuration(args['confirm-timeout'], '--confirm-timeout') ?? config.confirmTimeoutMs ?? null;
+      if (confirmTimeoutMs !== null && confirmTimeoutMs > MAX_CONFIRM_TIMEOUT_MS) {
+        throw usageError('--confirm-timeout is at most 1h', 'a client waiting longer than that has given up');
+      }
       const confirmProgram = args['confirm-program'] ?? config.confirmProgram;
       const paths = vaultPaths(args.vault);
       const keyring = readKeyring(paths.keys);

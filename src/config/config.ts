@@ -11,6 +11,7 @@ import { EXIT, KeyholdError, usageError } from '../errors.js';
 import { readCapped } from '../read-capped.js';
 import { parseListenAddress, type ListenAddress } from '../signer/token-listener.js';
 import { SCOPE_PATTERN } from '../vault/vault.js';
+import { MAX_CONFIRM_TIMEOUT_MS } from '../policy/approvals.js';
 import { tomlLines } from '../toml-lines.js';
 
 export interface ServeConfig {
@@ -99,7 +100,14 @@ const SERVE_KEYS: { [K in string]: { field: keyof ServeConfig; read: Reader<unkn
       return value;
     },
   },
-  confirm_timeout: { field: 'confirmTimeoutMs', read: duration },
+  confirm_timeout: {
+    field: 'confirmTimeoutMs',
+    read: (value) => {
+      const ms = duration(value);
+      if (ms > MAX_CONFIRM_TIMEOUT_MS) throw new Error('is at most 1h (a client waiting longer has given up)');
+      return ms;
+    },
+  },
   log_level: {
     field: 'logLevel',
     read: (value) => {
@@ -151,7 +159,7 @@ export function parseServeConfig(text: string, file: string): ServeConfig {
     if (table !== 'serve') throw fail(lineOf(table), table, 'unknown table or key (keyhold reads [serve])');
     if (typeof value !== 'object' || value === null || Array.isArray(value)) throw fail(lineOf(table), table, 'must be a table');
     for (const [key, raw] of Object.entries(value)) {
-      const spec = SERVE_KEYS[key];
+      const spec = Object.hasOwn(SERVE_KEYS, key) ? SERVE_KEYS[key] : undefined;
       if (!spec) throw fail(lineOf('serve', key), `serve.${key}`, 'unknown key');
       try {
         (config as Record<string, unknown>)[spec.field] = spec.read(raw);

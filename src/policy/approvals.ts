@@ -64,6 +64,8 @@ export interface ApprovalsOptions {
 }
 
 export const DEFAULT_CONFIRM_TIMEOUT_MS = 30_000;
+/** The longest a request may wait for a confirmation (beyond it a client has long given up). */
+export const MAX_CONFIRM_TIMEOUT_MS = 3_600_000;
 export const MAX_PENDING_PER_PEER = 4;
 export const MAX_PENDING_TOTAL = 64;
 /** The longest a control client may wait in one `approvals` long-poll. */

@@ -224,7 +224,12 @@ class AgentConnection {
 
     // A client's FIN ends only its direction: the replies it is owed still go out (drain, then end).
     socket.allowHalfOpen = true;
-    socket.setTimeout(options.idleTimeoutMs, () => this.destroy('idle timeout'));
+    // Idle means the client sends nothing and is owed nothing: a request waiting for a
+    // confirmation (bounded by its own timeout) keeps an open connection, and the reply restarts
+    // the clock. A client that half-closed is only waiting, and gets no such grace.
+    socket.setTimeout(options.idleTimeoutMs, () => {
+      if (this.inFlight === 0 || this.state !== 'open') this.destroy('idle timeout');
+    });
     socket.on('error', (err) => {
       if (this.session.debug) log.debug({ peer, err: err.message }, 'agent connection error');
     });

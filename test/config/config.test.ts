@@ -70,6 +70,9 @@ describe('parseServeConfig', () => {
     ['a bad log level', '[serve]\nlog_level = "loud"\n', `${FILE}:2: serve.log_level: must be one of`],
     ['serve as a value', 'serve = 1\n', `${FILE}:1: serve: must be a table`],
     ['a quoted unknown key', '[serve]\n"idle lock" = "1m"\n', `${FILE}:2: serve.idle lock: unknown key`],
+    ['a key named like an object method', '[serve]\ntoString = "x"\n', `${FILE}:2: serve.toString: unknown key`],
+    ['__proto__ as a key', '[serve]\n__proto__ = "x"\n', `${FILE}:2: serve.__proto__: unknown key`],
+    ['a confirm timeout over an hour', '[serve]\nconfirm_timeout = "25d"\n', `${FILE}:2: serve.confirm_timeout: is at most 1h`],
   ])('refuses %s, naming file, line and key', (_what, text, message) => {
     expect(refusal(text).message).toContain(message);
   });

@@ -436,6 +436,14 @@ describe('the connection loop', () => {
     expect(socket.listenerCount('timeout') - listenersBefore.get('timeout')!).toBe(1);
   });
 
+  it('keeps a connection whose request waits (a confirmation) past idleTimeoutMs, and answers it', async () => {
+    const { client, backend } = await serve({ idleTimeoutMs: 150 });
+    backend.signWith = (data) => later(600, signed(data));
+    client.send(signRequestFrame(KEY_BLOB, Buffer.from('waits for a human')));
+    expect((await client.reply())[0]).toBe(SIGN_RESPONSE);
+    client.end();
+  });
+
   it('closes an idle connection after idleTimeoutMs', async () => {
     const { client, serverClosed } = await serve({ idleTimeoutMs: 150 });
     client.send(identitiesFrame());
