@@ -126,8 +126,9 @@ export function denyCommand(yargs: Argv<GlobalArgs>) {
 }
 
 /**
- * Reads answers one line at a time (a terminal, or lines piped in). Lines typed ahead are kept for
- * the next questions; once input ends and none is left, watching ends.
+ * Reads answers one line at a time (a terminal, or lines piped in). Piped lines are kept for the
+ * next questions; on a terminal, what was typed before a question is dropped. Once input ends and
+ * no line is left, watching ends.
  */
 class Answers {
   private readonly lines: string[] = [];
@@ -145,6 +146,14 @@ class Answers {
       this.wake();
       if (this.lines.length === 0) onEnd();
     });
+  }
+
+  /**
+   * Forgets lines typed before a question was shown (on a terminal): a stray `y`, or a paste, must
+   * not answer a request the user has not seen yet. Piped answers are meant in order, and kept.
+   */
+  discardTypedAhead(): void {
+    if (process.stdin.isTTY) this.lines.length = 0;
   }
 
   /** The next line, or null at the end of input. */
@@ -199,6 +208,7 @@ async function watch(args: GlobalArgs, rememberMs: number | undefined): Promise<
         if (stopped || asked.has(approval.id)) continue;
         asked.add(approval.id);
         if (Date.parse(approval.deadline) <= Date.now()) continue;
+        answers.discardTypedAhead();
         process.stdout.write(`${describeQuestion(approval)}\napprove ${approval.id}? [y/N] `);
         const line = await answers.next();
         if (line === null || stopped) {

@@ -167,13 +167,21 @@ describe('keyhold approve / deny from another process', () => {
     const exited = new Promise<void>((resolve) => watcher.once('exit', () => resolve()));
     try {
       const seq = lastSeq(lab);
+      // A `y` typed before any question is shown must not answer the request that comes next.
+      await waitFor(() => screen.includes('asking for each request'), 15_000, 'approve --watch to start');
+      watcher.stdin!.write('y\n');
+      await new Promise((resolve) => setTimeout(resolve, 300));
       const { w, msg } = startSign();
-      const pending = await waitForApproval(lab, w.proc.pid!);
+      const pending = await waitForApproval(lab, w.proc.pid!).catch((err: Error) => {
+        throw new Error(`${err.message}; the terminal showed: ${JSON.stringify(screen)}`);
+      });
       await waitFor(() => screen.includes(pending.id) || screen.includes(String(w.proc.pid)), 15_000, `approve --watch to ask about ${pending.id}`).catch(
         (err: Error) => {
           throw new Error(`${err.message}; the terminal showed: ${JSON.stringify(screen)}`);
         },
       );
+      await new Promise((resolve) => setTimeout(resolve, 500));
+      expect(JSON.parse(keyhold(lab.k, ['approvals', '--json']).stdout).map((a: { id: string }) => a.id), screen).toContain(pending.id);
       watcher.stdin!.write('y\n');
       const signed = await w.done;
       expect(signed.code, `${lab.diagnostics(signed)}\n--- approve --watch ---\n${screen}`).toBe(0);
