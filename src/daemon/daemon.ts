@@ -98,11 +98,12 @@ export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
     session.onChange((unlocked) => {
       if (!unlocked) pool?.clear();
     });
-    const confirmProgram = confirmProgramFor(options.confirmProgram);
+    const confirmPath = confirmProgramFor(options.confirmProgram);
+    const confirmProgram = confirmPath ? new ConfirmProgram(confirmPath, log) : null;
     const approvals = new Approvals({
       timeoutMs: options.confirmTimeoutMs ?? DEFAULT_CONFIRM_TIMEOUT_MS,
       log,
-      program: confirmProgram ? new ConfirmProgram(confirmProgram, log) : null,
+      program: confirmProgram,
     });
     // Locked, nothing can be signed: the requests waiting for a confirmation are refused now.
     session.onChange((unlocked) => {
@@ -355,6 +356,7 @@ export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
           clearInterval(timer);
           clearInterval(guardSweep);
           approvals.refuseAll('withdrawn');
+          confirmProgram?.close();
           guard.stop();
           await closeServers();
           await sockets.close();

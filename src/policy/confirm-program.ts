@@ -34,6 +34,7 @@ export class ConfirmProgram implements ConfirmChannel {
   private running = 0;
   private readonly queue: Waiting[] = [];
   private failureLoggedAt = 0;
+  private readonly children = new Set<ChildProcess>();
 
   constructor(
     readonly path: string,
@@ -65,19 +66,27 @@ export class ConfirmProgram implements ConfirmChannel {
 
   private run(waiting: Waiting): void {
     this.running++;
-    let finished = false;
-    let child: ChildProcess;
-    const finish = (answer: boolean | null) => {
-      if (finished) return;
-      finished = true;
+    let answered = false;
+    let released = false;
+    let child: ChildProcess | undefined;
+    // The answer may come before the program is gone (the request was answered elsewhere and the
+    // program is being killed): its slot is released only when it has exited.
+    const answer = (value: boolean | null) => {
+      if (answered) return;
+      answered = true;
       waiting.cancelled.removeEventListener('abort', cancel);
+      waiting.resolve(value);
+    };
+    const release = () => {
+      if (released) return;
+      released = true;
+      if (child) this.children.delete(child);
       this.running--;
-      waiting.resolve(answer);
       this.next();
     };
     const cancel = () => {
+      answer(null);
       killGroup(child);
-      finish(null);
     };
     const env: NodeJS.ProcessEnv = { ...process.env, SSH_ASKPASS_PROMPT: 'confirm' };
     for (const name of WITHHELD_ENV) delete env[name];
@@ -86,14 +95,27 @@ export class ConfirmProgram implements ConfirmChannel {
       child = spawn(this.path, [waiting.question], { stdio: 'ignore', env, detached: true });
     } catch (err) {
       this.cannotRun(err as NodeJS.ErrnoException);
-      return finish(null);
+      answer(null);
+      return release();
     }
-    child.once('error', (err: NodeJS.ErrnoException) => {
+    this.children.add(child);
+    // 'error' may come more than once (a failed spawn, then a failed kill): every one is handled.
+    child.on('error', (err: NodeJS.ErrnoException) => {
       this.cannotRun(err);
-      finish(null);
+      answer(null);
+      if (child!.pid === undefined) release();
     });
-    child.once('exit', (code) => finish(code === 0));
+    child.once('exit', (code) => {
+      answer(code === 0);
+      release();
+    });
     waiting.cancelled.addEventListener('abort', cancel, { once: true });
+  }
+
+  /** The daemon stops: every program still running is killed at once, with what it started. */
+  close(): void {
+    for (const child of this.children) killGroup(child, 'SIGKILL');
+    for (const waiting of this.queue.splice(0)) waiting.resolve(null);
   }
 
   private next(): void {
@@ -111,7 +133,7 @@ export class ConfirmProgram implements ConfirmChannel {
   }
 }
 
-function killGroup(child: ChildProcess | undefined): void {
+function killGroup(child: ChildProcess | undefined, first: NodeJS.Signals = 'SIGTERM'): void {
   const pid = child?.pid;
   if (!child || pid === undefined || child.exitCode !== null || child.signalCode !== null) return;
   const signal = (name: NodeJS.Signals) => {
@@ -121,7 +143,8 @@ function killGroup(child: ChildProcess | undefined): void {
       /* already gone */
     }
   };
-  signal('SIGTERM');
+  signal(first);
+  if (first === 'SIGKILL') return;
   const timer = setTimeout(() => signal('SIGKILL'), KILL_GRACE_MS);
   timer.unref();
   child.once('exit', () => clearTimeout(timer));

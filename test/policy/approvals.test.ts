@@ -229,6 +229,32 @@ describe('ConfirmProgram (real programs)', () => {
     await Promise.all(answers);
   });
 
+  it('a program that ignores SIGTERM keeps its slot until it is gone (killed after the grace); close() kills every program at once', async () => {
+    const count = join(dir, 'count-stubborn');
+    const stubborn = script('stubborn', `trap '' TERM; echo x >> '${count}'; sleep 30`);
+    const started = () => (existsSync(count) ? readFileSync(count, 'utf8').trim().split('\n').length : 0);
+    const until = async (n: number, ms: number) => {
+      const deadline = Date.now() + ms;
+      while (started() < n && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
+    };
+    const { log } = recordingLogger();
+    const program = new ConfirmProgram(stubborn, log, 1);
+    const first = new AbortController();
+    const firstAnswer = program.ask('q', first.signal);
+    await until(1, 5_000);
+    first.abort();
+    await expect(firstAnswer).resolves.toBe(null);
+    const secondAnswer = program.ask('q', new AbortController().signal);
+    await new Promise((r) => setTimeout(r, 500));
+    expect(started()).toBe(1); // the first still runs (it ignored SIGTERM): no second slot
+    await until(2, 6_000); // SIGKILL after the grace frees the slot
+    expect(started()).toBe(2);
+    const closedAt = Date.now();
+    program.close();
+    await expect(secondAnswer).resolves.not.toBe(true);
+    expect(Date.now() - closedAt).toBeLessThan(1_500);
+  });
+
   it('the program to use: configured, else $SSH_ASKPASS with a display, else none', () => {
     expect(confirmProgramFor('/x', {})).toBe('/x');
     expect(confirmProgramFor(undefined, { SSH_ASKPASS: '/a', DISPLAY: ':0' })).toBe('/a');
