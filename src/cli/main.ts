@@ -9,7 +9,7 @@ import { scopeCommand } from './scope.js';
 import { serveCommand } from './serve.js';
 import { tokenCommand } from './token.js';
 import { bridgeCommand } from './bridge.js';
-import { lockCommand, statusCommand, unlockCommand } from './unlock.js';
+import { lockCommand, statusCommand, stopCommand, unlockCommand } from './unlock.js';
 import { factorCommand, passphraseCommand } from './factor.js';
 import { secretCommand } from './secret.js';
 import { envCommand } from './env.js';
@@ -82,6 +82,7 @@ export async function main(argv: string[]): Promise<number> {
     unlockCommand,
     lockCommand,
     statusCommand,
+    stopCommand,
     factorCommand,
     passphraseCommand,
     secretCommand,

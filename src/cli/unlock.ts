@@ -1,7 +1,7 @@
 // `keyhold unlock`, `lock` and `status`: the daemon holds the unlocked vault; these talk to it over
 // the control socket, starting it in the background when none runs.
 import { spawn } from 'node:child_process';
-import { closeSync, openSync } from 'node:fs';
+import { closeSync, openSync, readFileSync } from 'node:fs';
 import { readCapped } from '../read-capped.js';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -208,6 +208,54 @@ export function statusCommand(yargs: Argv<GlobalArgs>) {
         else process.stdout.write('no daemon running (locked)\n');
       }
       if (!status || status.locked) throw new QuietExit(EXIT.LOCKED);
+    },
+  );
+}
+
+/** How long `keyhold stop` waits for the daemon's process to be gone. */
+const STOP_TIMEOUT_MS = 10_000;
+
+/** Whether `pid` still runs (a zombie has exited; its parent just has not collected it). */
+function processRuns(pid: number): boolean {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    const state = stat.slice(stat.lastIndexOf(')') + 2)[0];
+    return state !== 'Z' && state !== 'X';
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return false;
+    try {
+      process.kill(pid, 0);
+      return true;
+    } catch {
+      return false;
+    }
+  }
+}
+
+export function stopCommand(yargs: Argv<GlobalArgs>) {
+  return yargs.command(
+    'stop',
+    'stop the daemon of this runtime dir, as ssh-agent -k: sockets removed, vault locked; exit 3 when none runs',
+    (c) => c,
+    async (args) => {
+      const runtime = runtimeDir();
+      const client = await ControlClient.connect(runtime);
+      if (!client) throw new KeyholdError(`no daemon is running in ${runtime}`, 'nothing to stop', EXIT.LOCKED);
+      let pid: number;
+      try {
+        ({ pid } = await client.call<{ pid: number }>({ op: 'stop' }));
+      } finally {
+        client.close();
+      }
+      const deadline = Date.now() + STOP_TIMEOUT_MS;
+      while (processRuns(pid)) {
+        if (Date.now() > deadline) {
+          throw new KeyholdError(`the daemon (pid ${pid}) did not stop within ${STOP_TIMEOUT_MS / 1000} s`, `see ${daemonLogPath(runtime)}, or kill ${pid}`);
+        }
+        await new Promise((r) => setTimeout(r, 25));
+      }
+      if (args.json) printJson({ stopped: true, pid });
+      else process.stdout.write(`keyhold daemon (pid ${pid}) stopped\n`);
     },
   );
 }

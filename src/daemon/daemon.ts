@@ -60,7 +60,10 @@ export interface DaemonOptions {
 export interface Daemon {
   session: VaultSession;
   socketPaths(): string[];
-  stop(): Promise<void>;
+  /** Resolves when `keyhold stop` asked this daemon to stop (its answer is sent by then): the caller stops it. */
+  stopRequested: Promise<AuditPeer>;
+  /** Stops serving: sockets closed and removed, the vault locked (`reason` in the audit log), the pid lock released. */
+  stop(reason?: string, actor?: AuditPeer): Promise<void>;
 }
 
 export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
@@ -283,6 +286,8 @@ export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
         .catch((err: Error) => log.error({ err: err.message }, 'scope sync failed'));
     }, options.pollIntervalMs ?? 250);
 
+    let requestStop: (actor: AuditPeer) => void = () => {};
+    const stopRequested = new Promise<AuditPeer>((resolve) => (requestStop = resolve));
     const handle = async (request: ControlRequest, peer: Peer): Promise<unknown> => {
       const actor = peer as AuditPeer;
       switch (request.op) {
@@ -291,6 +296,10 @@ export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
         case 'lock':
           session.lock('keyhold lock', actor);
           return session.status(sockets.paths());
+        case 'stop':
+          // Once this answer is written (the control server writes it when this returns), not before.
+          setImmediate(() => requestStop(actor));
+          return { pid: process.pid };
         case 'unlock': {
           checkVault(request.vaultId);
           const keks: FactorKeks = new Map(Object.entries(request.keks));
@@ -357,7 +366,8 @@ export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
     return {
       session,
       socketPaths: () => sockets.paths(),
-      stop() {
+      stopRequested,
+      stop(reason?: string, actor?: AuditPeer) {
         stopping ??= (async () => {
           clearInterval(timer);
           clearInterval(guardSweep);
@@ -365,7 +375,7 @@ export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
           guard.stop();
           await closeServers();
           await sockets.close();
-          session.close();
+          session.close(reason, actor);
           await pool?.close();
           lock.release();
           log.info('keyhold daemon stopped');
