@@ -9,7 +9,7 @@ import { scopeCommand } from './scope.js';
 import { serveCommand } from './serve.js';
 import { tokenCommand } from './token.js';
 import { bridgeCommand } from './bridge.js';
-import { lockCommand, statusCommand, unlockCommand } from './unlock.js';
+import { lockCommand, statusCommand, stopCommand, unlockCommand } from './unlock.js';
 import { factorCommand, passphraseCommand } from './factor.js';
 import { secretCommand } from './secret.js';
 import { envCommand } from './env.js';
@@ -49,11 +49,15 @@ const VALUE_OPTIONS = new Set([
   '--remember', '--confirm-program', '--confirm-timeout', '--config',
 ]);
 
+/** Short options that take a value in most commands but are flags in some (`unlock -s`, as ssh-agent -s). */
+const FLAG_IN: Record<string, string[]> = { '-s': ['unlock'] };
+
 function checkOptionValues(argv: string[]): void {
+  const command = argv.find((a, i) => !a.startsWith('-') && !VALUE_OPTIONS.has(argv[i - 1] ?? ''));
   for (let i = 0; i < argv.length; i++) {
     const arg = argv[i]!;
     if (arg === '--') return;
-    if (!VALUE_OPTIONS.has(arg)) continue;
+    if (!VALUE_OPTIONS.has(arg) || (command !== undefined && FLAG_IN[arg]?.includes(command))) continue;
     const next = argv[i + 1];
     if (next === undefined || (next.startsWith('-') && next !== '-' && !/^-\d/.test(next))) {
       throw usageError(`${arg} needs a value`, 'see `keyhold --help`');
@@ -82,6 +86,7 @@ export async function main(argv: string[]): Promise<number> {
     unlockCommand,
     lockCommand,
     statusCommand,
+    stopCommand,
     factorCommand,
     passphraseCommand,
     secretCommand,

@@ -11,6 +11,7 @@ import { parseListenAddress } from '../signer/token-listener.js';
 import { readKeyring } from '../vault/keyring.js';
 import { vaultPaths } from '../vault/paths.js';
 import { existsSync } from 'node:fs';
+import type { AuditPeer } from '../audit/audit-log.js';
 import type { GlobalArgs } from './common.js';
 import { collectKeks } from './unlock-sources.js';
 
@@ -109,14 +110,22 @@ export function serveCommand(yargs: Argv<GlobalArgs>) {
         ...(confirmTimeoutMs !== null ? { confirmTimeoutMs } : {}),
       });
       await new Promise<void>((resolve) => {
-        const stop = (signal: string) => {
-          log.info({ signal }, 'stopping');
-          daemon.stop().then(resolve, (err: Error) => {
+        const stop = (reason: string, actor?: AuditPeer) => {
+          daemon.stop(reason, actor).then(resolve, (err: Error) => {
             log.error({ err: err.message }, 'error while stopping');
             resolve();
           });
         };
-        for (const signal of ['SIGTERM', 'SIGINT', 'SIGHUP'] as const) process.once(signal, () => stop(signal));
+        for (const signal of ['SIGTERM', 'SIGINT', 'SIGHUP'] as const) {
+          process.once(signal, () => {
+            log.info({ signal }, 'stopping');
+            stop('daemon stopping');
+          });
+        }
+        void daemon.stopRequested.then((actor) => {
+          log.info({ peer: actor }, 'stopping: asked by `keyhold stop`');
+          stop('keyhold stop', actor);
+        });
       });
     },
   );

@@ -1,7 +1,7 @@
 // `keyhold unlock`, `lock` and `status`: the daemon holds the unlocked vault; these talk to it over
 // the control socket, starting it in the background when none runs.
 import { spawn } from 'node:child_process';
-import { closeSync, openSync } from 'node:fs';
+import { closeSync, openSync, readFileSync } from 'node:fs';
 import { readCapped } from '../read-capped.js';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -10,7 +10,7 @@ import { ControlClient } from '../control/client.js';
 import type { DaemonStatus } from '../control/protocol.js';
 import { EXIT, KeyholdError, QuietExit } from '../errors.js';
 import { ensurePrivateDir, runtimeDir, scopesDir } from '../runtime-dir.js';
-import { shellQuote } from '../shell-quote.js';
+import { setenvLine } from '../shell-quote.js';
 import { scopeSocketPath } from '../signer/scope-sockets.js';
 import { readKeyring, zeroKeks, type Keyring } from '../vault/keyring.js';
 import { vaultPaths, type VaultPaths } from '../vault/paths.js';
@@ -119,7 +119,11 @@ export function unlockCommand(yargs: Argv<GlobalArgs>) {
         .option('ttl', { type: 'string', describe: 'lock again after this long, whatever the activity (90s, 30m, 8h, 7d)' })
         .option('idle', { type: 'string', describe: 'lock again after this long without requests' })
         .option('scope', { type: 'string', describe: "print `export SSH_AUTH_SOCK=…` for this scope's socket" })
+        .option('c', { type: 'boolean', describe: 'with --scope: print csh syntax (`setenv SSH_AUTH_SOCK …;`), as ssh-agent -c' })
+        .option('s', { type: 'boolean', describe: 'with --scope: print Bourne shell syntax, as ssh-agent -s (the default unless $SHELL ends in csh)' })
+        .conflicts('c', 's')
         .example('eval "$(keyhold unlock --scope web --ttl 8h)"', '')
+        .example('eval "`keyhold unlock --scope web -c`"', 'csh, tcsh')
         .example('ssh -A host keyhold unlock --factor ssh-agent', ''),
     async (args) => {
       const scope = args.scope === undefined ? undefined : checkScopeName(args.scope);
@@ -128,6 +132,9 @@ export function unlockCommand(yargs: Argv<GlobalArgs>) {
       const paths = vaultPaths(args.vault);
       const keyring = readKeyring(paths.keys);
       const runtime = runtimeDir();
+      const socket = scope === undefined ? undefined : scopeSocketPath(scopesDir(runtime), scope);
+      // Made before unlocking: a path the shell cannot take fails with nothing done.
+      const exportLine = socket === undefined ? undefined : setenvLine('SSH_AUTH_SOCK', socket, wantsCsh(args));
       let daemon = await connectDaemon(runtime, keyring);
       let status = daemon?.status;
       try {
@@ -155,15 +162,21 @@ export function unlockCommand(yargs: Argv<GlobalArgs>) {
         daemon?.client.close();
       }
       status = status!;
-      const socket = scope === undefined ? undefined : scopeSocketPath(scopesDir(runtime), scope);
       if (scope !== undefined && !status.sockets.includes(socket!)) {
         process.stderr.write(`keyhold: warning: scope ${scope} has no keys, so its socket is not open\n`);
       }
       if (args.json) return printJson({ ...status, ...(socket ? { socket } : {}) });
-      if (socket) process.stdout.write(`export SSH_AUTH_SOCK=${shellQuote(socket)}\n`);
+      if (exportLine) process.stdout.write(`${exportLine}\n`);
       else process.stderr.write(`keyhold: unlocked (daemon pid ${status.pid})\n`);
     },
   );
+}
+
+/** As ssh-agent: `-c` csh, `-s` Bourne shell, else csh when the login shell ($SHELL) is a csh. */
+function wantsCsh(args: { c?: boolean | undefined; s?: boolean | undefined }): boolean {
+  if (args.c) return true;
+  if (args.s) return false;
+  return (process.env.SHELL ?? '').endsWith('csh');
 }
 
 export function lockCommand(yargs: Argv<GlobalArgs>) {
@@ -208,6 +221,54 @@ export function statusCommand(yargs: Argv<GlobalArgs>) {
         else process.stdout.write('no daemon running (locked)\n');
       }
       if (!status || status.locked) throw new QuietExit(EXIT.LOCKED);
+    },
+  );
+}
+
+/** How long `keyhold stop` waits for the daemon's process to be gone. */
+const STOP_TIMEOUT_MS = 10_000;
+
+/** Whether `pid` still runs (a zombie has exited; its parent just has not collected it). */
+function processRuns(pid: number): boolean {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    const state = stat.slice(stat.lastIndexOf(')') + 2)[0];
+    return state !== 'Z' && state !== 'X';
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return false;
+    try {
+      process.kill(pid, 0);
+      return true;
+    } catch {
+      return false;
+    }
+  }
+}
+
+export function stopCommand(yargs: Argv<GlobalArgs>) {
+  return yargs.command(
+    'stop',
+    'stop the daemon of this runtime dir, as ssh-agent -k: sockets removed, vault locked; exit 3 when none runs',
+    (c) => c,
+    async (args) => {
+      const runtime = runtimeDir();
+      const client = await ControlClient.connect(runtime);
+      if (!client) throw new KeyholdError(`no daemon is running in ${runtime}`, 'nothing to stop', EXIT.LOCKED);
+      let pid: number;
+      try {
+        ({ pid } = await client.call<{ pid: number }>({ op: 'stop' }));
+      } finally {
+        client.close();
+      }
+      const deadline = Date.now() + STOP_TIMEOUT_MS;
+      while (processRuns(pid)) {
+        if (Date.now() > deadline) {
+          throw new KeyholdError(`the daemon (pid ${pid}) did not stop within ${STOP_TIMEOUT_MS / 1000} s`, `see ${daemonLogPath(runtime)}, or kill ${pid}`);
+        }
+        await new Promise((r) => setTimeout(r, 25));
+      }
+      if (args.json) printJson({ stopped: true, pid });
+      else process.stdout.write(`keyhold daemon (pid ${pid}) stopped\n`);
     },
   );
 }

@@ -126,6 +126,7 @@ const keks = v.pipe(
 const envelope = v.variant('op', [
   v.object({ op: v.literal('status') }),
   v.object({ op: v.literal('lock') }),
+  v.object({ op: v.literal('stop') }),
   v.object({
     op: v.literal('unlock'),
     vaultId,
@@ -149,7 +150,7 @@ export type ApprovalRequest =
   | { op: 'approvals'; after?: number; waitMs?: number }
   | { op: 'approve'; id: string; rememberMs?: number }
   | { op: 'deny'; id: string };
-export type ControlRequest = { op: 'status' } | { op: 'lock' } | UnlockRequest | VaultCall | ApprovalRequest;
+export type ControlRequest = { op: 'status' } | { op: 'lock' } | { op: 'stop' } | UnlockRequest | VaultCall | ApprovalRequest;
 
 const refused = (where: string) => usageError(`bad control request: ${where}`);
 

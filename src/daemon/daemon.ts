@@ -13,7 +13,7 @@ import { controlSocketPath, type ControlRequest, type LockTimers } from '../cont
 import { callVaultMethod } from '../control/requests.js';
 import { listenControl } from '../control/server.js';
 import { HandshakeGuard } from '../signer/handshake-guard.js';
-import { ScopeSockets } from '../signer/scope-sockets.js';
+import { EmptiedScopes, ScopeSockets } from '../signer/scope-sockets.js';
 import { listenToken, tcpSource, TOKEN_MAX_PENDING_WRITE, type ListenAddress } from '../signer/token-listener.js';
 import { openFileLimit, TokenConnections, tokenLimitsFor } from '../signer/token-limits.js';
 import { closeServer, ConnectionLimit } from '../signer/unix-listener.js';
@@ -60,7 +60,10 @@ export interface DaemonOptions {
 export interface Daemon {
   session: VaultSession;
   socketPaths(): string[];
-  stop(): Promise<void>;
+  /** Resolves when `keyhold stop` asked this daemon to stop (its answer is sent by then): the caller stops it. */
+  stopRequested: Promise<AuditPeer>;
+  /** Stops serving: sockets closed and removed, the vault locked (`reason` in the audit log), the pid lock released. */
+  stop(reason?: string, actor?: AuditPeer): Promise<void>;
 }
 
 export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
@@ -206,10 +209,12 @@ export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
       log.info({ listen: address }, 'token listener ready');
     }
 
-    // Scope sockets follow the vault while it is unlocked, and stay as they are while it is locked;
-    // those the config names are there in both states (identities empty while locked), so OpenSSH
-    // tools get their usual answers rather than "no such file".
+    // A scope that gets keys gets a socket; a socket, once open, stays while the daemon runs (its
+    // scope may lose every key: the socket then answers no identities, as a locked one does), so a
+    // shell's SSH_AUTH_SOCK never points at a path that vanished; see EmptiedScopes for the bound.
+    // Those the config names are there from the start, locked or not.
     const configuredScopes = options.scopes ?? [];
+    const emptied = new EmptiedScopes(MAX_EMPTY_SCOPE_SOCKETS);
     const LOCKED = -2;
     let syncedVersion = -1;
     const syncScopes = async () => {
@@ -219,8 +224,10 @@ export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
       const version = cache ? cache.version : LOCKED;
       if (version === syncedVersion) return;
       syncedVersion = version;
-      const current = cache ? cache.scopeNames() : sockets.scopes();
-      await sockets.sync(new Set([...current, ...configuredScopes]));
+      // Locked, the vault says nothing: the sockets stay as they are.
+      if (!cache) return sockets.sync(new Set([...sockets.scopes(), ...configuredScopes]));
+      const tooMany = (scope: string) => log.info({ scope, kept: MAX_EMPTY_SCOPE_SOCKETS }, 'closing the socket of the scope empty the longest: too many empty scopes');
+      await sockets.sync(emptied.keep(new Set([...cache.scopeNames(), ...configuredScopes]), sockets.scopes(), tooMany));
     };
     session.onChange(() => {
       syncedVersion = -1;
@@ -264,7 +271,10 @@ export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
         }
         await closeServer(control.server);
         control.server = await listenControl(controlPath, { log, limit, handle });
+        // Their files went with the dir: the same scopes get fresh sockets (locked ones too).
+        const served = sockets.scopes();
         await sockets.close();
+        await sockets.sync(served);
         syncedVersion = -1;
         log.info({ runtimeDir }, 'runtime dir restored');
       } finally {
@@ -277,6 +287,8 @@ export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
         .catch((err: Error) => log.error({ err: err.message }, 'scope sync failed'));
     }, options.pollIntervalMs ?? 250);
 
+    let requestStop: (actor: AuditPeer) => void = () => {};
+    const stopRequested = new Promise<AuditPeer>((resolve) => (requestStop = resolve));
     const handle = async (request: ControlRequest, peer: Peer): Promise<unknown> => {
       const actor = peer as AuditPeer;
       switch (request.op) {
@@ -285,6 +297,10 @@ export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
         case 'lock':
           session.lock('keyhold lock', actor);
           return session.status(sockets.paths());
+        case 'stop':
+          // Once this answer is written (the control server writes it when this returns), not before.
+          setImmediate(() => requestStop(actor));
+          return { pid: process.pid };
         case 'unlock': {
           checkVault(request.vaultId);
           const keks: FactorKeks = new Map(Object.entries(request.keks));
@@ -351,7 +367,8 @@ export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
     return {
       session,
       socketPaths: () => sockets.paths(),
-      stop() {
+      stopRequested,
+      stop(reason?: string, actor?: AuditPeer) {
         stopping ??= (async () => {
           clearInterval(timer);
           clearInterval(guardSweep);
@@ -360,7 +377,7 @@ export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
           guard.stop();
           await closeServers();
           await sockets.close();
-          session.close();
+          session.close(reason, actor);
           await pool?.close();
           lock.release();
           log.info('keyhold daemon stopped');
@@ -380,6 +397,12 @@ export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
 function controlApprover(peer: Peer): Approver {
   return peer.kind === 'unix' ? { channel: 'control', pid: peer.pid, uid: peer.uid } : { channel: 'control', pid: 0, uid: -1 };
 }
+
+/**
+ * Sockets kept for scopes that lost their last key (the config's scopes are not counted): each is
+ * a descriptor, out of the few the daemon keeps for itself (RESERVED_DESCRIPTORS).
+ */
+const MAX_EMPTY_SCOPE_SOCKETS = 64;
 
 /** How long a change through the daemon waits for another process's write lock on the vault. */
 const WRITE_LOCK_WAIT_MS = 10_000;

@@ -294,7 +294,7 @@ export class VaultSession {
     this.armTimer();
   }
 
-  close(): void {
-    this.lock('daemon stopping');
+  close(reason = 'daemon stopping', actor?: AuditPeer): void {
+    this.lock(reason, actor);
   }
 }

@@ -16,7 +16,11 @@ import { fingerprint } from '../agent-protocol/public-key.js';
 import { verifySsh } from '../agent-protocol/signature.js';
 import type { AgentBackend, MemoryBudget, Peer, RequestContext, SessionBinding, SignResult } from './backend.js';
 
-export const SUPPORTED_EXTENSIONS = [EXT_QUERY, EXT_SESSION_BIND] as const;
+/**
+ * What `query` lists: the extensions beyond `query` itself (its answer says that one is there),
+ * as OpenSSH's agent (10.3 and later) answers, byte for byte.
+ */
+export const QUERY_LISTS = [EXT_SESSION_BIND] as const;
 
 /** As OpenSSH's agent: a session id longer than this is not a real one. */
 const MAX_SESSION_ID = 128;
@@ -59,7 +63,7 @@ const FAILURE = frame(encodeResponse({ type: 'failure' }));
 const SUCCESS = frame(encodeResponse({ type: 'success' }));
 const EXTENSION_FAILURE = frame(encodeResponse({ type: 'extension-failure' }));
 const QUERY_RESPONSE = frame(
-  encodeResponse({ type: 'extension-response', name: EXT_QUERY, contents: encodeQueryContents(SUPPORTED_EXTENSIONS) }),
+  encodeResponse({ type: 'extension-response', name: EXT_QUERY, contents: encodeQueryContents(QUERY_LISTS) }),
 );
 
 // ---------------------------------------------------------------------------------------------

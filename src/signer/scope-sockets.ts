@@ -20,6 +20,31 @@ export function scopeSocketPath(dir: string, scope: string): string {
   return join(dir, `${scope}.sock`);
 }
 
+/**
+ * Which scopes keep a socket: those that have keys (or that the config names), and those whose
+ * socket is open though their scope has no keys any more, so that a path a shell was given does
+ * not vanish while the daemon runs. Of the latter at most `maxEmpty` stay, the one empty the
+ * longest going first: a scope per CI job, over weeks, must not use up the daemon's descriptors.
+ */
+export class EmptiedScopes {
+  /** Scopes kept without keys, in the order they emptied. */
+  private readonly emptied = new Set<string>();
+
+  constructor(private readonly maxEmpty: number) {}
+
+  /** The scopes to serve, given those that want a socket now and those served now; `dropped` hears of the ones let go. */
+  keep(wanted: ReadonlySet<string>, served: Iterable<string>, dropped: (scope: string) => void = () => {}): Set<string> {
+    for (const scope of this.emptied) if (wanted.has(scope)) this.emptied.delete(scope);
+    for (const scope of served) if (!wanted.has(scope)) this.emptied.add(scope);
+    for (const scope of this.emptied) {
+      if (this.emptied.size <= this.maxEmpty) break;
+      this.emptied.delete(scope);
+      dropped(scope);
+    }
+    return new Set([...wanted, ...this.emptied]);
+  }
+}
+
 export class ScopeSockets {
   private readonly servers = new Map<string, Server>();
   /** Scopes whose path could not be used; retried only when the set of scopes changes again. */

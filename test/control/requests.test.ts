@@ -184,11 +184,12 @@ describe('each vault method: malformed calls are refused (exit 2), naming the fi
   });
 });
 
-describe('status, lock and unlock requests', () => {
+describe('status, lock, stop and unlock requests', () => {
   const kek = () => randomBytes(32);
   it('good ones pass; extra envelope fields are dropped', () => {
     expect(parseControlRequest({ op: 'status', [MARK]: 1 })).toEqual({ op: 'status' });
     expect(parseControlRequest({ op: 'lock' })).toEqual({ op: 'lock' });
+    expect(parseControlRequest({ op: 'stop', [MARK]: 1 })).toEqual({ op: 'stop' });
     expect(parseControlRequest({ op: 'unlock', vaultId: 'v', keks: { 'pp-0123abcd': kek() }, idleMs: 60_000 })).toMatchObject({ idleMs: 60_000, ttlMs: null });
   });
 

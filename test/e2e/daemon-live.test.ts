@@ -1,6 +1,6 @@
 // A running `keyhold serve` follows changes made by other processes (the CLI) without a restart:
-// new scopes get sockets, removed/unassigned keys vanish from open connections, empty scopes
-// lose their socket.
+// new scopes get sockets, removed/unassigned keys vanish from open connections, and a scope that
+// loses its last key keeps its socket (no identities) while the daemon runs.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createPublicKey, verify } from 'node:crypto';
 import { existsSync } from 'node:fs';
@@ -126,32 +126,35 @@ describe('daemon follows vault changes live', () => {
     expect(verifyEd25519(blob, data, await s.reply())).toBe(true);
   });
 
-  it('a scope that loses its last key loses its socket within ~1 s (no client connected)', async () => {
+  it('a scope that loses its last key keeps its socket, which answers no identities until a key comes back', async () => {
     const line = keyholdOk(k, ['key', 'generate', 'lonely', '--comment', 'lonely-key']);
     const fp = fingerprintOf(k, line);
     const sock = serve.socket('lonely');
     await within(1000, () => existsSync(sock), 'lonely.sock appears');
     const c = await open('lonely');
     expect((await identities(c)).length).toBe(1);
-    c.close();
-    await c.waitClosed();
 
     keyholdOk(k, ['key', 'unassign', 'lonely', fp]);
-    await within(1200, () => !existsSync(sock), 'lonely.sock removed after unassign');
-    await expect(RawAgentClient.connect(sock)).rejects.toThrow();
+    // the open connection and a new one both get an empty answer; the path stays
+    expect(await identities(c)).toEqual([]);
+    const fresh = await open('lonely');
+    expect(await identities(fresh)).toEqual([]);
+    expect(existsSync(sock)).toBe(true);
 
-    // assigned again it comes back; deleting its only key (`key rm`) removes it again
+    // assigned again, the same socket offers it again; deleting its only key (`key rm`) empties it again
     keyholdOk(k, ['key', 'assign', 'lonely', fp]);
-    await within(1200, () => existsSync(sock), 'lonely.sock back after assign');
+    expect((await identities(c)).map((i) => i.comment)).toEqual(['lonely-key']);
     keyholdOk(k, ['key', 'rm', fp]);
-    await within(1200, () => !existsSync(sock), 'lonely.sock removed after rm');
+    expect(await identities(c)).toEqual([]);
+    await new Promise((r) => setTimeout(r, 600)); // past a few scope syncs
+    expect(existsSync(sock)).toBe(true);
     expect(keyhold(k, ['key', 'pub', 'lonely']).status).toBe(5);
     // the other scopes are untouched
     const w = await open('web');
     expect((await identities(w)).map((i) => i.comment)).toContain('web-keep');
   });
 
-  it('removing a scope while a client holds a connection to it does not stall later changes', async () => {
+  it('emptying a scope while a client holds a connection to it does not stall later changes', async () => {
     const line = keyholdOk(k, ['key', 'generate', 'held', '--comment', 'held-key']);
     const fp = fingerprintOf(k, line);
     const sock = serve.socket('held');
@@ -160,13 +163,9 @@ describe('daemon follows vault changes live', () => {
     expect((await identities(c)).length).toBe(1);
 
     keyholdOk(k, ['key', 'rm', fp]);
-    await within(1200, () => !existsSync(sock), 'held.sock removed');
-    // the open connection no longer offers the deleted key
-    if (!c.closed) {
-      c.send(REQUEST_IDENTITIES);
-      const reply = await c.reply().catch(() => null);
-      if (reply) expect(parseIdentities(reply)).toEqual([]);
-    }
+    // the open connection stays, and no longer offers the deleted key
+    expect(await identities(c)).toEqual([]);
+    expect(c.closed).toBe(false);
 
     // a later change must still be picked up while that connection stays open
     const later = keyholdOk(k, ['key', 'generate', 'afterheld', '--comment', 'after-held']);
