@@ -39,8 +39,6 @@ export interface KeyConstraints {
   destinations: DestinationConstraint[];
 }
 
-export const NO_CONSTRAINTS: KeyConstraints = Object.freeze({ lifetimeSeconds: null, confirm: false, destinations: Object.freeze([]) as never });
-
 /** Reads constraints up to the end of the message. Fields are copies: the request may be wiped. */
 export function readConstraints(r: WireReader): KeyConstraints {
   const constraints: KeyConstraints = { lifetimeSeconds: null, confirm: false, destinations: [] };

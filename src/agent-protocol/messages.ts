@@ -1,6 +1,6 @@
 // Agent-protocol messages (RFC 9987, OpenSSH PROTOCOL.agent): typed requests and responses, both
 // directions, so the same codec serves the agent and a client talking to another agent.
-import { cstring, NO_CONSTRAINTS, readConstraints, writeConstraints, type KeyConstraints } from './key-constraints.js';
+import { cstring, readConstraints, writeConstraints, type KeyConstraints } from './key-constraints.js';
 import { encodePrivateKey, readPrivateKey, type AgentPrivateKey } from './private-key.js';
 import { WireFormatError, WireReader, WireWriter } from './wire.js';
 
@@ -139,7 +139,6 @@ export function encodeRequest(request: AgentRequest): Buffer {
   }
 }
 
-export { NO_CONSTRAINTS };
 
 export function encodeResponse(response: AgentResponse): Buffer {
   const w = new WireWriter();
