@@ -12,7 +12,7 @@
 // heap until collected). No message of an error thrown here quotes key bytes.
 import { createPrivateKey, createPublicKey, type KeyObject } from 'node:crypto';
 import { fromBigInt, modInverse, toBigInt } from './bignum.js';
-import { curveBySshType, describeKey, fingerprint, MIN_RSA_VERIFY_BITS, type SshKeyType } from './public-key.js';
+import { bitLength, curveBySshType, describeKey, fingerprint, MIN_RSA_VERIFY_BITS, type SshKeyType } from './public-key.js';
 import { WireFormatError, WireReader, WireWriter } from './wire.js';
 
 /** A well-formed key this agent does not hold: certificates, security keys, DSA, XMSS, … */
@@ -53,6 +53,13 @@ const CURVE_DER: Record<string, { oid: Buffer; order: Buffer }> = {
   },
 };
 
+/** n − 1 of a curve order (every order here ends in a nonzero byte). */
+function orderMinusOne(order: Buffer): Buffer {
+  const out = Buffer.from(order);
+  out[out.length - 1] = out[out.length - 1]! - 1;
+  return out;
+}
+
 const mismatch = () => new WireFormatError('private key does not match its public key');
 
 /** A key type this agent refuses, named for the log (truncated: it is the peer's text). */
@@ -88,8 +95,8 @@ function ecdsaKey(r: WireReader, type: SshKeyType, identifier: string, coordinat
   const d = r.mpintUnsigned();
   if (name !== identifier) throw new WireFormatError('curve name does not match key type');
   const { oid, order } = CURVE_DER[identifier]!;
-  // OpenSSH's sshkey_ec_validate_private: more bits than half the order's, and below the order.
-  if (d.length > order.length || Buffer.compare(leftPad(d, order.length), order) >= 0 || bitLength(d) <= bitLength(order) / 2) {
+  // OpenSSH's sshkey_ec_validate_private: more bits than half the order's, and below order − 1.
+  if (d.length > order.length || Buffer.compare(leftPad(d, order.length), orderMinusOne(order)) >= 0 || bitLength(d) <= Math.floor(bitLength(order) / 2)) {
     throw new WireFormatError('ecdsa private scalar out of range');
   }
   if (point.length !== 1 + 2 * coordinateBytes || point[0] !== 4) throw new WireFormatError('bad ecdsa point');
@@ -209,11 +216,4 @@ function leftPad(bytes: Buffer, size: number): Buffer {
   const out = Buffer.alloc(size);
   bytes.copy(out, Math.max(0, size - bytes.length), Math.max(0, bytes.length - size));
   return out;
-}
-
-function bitLength(magnitude: Buffer): number {
-  let i = 0;
-  while (i < magnitude.length && magnitude[i] === 0) i++;
-  if (i === magnitude.length) return 0;
-  return (magnitude.length - i - 1) * 8 + (32 - Math.clz32(magnitude[i]!));
 }

@@ -8,6 +8,7 @@ import { MSG, parseRequest, type AgentRequest } from '../../src/agent-protocol/m
 import { CONSTRAIN, EXT_RESTRICT_DESTINATION, readConstraints, writeConstraints, type DestinationHop, type KeyConstraints } from '../../src/agent-protocol/key-constraints.js';
 import { describeKey, type SshKeyType } from '../../src/agent-protocol/public-key.js';
 import { signatureAlgorithmFor, signSsh, verifySsh } from '../../src/agent-protocol/signature.js';
+import { UnsupportedKeyError } from '../../src/agent-protocol/private-key.js';
 import { WireFormatError, WireReader, WireWriter } from '../../src/agent-protocol/wire.js';
 import { readString, sshString, u32 } from '../helpers/raw-wire.js';
 import { addExchanges } from './add-frames-fixture.js';
@@ -205,5 +206,27 @@ describe('constraints', () => {
     expect(read(constraint(hop('root', 'a', true), hop('', 'host', true)))).toThrow(/inconsistent "from"/);
     expect(read(constraint(hop('', 'a', false), hop('', 'host', true)))).toThrow(/inconsistent "from"/);
     expect(read(constraint(hop('', 'a\0b', false), hop('', 'host', true)))).toThrow(/NUL/);
+  });
+});
+
+describe('remove and lock bodies', () => {
+  it('are malformed with trailing bytes, a truncated string, or a NUL inside a passphrase (OpenSSH reads a C string)', () => {
+    const bad = [
+      Buffer.of(MSG.REMOVE_ALL_IDENTITIES, 0),
+      Buffer.concat([Buffer.of(MSG.REMOVE_IDENTITY), sshString('blob'), Buffer.of(0)]),
+      Buffer.concat([Buffer.of(MSG.REMOVE_IDENTITY), u32(9), Buffer.from('blob')]),
+      Buffer.concat([Buffer.of(MSG.LOCK), sshString('pass'), Buffer.of(0)]),
+      Buffer.concat([Buffer.of(MSG.UNLOCK), sshString('pa\0ss')]),
+      Buffer.of(MSG.UNLOCK),
+    ];
+    for (const bytes of bad) expect(() => parseRequest(bytes), bytes.toString('hex')).toThrow(WireFormatError);
+    expect(parseRequest(Buffer.concat([Buffer.of(MSG.LOCK), sshString('')]))).toEqual({ type: 'lock', passphrase: Buffer.alloc(0) });
+  });
+
+  it('security-key and DSA keys are refused as unsupported, naming the type', () => {
+    for (const type of ['sk-ssh-ed25519@openssh.com', 'sk-ecdsa-sha2-nistp256@openssh.com', 'ssh-dss', 'ssh-ed25519-cert-v01@openssh.com']) {
+      expect(() => parseRequest(Buffer.concat([Buffer.of(MSG.ADD_IDENTITY), sshString(type), sshString('x')]))).toThrow(UnsupportedKeyError);
+    }
+    expect(() => parseRequest(Buffer.concat([Buffer.of(MSG.ADD_IDENTITY), sshString('sk-ssh-ed25519@openssh.com')]))).toThrow(/security keys/);
   });
 });
