@@ -113,8 +113,9 @@ function processMessage(session: AgentSession, payload: Buffer): Reply {
   try {
     return dispatch(session, payload, code);
   } finally {
-    // A private key or a passphrase: wipe the frame once handled (the backend got copies). The
-    // kernel's socket buffer and chunks a split frame was copied from are out of reach.
+    // A private key or a passphrase: wipe the frame once handled (the backend got a KeyObject and
+    // copies). Out of reach: the kernel's socket buffer and, for a frame split across reads, the
+    // socket chunks and superseded buffers FrameReader assembled it from.
     if (SECRET_REQUEST_TYPES.has(code)) payload.fill(0);
   }
 }
