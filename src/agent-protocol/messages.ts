@@ -1,5 +1,7 @@
 // Agent-protocol messages (RFC 9987, OpenSSH PROTOCOL.agent): typed requests and responses, both
 // directions, so the same codec serves the agent and a client talking to another agent.
+import { cstring, readConstraints, writeConstraints, type KeyConstraints } from './key-constraints.js';
+import { encodePrivateKey, readPrivateKey, type AgentPrivateKey } from './private-key.js';
 import { WireFormatError, WireReader, WireWriter } from './wire.js';
 
 export const MSG = {
@@ -9,6 +11,12 @@ export const MSG = {
   IDENTITIES_ANSWER: 12,
   SIGN_REQUEST: 13,
   SIGN_RESPONSE: 14,
+  ADD_IDENTITY: 17,
+  REMOVE_IDENTITY: 18,
+  REMOVE_ALL_IDENTITIES: 19,
+  LOCK: 22,
+  UNLOCK: 23,
+  ADD_ID_CONSTRAINED: 25,
   EXTENSION: 27,
   EXTENSION_FAILURE: 28,
   EXTENSION_RESPONSE: 29,
@@ -21,8 +29,30 @@ export type AgentRequest =
   | { type: 'request-identities' }
   | { type: 'sign'; keyBlob: Buffer; data: Buffer; flags: number }
   | { type: 'extension'; name: string; contents: Buffer }
+  | AddIdentityRequest
+  | { type: 'remove-identity'; keyBlob: Buffer }
+  | { type: 'remove-all-identities' }
+  /** The passphrase is a view into the request: copy it to keep it, wipe what you copy. */
+  | { type: 'lock'; passphrase: Buffer }
+  | { type: 'unlock'; passphrase: Buffer }
   /** A well-formed frame of a message type this codec does not model. */
   | { type: 'unsupported'; code: number };
+
+/**
+ * SSH_AGENTC_ADD_IDENTITY (17) or ADD_ID_CONSTRAINED (25). As OpenSSH's agent, both may carry
+ * constraints; `constrained` only says which message it was. The private key is a checked
+ * KeyObject whose public half is `key.publicBlob`.
+ */
+export interface AddIdentityRequest {
+  type: 'add-identity';
+  constrained: boolean;
+  key: AgentPrivateKey;
+  comment: string;
+  constraints: KeyConstraints;
+}
+
+/** Message types whose bodies hold secrets (a private key, a passphrase): wiped once handled. */
+export const SECRET_REQUEST_TYPES: ReadonlySet<number> = new Set([MSG.ADD_IDENTITY, MSG.ADD_ID_CONSTRAINED, MSG.LOCK, MSG.UNLOCK]);
 
 export interface Identity {
   keyBlob: Buffer;
@@ -56,6 +86,29 @@ export function parseRequest(payload: Buffer): AgentRequest {
       const name = r.utf8();
       return { type: 'extension', name, contents: r.rest() };
     }
+    case MSG.ADD_IDENTITY:
+    case MSG.ADD_ID_CONSTRAINED: {
+      const key = readPrivateKey(r);
+      const comment = cstring(r);
+      const constraints = readConstraints(r);
+      return { type: 'add-identity', constrained: code === MSG.ADD_ID_CONSTRAINED, key, comment, constraints };
+    }
+    case MSG.REMOVE_IDENTITY: {
+      const keyBlob = r.string();
+      r.end();
+      return { type: 'remove-identity', keyBlob };
+    }
+    case MSG.REMOVE_ALL_IDENTITIES:
+      r.end();
+      return { type: 'remove-all-identities' };
+    case MSG.LOCK:
+    case MSG.UNLOCK: {
+      const passphrase = r.string();
+      r.end();
+      // As OpenSSH reads it (a C string): a NUL inside is malformed.
+      if (passphrase.includes(0)) throw new WireFormatError('passphrase holds a NUL byte');
+      return { type: code === MSG.LOCK ? 'lock' : 'unlock', passphrase };
+    }
     default:
       return { type: 'unsupported', code };
   }
@@ -70,10 +123,22 @@ export function encodeRequest(request: AgentRequest): Buffer {
       return w.byte(MSG.SIGN_REQUEST).string(request.keyBlob).string(request.data).uint32(request.flags).toBuffer();
     case 'extension':
       return w.byte(MSG.EXTENSION).string(request.name).raw(request.contents).toBuffer();
+    case 'add-identity': {
+      w.byte(request.constrained ? MSG.ADD_ID_CONSTRAINED : MSG.ADD_IDENTITY).raw(encodePrivateKey(request.key.key)).string(request.comment);
+      return writeConstraints(w, request.constraints).toBuffer();
+    }
+    case 'remove-identity':
+      return w.byte(MSG.REMOVE_IDENTITY).string(request.keyBlob).toBuffer();
+    case 'remove-all-identities':
+      return w.byte(MSG.REMOVE_ALL_IDENTITIES).toBuffer();
+    case 'lock':
+    case 'unlock':
+      return w.byte(request.type === 'lock' ? MSG.LOCK : MSG.UNLOCK).string(request.passphrase).toBuffer();
     case 'unsupported':
       return w.byte(request.code).toBuffer();
   }
 }
+
 
 export function encodeResponse(response: AgentResponse): Buffer {
   const w = new WireWriter();

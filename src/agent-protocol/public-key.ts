@@ -86,7 +86,8 @@ export function describeKey(key: KeyObject): PublicKeyInfo {
   }
 }
 
-function bitLength(magnitude: Buffer): number {
+/** Bits of a big-endian magnitude (leading zero bytes ignored). */
+export function bitLength(magnitude: Buffer): number {
   let i = 0;
   while (i < magnitude.length && magnitude[i] === 0) i++;
   if (i === magnitude.length) return 0;

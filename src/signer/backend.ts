@@ -1,6 +1,7 @@
 // What the wire server needs from whoever holds the keys, and nothing more (in the manner of Go's
-// golang.org/x/crypto/ssh/agent.Agent): list identities, sign.
-import type { Identity } from '../agent-protocol/messages.js';
+// golang.org/x/crypto/ssh/agent.Agent): list identities, sign; and optionally OpenSSH's key
+// operations (add, remove, lock, unlock), which a backend without them answers with FAILURE.
+import type { AddIdentityRequest, Identity } from '../agent-protocol/messages.js';
 
 export type Peer =
   /** `exe` is read from /proc at accept time (null if the process is already gone). */
@@ -56,7 +57,30 @@ export interface AgentBackend {
   identities(context: RequestContext): readonly Identity[];
   /** May answer later (a signing thread); replies still go out in request order. */
   sign(keyBlob: Buffer, data: Buffer, flags: number, context: RequestContext): SignResult | Promise<SignResult>;
+
+  // OpenSSH's key operations (ssh-add). Each is optional: a backend without it answers FAILURE.
+  // Each answers true (SUCCESS) or false (FAILURE), at once or later; replies stay in request
+  // order. A throw or a rejected Promise answers FAILURE. Arguments that are Buffers are views
+  // the connection wipes or drops once the answer is settled: copy what you keep.
+
+  /**
+   * `ssh-add [-c] [-t N] [-h …] KEY` (messages 17 and 25). `request.key.key` is a private KeyObject
+   * already checked against `request.key.publicBlob`; constraints are parsed (unknown ones never
+   * get here: they are FAILURE, as OpenSSH).
+   */
+  addIdentity?(request: AddIdentityRequest, context: RequestContext): KeyOperationResult;
+  /** `ssh-add -d KEY` (18): the public key blob, as sent (not validated beyond being a string). */
+  removeIdentity?(keyBlob: Buffer, context: RequestContext): KeyOperationResult;
+  /** `ssh-add -D` (19). */
+  removeAllIdentities?(context: RequestContext): KeyOperationResult;
+  /** `ssh-add -x` (22). Never called with an empty passphrase (FAILURE, as OpenSSH). */
+  lock?(passphrase: Buffer, context: RequestContext): KeyOperationResult;
+  /** `ssh-add -X` (23). Never called with an empty passphrase (FAILURE, as OpenSSH). */
+  unlock?(passphrase: Buffer, context: RequestContext): KeyOperationResult;
 }
+
+/** true: SUCCESS; false: FAILURE. */
+export type KeyOperationResult = boolean | Promise<boolean>;
 
 /**
  * Memory a connection may hold for partially received frames, drawn from budgets shared with other

@@ -9,12 +9,16 @@ import {
   encodeResponse,
   EXT_QUERY,
   EXT_SESSION_BIND,
+  MSG,
   parseRequest,
   parseSessionBind,
+  SECRET_REQUEST_TYPES,
+  type AddIdentityRequest,
 } from '../agent-protocol/messages.js';
 import { fingerprint } from '../agent-protocol/public-key.js';
 import { verifySsh } from '../agent-protocol/signature.js';
-import type { AgentBackend, MemoryBudget, Peer, RequestContext, SessionBinding, SignResult } from './backend.js';
+import { WireFormatError } from '../agent-protocol/wire.js';
+import type { AgentBackend, KeyOperationResult, MemoryBudget, Peer, RequestContext, SessionBinding, SignResult } from './backend.js';
 
 /**
  * What `query` lists: the extensions beyond `query` itself (its answer says that one is there),
@@ -81,15 +85,58 @@ interface AgentSession {
   readonly debug: boolean;
 }
 
-/** A framed reply, or a signature still being made (a signing thread, its audit line). */
-type Reply = Buffer | Promise<SignResult>;
+/** A key operation (add, remove, lock, unlock) the backend answers later. */
+class KeyOperationReply {
+  constructor(
+    readonly outcome: Promise<boolean>,
+    readonly operation: string,
+    readonly fingerprint?: string,
+  ) {}
+}
+
+/** A reply still being made: a signature (a signing thread, its audit line), or a key operation. */
+type PendingReply = Promise<SignResult> | KeyOperationReply;
+
+/** A framed reply, or one still being made. */
+type Reply = Buffer | PendingReply;
+
+const isPending = (reply: Reply): reply is PendingReply => !Buffer.isBuffer(reply);
+
+/** The backend method each key operation needs; without it the message is answered as unknown. */
+const KEY_OPERATIONS: Record<number, keyof AgentBackend> = {
+  [MSG.ADD_IDENTITY]: 'addIdentity',
+  [MSG.ADD_ID_CONSTRAINED]: 'addIdentity',
+  [MSG.REMOVE_IDENTITY]: 'removeIdentity',
+  [MSG.REMOVE_ALL_IDENTITIES]: 'removeAllIdentities',
+  [MSG.LOCK]: 'lock',
+  [MSG.UNLOCK]: 'unlock',
+};
 
 function processMessage(session: AgentSession, payload: Buffer): Reply {
+  const code = payload[0]!;
+  try {
+    return dispatch(session, payload, code);
+  } finally {
+    // A private key or a passphrase: wipe the frame once handled (the backend got a KeyObject and
+    // copies). Out of reach: the kernel's socket buffer and, for a frame split across reads, the
+    // socket chunks and superseded buffers FrameReader assembled it from.
+    if (SECRET_REQUEST_TYPES.has(code)) payload.fill(0);
+  }
+}
+
+function dispatch(session: AgentSession, payload: Buffer, code: number): Reply {
+  // Without the backend method, no parsing (an add builds a key): the answer of an unknown type.
+  const needs = KEY_OPERATIONS[code];
+  if (needs && !session.backend[needs]) return processUnsupported(session, code);
   let request;
   try {
     request = parseRequest(payload);
-  } catch {
-    if (session.debug) session.log.debug({ peer: session.peer, type: payload[0] }, 'malformed request');
+  } catch (err) {
+    if (session.debug) {
+      // Our own messages, which never quote key bytes or passphrases.
+      const reason = err instanceof WireFormatError ? err.message : undefined;
+      session.log.debug({ peer: session.peer, type: code, reason }, 'malformed request');
+    }
     return FAILURE;
   }
   switch (request.type) {
@@ -99,6 +146,16 @@ function processMessage(session: AgentSession, payload: Buffer): Reply {
       return processSignRequest(session, request.keyBlob, request.data, request.flags);
     case 'extension':
       return processExtension(session, request.name, request.contents);
+    case 'add-identity':
+      return processAddIdentity(session, request);
+    case 'remove-identity':
+      return processRemoveIdentity(session, request.keyBlob);
+    case 'remove-all-identities':
+      return processRemoveAllIdentities(session);
+    case 'lock':
+      return processLock(session, request.passphrase, true);
+    case 'unlock':
+      return processLock(session, request.passphrase, false);
     case 'unsupported':
       return processUnsupported(session, request.code);
   }
@@ -156,6 +213,55 @@ function processSessionBind(session: AgentSession, contents: Buffer): boolean {
     session.log.debug({ peer: session.peer, hostKey: fingerprint(bind.hostKey), forwarding: bind.isForwarding }, 'session bound');
   }
   return true;
+}
+
+function processAddIdentity(session: AgentSession, request: AddIdentityRequest): Reply {
+  const { fingerprint: keyFingerprint } = request.key;
+  return keyOperation(session, 'add-identity', keyFingerprint, () => session.backend.addIdentity!(request, session.context));
+}
+
+function processRemoveIdentity(session: AgentSession, keyBlob: Buffer): Reply {
+  return keyOperation(session, 'remove-identity', fingerprint(keyBlob), () => session.backend.removeIdentity!(keyBlob, session.context));
+}
+
+function processRemoveAllIdentities(session: AgentSession): Reply {
+  return keyOperation(session, 'remove-all-identities', undefined, () => session.backend.removeAllIdentities!(session.context));
+}
+
+/** As OpenSSH's process_lock_agent: an empty passphrase is refused before anything else. */
+function processLock(session: AgentSession, passphrase: Buffer, lock: boolean): Reply {
+  const operation = lock ? 'lock' : 'unlock';
+  if (passphrase.length === 0) {
+    if (session.debug) session.log.debug({ peer: session.peer, operation }, 'empty passphrase refused');
+    return FAILURE;
+  }
+  // The backend's copy, valid until its answer settles, then wiped (the frame is wiped at once).
+  const copy = Buffer.from(passphrase);
+  const wipe = () => void copy.fill(0);
+  const reply = keyOperation(session, operation, undefined, () =>
+    lock ? session.backend.lock!(copy, session.context) : session.backend.unlock!(copy, session.context),
+  );
+  if (reply instanceof KeyOperationReply) return new KeyOperationReply(reply.outcome.finally(wipe), operation);
+  wipe();
+  return reply;
+}
+
+/** Calls the backend; a throw is FAILURE (logged by kind only: a message may quote a secret). */
+function keyOperation(session: AgentSession, operation: string, keyFingerprint: string | undefined, call: () => KeyOperationResult): Reply {
+  let result: KeyOperationResult;
+  try {
+    result = call();
+  } catch (err) {
+    session.log.error({ peer: session.peer, operation, fingerprint: keyFingerprint, err: (err as Error | undefined)?.name }, 'key operation failed');
+    return FAILURE;
+  }
+  if (result instanceof Promise) return new KeyOperationReply(result, operation, keyFingerprint);
+  return keyOperationAnswer(session, operation, keyFingerprint, result === true);
+}
+
+function keyOperationAnswer(session: AgentSession, operation: string, keyFingerprint: string | undefined, ok: boolean): Buffer {
+  if (session.debug) session.log.debug({ peer: session.peer, operation, fingerprint: keyFingerprint, ok }, 'key operation');
+  return ok ? SUCCESS : FAILURE;
 }
 
 function processUnsupported(session: AgentSession, code: number): Buffer {
@@ -282,7 +388,7 @@ class AgentConnection {
       reply = FAILURE;
     }
     replies.push(reply);
-    this.unread += reply instanceof Promise ? SIGNATURE_REPLY_ESTIMATE : reply.length;
+    this.unread += isPending(reply) ? SIGNATURE_REPLY_ESTIMATE : reply.length;
     if (this.unread > UNREAD_REPLY_FACTOR * this.options.maxPendingWrite) {
       this.options.log.info({ peer: this.session.peer, unread: this.unread }, 'client does not read its replies; closing agent connection');
       this.destroy('replies not read');
@@ -336,7 +442,7 @@ class AgentConnection {
     let waiting = replies;
     if (this.batches.length === 0) {
       let ready = 0;
-      while (ready < replies.length && !(replies[ready] instanceof Promise)) ready++;
+      while (ready < replies.length && !isPending(replies[ready]!)) ready++;
       if (ready > 0) this.write(ready === replies.length ? (replies as Buffer[]) : (replies.slice(0, ready) as Buffer[]));
       if (ready === replies.length) return;
       waiting = replies.slice(ready);
@@ -344,17 +450,18 @@ class AgentConnection {
     const batch: Batch = { count: waiting.length, ready: null };
     this.batches.push(batch);
     this.inFlight += batch.count;
-    const signatures = waiting.filter((r): r is Promise<SignResult> => r instanceof Promise);
-    if (signatures.length === 0) {
+    const pending = waiting.filter(isPending);
+    if (pending.length === 0) {
       batch.ready = waiting as Buffer[];
     } else {
-      void Promise.allSettled(signatures).then((settled) => {
+      void Promise.allSettled(pending.map((p) => (p instanceof KeyOperationReply ? p.outcome : p))).then((settled) => {
         try {
           let next = 0;
           batch.ready = waiting.map((reply) => {
-            if (!(reply instanceof Promise)) return reply;
+            if (!isPending(reply)) return reply;
             const outcome = settled[next++]!;
-            if (outcome.status === 'fulfilled') return signReply(this.session, outcome.value);
+            if (reply instanceof KeyOperationReply) return this.keyOperationSettled(reply, outcome as PromiseSettledResult<boolean>);
+            if (outcome.status === 'fulfilled') return signReply(this.session, outcome.value as SignResult);
             // Only the kind: a backend's message may quote what it was asked to sign.
             this.options.log.error({ peer: this.session.peer, err: (outcome.reason as Error | undefined)?.name }, 'sign failed');
             return FAILURE;
@@ -367,6 +474,16 @@ class AgentConnection {
       });
     }
     this.updateFlow();
+  }
+
+  private keyOperationSettled(reply: KeyOperationReply, outcome: PromiseSettledResult<boolean>): Buffer {
+    if (outcome.status === 'fulfilled') return keyOperationAnswer(this.session, reply.operation, reply.fingerprint, outcome.value === true);
+    // Only the kind: a backend's message may quote a passphrase or a key.
+    this.options.log.error(
+      { peer: this.session.peer, operation: reply.operation, fingerprint: reply.fingerprint, err: (outcome.reason as Error | undefined)?.name },
+      'key operation failed',
+    );
+    return FAILURE;
   }
 
   /** Writes the batches at the head of the queue that are ready, then ends if the client is done. */

@@ -5,6 +5,7 @@ import { promisify } from 'node:util';
 import sshpk from 'sshpk';
 import { curveBySshType, describeKey, type PublicKeyInfo } from '../agent-protocol/public-key.js';
 import { WireReader } from '../agent-protocol/wire.js';
+import { fromBigInt, modInverse, toBigInt } from '../agent-protocol/bignum.js';
 import { EXIT, KeyholdError, usageError } from '../errors.js';
 
 export const KEY_TYPES = ['ed25519', 'rsa', 'ecdsa'] as const;
@@ -209,23 +210,8 @@ function checkConsistent(key: KeyObject, file: Buffer, name: string): void {
   if (!verify(hash, probe, createPublicKey(key), sign(hash, probe, key))) throw corrupt();
 }
 
-const toBig = (bytes: Buffer) => BigInt(`0x${bytes.toString('hex') || '0'}`);
-const toB64u = (n: bigint) => {
-  const hex = n.toString(16);
-  return Buffer.from(hex.length % 2 ? `0${hex}` : hex, 'hex').toString('base64url');
-};
-
-function modInverse(a: bigint, m: bigint): bigint {
-  let [oldR, r] = [a % m, m];
-  let [oldS, s] = [1n, 0n];
-  while (r !== 0n) {
-    const q = oldR / r;
-    [oldR, r] = [r, oldR - q * r];
-    [oldS, s] = [s, oldS - q * s];
-  }
-  if (oldR !== 1n) throw new Error('not invertible');
-  return ((oldS % m) + m) % m;
-}
+const toBig = toBigInt;
+const toB64u = (n: bigint) => fromBigInt(n).toString('base64url');
 
 /**
  * An RSA key from OpenSSH's parts (n, e, d, iqmp, p, q), with the CRT exponents computed here.

@@ -257,13 +257,14 @@ describe('message parsing properties', () => {
         if (result.type === 'request-identities' || result.type === 'sign') expect(encodeRequest(result)).toEqual(bytes);
         if (result.type === 'unsupported') {
           expect(result.code).toBe(bytes[0]);
-          expect([MSG.REQUEST_IDENTITIES, MSG.SIGN_REQUEST, MSG.EXTENSION]).not.toContain(result.code);
+          expect([MSG.REQUEST_IDENTITIES, MSG.SIGN_REQUEST, MSG.EXTENSION, MSG.ADD_IDENTITY, MSG.REMOVE_IDENTITY, MSG.REMOVE_ALL_IDENTITIES, MSG.LOCK, MSG.UNLOCK, MSG.ADD_ID_CONSTRAINED]).not.toContain(result.code);
         }
       }),
       { numRuns: RUNS },
     );
     expect(failures).toBeGreaterThan(0);
-    expect([...parsedTypes].sort()).toEqual(['extension', 'request-identities', 'sign', 'unsupported']);
+    // Random bytes may also land on the short key operations (remove-all is one byte).
+    expect([...parsedTypes]).toEqual(expect.arrayContaining(['extension', 'request-identities', 'sign', 'unsupported']));
   });
 
   it('(c) parseResponse on random bytes returns a value or throws WireFormatError', () => {

@@ -38,6 +38,12 @@ describe('message type codes', () => {
       IDENTITIES_ANSWER: 12,
       SIGN_REQUEST: 13,
       SIGN_RESPONSE: 14,
+      ADD_IDENTITY: 17,
+      REMOVE_IDENTITY: 18,
+      REMOVE_ALL_IDENTITIES: 19,
+      LOCK: 22,
+      UNLOCK: 23,
+      ADD_ID_CONSTRAINED: 25,
       EXTENSION: 27,
       EXTENSION_FAILURE: 28,
       EXTENSION_RESPONSE: 29,
@@ -81,7 +87,7 @@ describe('requests round-trip encode → parse → encode', () => {
   });
 
   it('an unknown request type parses as unsupported with its code, whatever the body', () => {
-    expect(parseRequest(hex('19 00000000 ffff'))).toEqual({ type: 'unsupported', code: 0x19 });
+    expect(parseRequest(hex('1a 00000000 ffff'))).toEqual({ type: 'unsupported', code: 0x1a });
     expect(parseRequest(hex('ff'))).toEqual({ type: 'unsupported', code: 0xff });
     expect(encodeRequest({ type: 'unsupported', code: 17 })).toEqual(Buffer.of(17));
   });
