@@ -71,15 +71,19 @@ export class UnlockAttempts {
   private failures = 0;
   private queue: Promise<unknown> = Promise.resolve();
 
-  /** `attempt` answers whether it unlocked; a false counts as a failure, a true resets the count. */
+  /** `attempt` answers whether it unlocked; a false (or a throw) counts as a failure, a true resets the count. */
   run(attempt: () => Promise<boolean>): Promise<boolean> {
     const next = this.queue.then(async () => {
       const delay = Math.min(UNLOCK_DELAY_STEP_MS * this.failures, UNLOCK_DELAY_MAX_MS);
       // A timer, not a busy wait: the other connections are answered meanwhile.
       if (delay > 0) await new Promise((resolve) => setTimeout(resolve, delay));
-      const unlocked = await attempt();
-      this.failures = unlocked ? 0 : this.failures + 1;
-      return unlocked;
+      let unlocked = false;
+      try {
+        unlocked = await attempt();
+        return unlocked;
+      } finally {
+        this.failures = unlocked ? 0 : this.failures + 1;
+      }
     });
     this.queue = next.catch(() => undefined);
     return next;

@@ -72,6 +72,7 @@ beforeAll(async () => {
   keys.ecdsa = generateKeyPair(work, 'id_ecdsa', 'ecdsa', 256);
   keys.rsa = generateKeyPair(work, 'id_rsa', 'rsa', 3072);
   keys.constrained = generateKeyPair(work, 'id_constrained', 'ed25519');
+  keys.smallRsa = generateKeyPair(work, 'id_rsa1024', 'rsa', 1024);
   serve = await startServe(k, ['--listen', `unix:${tokenSocket}`]);
 }, 30_000);
 
@@ -124,6 +125,13 @@ describe('ssh-add on a scope socket', () => {
     await logged('ssh-add cannot add keys with constraints here (confirm (-c))');
     await logged('ssh-add cannot add keys with constraints here (lifetime (-t))');
     expect(serve.stderr()).toContain('keyhold policy set web');
+  });
+
+  it('refuses an RSA key under 2048 bits (the vault minimum) with a warning', async () => {
+    const refused = await sshAdd([keys.smallRsa!.path]);
+    expect(refused.code).not.toBe(0);
+    await logged('ssh-add cannot add this key: RSA key of 1024 bits refused');
+    expect(listed().some((entry) => entry.fingerprint === keys.smallRsa!.fingerprint)).toBe(false);
   });
 
   it('refuses an add through a container token, audited and logged', async () => {
