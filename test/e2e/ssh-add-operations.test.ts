@@ -146,6 +146,13 @@ describe('ssh-add on a scope socket', () => {
       conn.send(Buffer.concat([tokenHandshake(token.token), add]));
       const reply = await conn.reply();
       expect(reply[0], 'FAILURE').toBe(5);
+      // remove-all and lock are refused too: the scope keeps its keys, the daemon stays unlocked.
+      const webBefore = listed('web').length;
+      conn.send(Buffer.concat([frame(Buffer.from([19])), frame(Buffer.concat([Buffer.from([22]), sshString('lock password')]))]));
+      expect((await conn.reply())[0], 'remove-all: FAILURE').toBe(5);
+      expect((await conn.reply())[0], 'lock: FAILURE').toBe(5);
+      expect(listed('web').length).toBe(webBefore);
+      expect(keyhold(k, ['status']).status).toBe(0);
     } finally {
       conn.close();
     }
@@ -157,7 +164,9 @@ describe('ssh-add on a scope socket', () => {
     while (!auditLines(k).some((line) => line.includes('"event":"agent-operation-refused"') && line.includes(token.id)) && Date.now() < deadline) {
       await new Promise((r) => setTimeout(r, 50));
     }
-    expect(auditLines(k).some((line) => line.includes('"event":"agent-operation-refused"') && line.includes('"operation":"add"') && line.includes(token.id))).toBe(true);
+    for (const operation of ['add', 'remove-all', 'lock']) {
+      expect(auditLines(k).some((line) => line.includes('"event":"agent-operation-refused"') && line.includes(`"operation":"${operation}"`) && line.includes(token.id)), operation).toBe(true);
+    }
     expect(log).not.toContain(seed.toString('hex'));
   });
 
