@@ -19,10 +19,11 @@ import { openFileLimit, TokenConnections, tokenLimitsFor } from '../signer/token
 import { closeServer, ConnectionLimit } from '../signer/unix-listener.js';
 import type { AgentBackend, Peer } from '../signer/backend.js';
 import { AuditUnavailableError, type AuditEvent, type AuditPeer } from '../audit/audit-log.js';
-import { thisProcess } from '../vault/api.js';
+import { thisProcess, type VaultApi } from '../vault/api.js';
 import { zeroKeks, type FactorKeks } from '../vault/keyring.js';
 import type { VaultPaths } from '../vault/paths.js';
 import { isBusyError } from '../vault/database.js';
+import { keyOperations, UnlockAttempts } from './key-operations.js';
 import { scopeBackend } from './scope-backend.js';
 import { SignPool } from './sign-pool.js';
 import { VaultSession } from './vault-session.js';
@@ -115,17 +116,32 @@ export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
     const policy = (scope: string) => session.policy(scope);
     const backends = new Map<string, AgentBackend>();
     const keys = () => session.keys();
+    const unlockAttempts = new UnlockAttempts();
     const backendFor = (scope: string) => {
       let backend = backends.get(scope);
-      if (!backend) backends.set(scope, (backend = scopeBackend(keys, scope, {
-        allowSha1: options.allowSha1 ?? false,
-        record,
-        auditFailure: () => session.auditFailure,
-        countAuditRefusal: () => session.countAuditRefusal(),
-        pool,
-        policy,
-        approvals,
-      })));
+      if (!backend) {
+        backend = {
+          ...scopeBackend(keys, scope, {
+            allowSha1: options.allowSha1 ?? false,
+            record,
+            auditFailure: () => session.auditFailure,
+            countAuditRefusal: () => session.countAuditRefusal(),
+            pool,
+            policy,
+            approvals,
+          }),
+          // ssh-add's operations, run as the control socket runs the same changes (defined below).
+          ...keyOperations(scope, {
+            session,
+            log,
+            record,
+            unlockAttempts,
+            changeVault: (actor, change) => changeVault(actor, change),
+            unlock: (keks, actor) => unlockSession(keks, {}, actor),
+          }),
+        };
+        backends.set(scope, backend);
+      }
       return backend;
     };
     // The owner's control and scope sockets and the token listeners have separate caps, so
@@ -305,15 +321,10 @@ export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
           checkVault(request.vaultId);
           const keks: FactorKeks = new Map(Object.entries(request.keks));
           try {
-            await session.unlock(keks, { idleMs: request.idleMs ?? null, ttlMs: request.ttlMs ?? null }, actor);
-          } catch (err) {
-            log.warn({ err: (err as Error).message }, 'unlock refused');
-            throw err;
+            await unlockSession(keks, { idleMs: request.idleMs ?? null, ttlMs: request.ttlMs ?? null }, actor);
           } finally {
             for (const kek of keks.values()) kek.fill(0);
           }
-          await session.auditWritten().catch(() => log.warn('unlock not yet in the audit log (it cannot be written now)'));
-          await syncScopes();
           return session.status(sockets.paths());
         }
         case 'approvals':
@@ -327,31 +338,46 @@ export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
         }
         case 'call': {
           checkVault(request.vaultId);
-          const failure = session.auditFailure;
-          if (failure) {
-            throw new KeyholdError(`the audit log cannot be written (${failure.code}) since ${failure.since}; nothing was done`, 'free space on its disk; keyhold resumes by itself');
-          }
-          const api = session.api(actor);
-          const notAudited = (err: AuditUnavailableError) =>
-            new KeyholdError(
-              `its audit line could not be written (${err.code}): a change was made but is not confirmed, and nothing read is returned`,
-              'free space on the disk of the audit log, then check with `keyhold audit tail`',
-            );
           try {
-            // Another process may hold the vault's write lock: wait for it here, without blocking
-            // the event loop (the database's own busy timeout is 0 in the daemon). Each operation
-            // resolves only once its own audit line is in the log.
-            const result: unknown = await retryWhileBusy<unknown>(() => callVaultMethod(api, { ...request, args: copyBuffers(request.args) }));
-            session.changed();
-            await session.auditWritten();
-            await syncScopes();
-            return result;
-          } catch (err) {
-            throw err instanceof AuditUnavailableError ? notAudited(err) : err;
+            return await changeVault<unknown>(actor, (api) => callVaultMethod(api, { ...request, args: copyBuffers(request.args) }));
           } finally {
             zeroBuffers(request.args);
           }
         }
+      }
+    };
+    /** Unlocks with these KEKs (the caller zeroes them), then serves the scopes the vault has. */
+    const unlockSession = async (keks: FactorKeks, timers: Partial<LockTimers>, actor: AuditPeer): Promise<void> => {
+      try {
+        await session.unlock(keks, timers, actor);
+      } catch (err) {
+        log.warn({ err: (err as Error).message }, 'unlock refused');
+        throw err;
+      }
+      await session.auditWritten().catch(() => log.warn('unlock not yet in the audit log (it cannot be written now)'));
+      await syncScopes();
+    };
+    /**
+     * A change to the vault by `actor` (the control socket's peer, or ssh-add's on a scope socket):
+     * answered once its audit line is written and the scope sockets follow it.
+     */
+    const changeVault = async <T>(actor: AuditPeer, change: (api: VaultApi) => Promise<T>): Promise<T> => {
+      const failure = session.auditFailure;
+      if (failure) {
+        throw new KeyholdError(`the audit log cannot be written (${failure.code}) since ${failure.since}; nothing was done`, 'free space on its disk; keyhold resumes by itself');
+      }
+      const api = session.api(actor);
+      try {
+        // Another process may hold the vault's write lock: wait for it here, without blocking
+        // the event loop (the database's own busy timeout is 0 in the daemon). Each operation
+        // resolves only once its own audit line is in the log.
+        const result = await retryWhileBusy(() => change(api));
+        session.changed();
+        await session.auditWritten();
+        await syncScopes();
+        return result;
+      } catch (err) {
+        throw err instanceof AuditUnavailableError ? notAudited(err) : err;
       }
     };
     const checkVault = (vaultId: string) => {
@@ -391,6 +417,13 @@ export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
     lock.release();
     throw err;
   }
+}
+
+function notAudited(err: AuditUnavailableError): KeyholdError {
+  return new KeyholdError(
+    `its audit line could not be written (${err.code}): a change was made but is not confirmed, and nothing read is returned`,
+    'free space on the disk of the audit log, then check with `keyhold audit tail`',
+  );
 }
 
 /** Who answered through the control socket (its peer is always a local process). */

@@ -1,0 +1,225 @@
+// OpenSSH's key operations (ssh-add) on a scope socket: add stores the key in the vault and assigns
+// it to the scope, remove unassigns it (the key stays in the vault), lock and unlock lock the
+// daemon, the unlock password being a vault passphrase. Constraints (-c, -t, -h) are not built:
+// such an add is refused. Container tokens may do none of this. Each refusal logs one warning
+// (rate-limited) naming the keyhold command that does it instead, never key material.
+import type { Logger } from 'pino';
+import type { AddIdentityRequest } from '../agent-protocol/messages.js';
+import type { AuditEvent, AuditPeer } from '../audit/audit-log.js';
+import type { AgentBackend, RequestContext } from '../signer/backend.js';
+import type { VaultApi } from '../vault/api.js';
+import { describeSupportedKey, toPkcs8 } from '../vault/key-material.js';
+import { passphraseKeks, readKeyring, zeroKeks, type FactorKeks } from '../vault/keyring.js';
+import type { VaultSession } from './vault-session.js';
+
+export interface KeyOperationsOptions {
+  session: VaultSession;
+  log: Logger;
+  /** Runs a change through the vault API as the control socket's `call` does (write lock, audit, sockets). */
+  changeVault: <T>(actor: AuditPeer, change: (api: VaultApi) => Promise<T>) => Promise<T>;
+  /** Unlocks as the control socket's `unlock` does; rejects when the KEKs do not open the vault. */
+  unlock: (keks: FactorKeks, actor: AuditPeer) => Promise<void>;
+  record: (event: AuditEvent) => Promise<void>;
+  /** Shared by every scope of the daemon: failed unlocks slow down the next, whichever socket. */
+  unlockAttempts: UnlockAttempts;
+}
+
+type Operation = 'add' | 'remove' | 'remove-all' | 'lock' | 'unlock';
+type KeyOperations = Required<Pick<AgentBackend, 'addIdentity' | 'removeIdentity' | 'removeAllIdentities' | 'lock' | 'unlock'>>;
+
+/** As OpenSSH's agent: each failed unlock delays the next one a little longer. */
+export const UNLOCK_DELAY_STEP_MS = 100;
+export const UNLOCK_DELAY_MAX_MS = 10_000;
+/** One warning per kind of refusal per scope in this window; the rest are counted. */
+const WARNING_INTERVAL_MS = 60_000;
+
+/** The keyhold command that does what ssh-add asked, for the refusal's warning. */
+function insteadFor(operation: Operation, scope: string): string {
+  switch (operation) {
+    case 'add':
+      return `keyhold key import ${scope} FILE`;
+    case 'remove':
+    case 'remove-all':
+      return `keyhold key unassign ${scope} FINGERPRINT`;
+    case 'lock':
+      return 'keyhold lock';
+    case 'unlock':
+      return 'keyhold unlock';
+  }
+}
+
+/** Logs a refusal's warning at most once per interval for each kind of refusal. */
+class RateLimitedWarnings {
+  private readonly last = new Map<string, { at: number; suppressed: number }>();
+  constructor(private readonly log: Logger) {}
+
+  warn(kind: string, fields: Record<string, unknown>, message: string): void {
+    const now = Date.now();
+    const seen = this.last.get(kind);
+    if (seen && now - seen.at < WARNING_INTERVAL_MS) {
+      seen.suppressed++;
+      return;
+    }
+    if (this.last.size >= 1000) this.last.clear();
+    this.last.set(kind, { at: now, suppressed: 0 });
+    this.log.warn({ ...fields, ...(seen?.suppressed ? { suppressed: seen.suppressed } : {}) }, message);
+  }
+}
+
+/** Unlock attempts through ssh-add -X, one at a time, each after the delay earlier failures earned. */
+export class UnlockAttempts {
+  private failures = 0;
+  private queue: Promise<unknown> = Promise.resolve();
+
+  /** `attempt` answers whether it unlocked; a false (or a throw) counts as a failure, a true resets the count. */
+  run(attempt: () => Promise<boolean>): Promise<boolean> {
+    const next = this.queue.then(async () => {
+      const delay = Math.min(UNLOCK_DELAY_STEP_MS * this.failures, UNLOCK_DELAY_MAX_MS);
+      // A timer, not a busy wait: the other connections are answered meanwhile.
+      if (delay > 0) await new Promise((resolve) => setTimeout(resolve, delay));
+      let unlocked = false;
+      try {
+        unlocked = await attempt();
+        return unlocked;
+      } finally {
+        this.failures = unlocked ? 0 : this.failures + 1;
+      }
+    });
+    this.queue = next.catch(() => undefined);
+    return next;
+  }
+
+  get failed(): number {
+    return this.failures;
+  }
+}
+
+export function keyOperations(scope: string, options: KeyOperationsOptions): KeyOperations {
+  const { session, log } = options;
+  const warnings = new RateLimitedWarnings(log);
+  const actorOf = (context: RequestContext) => context.peer as AuditPeer;
+  const refuse = (operation: Operation, why: string, message: string, fields: Record<string, unknown> = {}): false => {
+    warnings.warn(`${operation}:${why}`, { scope, operation, ...fields }, message);
+    return false;
+  };
+  /** Container tokens may only list and sign: every key operation is refused and audited. */
+  const refusedForToken = (operation: Operation, context: RequestContext): boolean => {
+    if (!context.tokenId) return false;
+    void options
+      .record({ event: 'agent-operation-refused', scope, operation, token_id: context.tokenId, peer: actorOf(context), reason: 'container token' })
+      .catch(() => log.warn({ scope, operation }, 'agent-operation-refused not in the audit log (it cannot be written now)'));
+    refuse(operation, 'token', `ssh-add through a container token cannot ${operation === 'remove-all' ? 'remove keys' : `${operation} keys`}; on the host use \`${insteadFor(operation, scope)}\``, {
+      token_id: context.tokenId,
+    });
+    return true;
+  };
+  /** A vault change that failed: FAILURE, with a warning saying why (the error's message carries no secret). */
+  const failed = (operation: Operation, err: unknown): false => {
+    if (!session.unlocked) return refuse(operation, 'locked', `ssh-add cannot ${operation === 'add' ? 'add keys' : 'remove keys'} while the vault is locked; use \`keyhold unlock\` (or ssh-add -X) first`);
+    return refuse(operation, 'error', `ssh-add ${operation} failed: ${(err as Error).message}; use \`${insteadFor(operation, scope)}\``);
+  };
+
+  return {
+    async addIdentity(request: AddIdentityRequest, context) {
+      if (refusedForToken('add', context)) return false;
+      const { constraints } = request;
+      const asked = [
+        ...(constraints.confirm ? ['confirm (-c)'] : []),
+        ...(constraints.lifetimeSeconds !== null ? ['lifetime (-t)'] : []),
+        ...(constraints.destinations.length > 0 ? ['destinations (-h)'] : []),
+      ];
+      if (asked.length > 0) {
+        return refuse(
+          'add',
+          `constraints ${asked.join(',')}`,
+          `ssh-add cannot add keys with constraints here (${asked.join(', ')}); use \`keyhold key import ${scope} FILE\` and \`keyhold policy set ${scope} FILE\` with a confirm rule or hosts`,
+          { fingerprint: request.key.fingerprint },
+        );
+      }
+      try {
+        describeSupportedKey(request.key.key);
+      } catch (err) {
+        return refuse('add', 'unsupported', `ssh-add cannot add this key: ${(err as Error).message}; use \`keyhold key generate ${scope}\` for a new one`, {
+          fingerprint: request.key.fingerprint,
+        });
+      }
+      const key = request.key.key;
+      try {
+        // Each attempt exports its own PKCS#8 copy: importKey zeroes what it is given.
+        await options.changeVault(actorOf(context), (api) => api.importKey(scope, toPkcs8(key), request.comment));
+        log.info({ scope, fingerprint: request.key.fingerprint }, 'ssh-add: key added');
+        return true;
+      } catch (err) {
+        return failed('add', err);
+      }
+    },
+
+    async removeIdentity(keyBlob, context) {
+      if (refusedForToken('remove', context)) return false;
+      const entry = session.keys()?.scope(scope).byBlob.get(keyBlob.toString('latin1'));
+      if (!session.unlocked) return failed('remove', null);
+      if (!entry) return refuse('remove', 'unknown', `ssh-add -d: that key is not in scope ${scope}; see \`keyhold key list --scope ${scope}\``);
+      try {
+        await options.changeVault(actorOf(context), (api) => api.unassign(scope, entry.fingerprint));
+        log.info({ scope, fingerprint: entry.fingerprint }, 'ssh-add -d: key unassigned');
+        return true;
+      } catch (err) {
+        return failed('remove', err);
+      }
+    },
+
+    async removeAllIdentities(context) {
+      if (refusedForToken('remove-all', context)) return false;
+      const cache = session.keys();
+      if (!cache) return failed('remove-all', null);
+      const scopeKeys = cache.scope(scope);
+      const fingerprints = scopeKeys.identities.flatMap((identity) => {
+        const entry = scopeKeys.byBlob.get(identity.keyBlob.toString('latin1'));
+        return entry ? [entry.fingerprint] : [];
+      });
+      try {
+        await options.changeVault(actorOf(context), async (api) => {
+          for (const fingerprint of fingerprints) await api.unassign(scope, fingerprint);
+        });
+        log.info({ scope, count: fingerprints.length }, 'ssh-add -D: keys unassigned');
+        return true;
+      } catch (err) {
+        return failed('remove-all', err);
+      }
+    },
+
+    lock(_passphrase, context) {
+      if (refusedForToken('lock', context)) return false;
+      // As OpenSSH: locking a locked agent fails.
+      if (!session.unlocked) return refuse('lock', 'locked', 'ssh-add -x: the daemon is already locked; `keyhold status` shows it');
+      // The lock password is not kept: the daemon unlocks with a vault passphrase.
+      session.lock('ssh-add -x', actorOf(context));
+      log.info({ scope }, 'ssh-add -x: daemon locked; ssh-add -X unlocks with a vault passphrase');
+      return true;
+    },
+
+    unlock(passphrase, context) {
+      if (refusedForToken('unlock', context)) return false;
+      // As OpenSSH: unlocking an unlocked agent fails (not counted as a wrong password).
+      if (session.unlocked) return refuse('unlock', 'unlocked', 'ssh-add -X: the daemon is not locked; `keyhold status` shows it');
+      // The passphrase is a view the connection wipes once answered: this copy is ours to zero.
+      const copy = Buffer.from(passphrase);
+      const actor = actorOf(context);
+      const attempt = async (): Promise<boolean> => {
+        if (session.unlocked) return true;
+        let keks: FactorKeks | null = null;
+        try {
+          keks = await passphraseKeks(readKeyring(session.paths.keys), copy);
+          await options.unlock(keks, actor);
+        } catch {
+          return refuse('unlock', 'wrong', 'ssh-add -X: the password is not a vault passphrase; use `keyhold unlock`', { failures: options.unlockAttempts.failed + 1 });
+        } finally {
+          if (keks) zeroKeks(keks);
+        }
+        log.info({ scope }, 'ssh-add -X: daemon unlocked');
+        return true;
+      };
+      return options.unlockAttempts.run(attempt).finally(() => copy.fill(0));
+    },
+  };
+}
