@@ -241,19 +241,24 @@ describe('keyhold unlock --scope S -c', () => {
     keyholdOk(k, ['key', 'generate', 'web', '--comment', 'csh-key']);
     const env = oddRuntime(k);
     const socket = join(env.KEYHOLD_RUNTIME_DIR!, 'scopes', 'web.sock');
-    const printed = keyhold(k, ['unlock', '--scope', 'web', '-c'], { env });
-    expect(printed.status, printed.stderr).toBe(0);
-    expect(printed.stdout).toBe(`setenv SSH_AUTH_SOCK '${socket.replace("'", `'\\''`).replace('!', `'\\!'`)}';\n`);
+    try {
+      const printed = keyhold(k, ['unlock', '--scope', 'web', '-c'], { env });
+      expect(printed.status, printed.stderr).toBe(0);
+      expect(printed.stdout).toBe(`setenv SSH_AUTH_SOCK '${socket.replace("'", `'\\''`).replace('!', `'\\!'`)}';\n`);
 
-    const tcsh = ['/usr/bin/tcsh', '/bin/tcsh', '/bin/csh'].find((p) => existsSync(p));
-    // scripts/test.sh installs tcsh: a machine without it is not set up for the suite.
-    if (!tcsh) throw new Error('no tcsh or csh on this machine (scripts/test.sh installs tcsh)');
-    const script = `eval "\`${process.execPath} ${KEYHOLD_BIN} unlock --scope web -c\`"; printf '%s\\n' "$SSH_AUTH_SOCK:q"; ssh-add -l`;
-    const result = await run(tcsh, ['-fc', script], { env: { ...k.env, ...env }, timeoutMs: 20_000 });
-    expect(result.code, result.stderr).toBe(0);
-    const [shown, listed] = result.stdout.split('\n');
-    expect(shown).toBe(socket);
-    expect(listed).toContain('csh-key');
+      const tcsh = ['/usr/bin/tcsh', '/bin/tcsh', '/bin/csh'].find((p) => existsSync(p));
+      // scripts/test.sh installs tcsh: a machine without it is not set up for the suite.
+      if (!tcsh) throw new Error('no tcsh or csh on this machine (scripts/test.sh installs tcsh)');
+      const script = `eval "\`${process.execPath} ${KEYHOLD_BIN} unlock --scope web -c\`"; printf '%s\\n' "$SSH_AUTH_SOCK:q"; ssh-add -l`;
+      const result = await run(tcsh, ['-fc', script], { env: { ...k.env, ...env }, timeoutMs: 20_000 });
+      expect(result.code, result.stderr).toBe(0);
+      const [shown, listed] = result.stdout.split('\n');
+      expect(shown).toBe(socket);
+      expect(listed).toContain('csh-key');
+    } finally {
+      // `unlock` started a daemon in this odd runtime dir, which afterEach does not know.
+      await stopBackgroundDaemon(env.KEYHOLD_RUNTIME_DIR!);
+    }
   });
 
   it('picks csh when $SHELL ends in csh, as ssh-agent does; -s forces Bourne syntax; -c with -s is a usage error', () => {
