@@ -4,6 +4,7 @@
 // such an add is refused. Container tokens may do none of this. Each refusal logs one warning
 // (rate-limited) naming the keyhold command that does it instead, never key material.
 import type { Logger } from 'pino';
+import { EXIT, KeyholdError } from '../errors.js';
 import type { AddIdentityRequest } from '../agent-protocol/messages.js';
 import type { AuditEvent, AuditPeer } from '../audit/audit-log.js';
 import type { AgentBackend, RequestContext } from '../signer/backend.js';
@@ -179,7 +180,13 @@ export function keyOperations(scope: string, options: KeyOperationsOptions): Key
       });
       try {
         await options.changeVault(actorOf(context), async (api) => {
-          for (const fingerprint of fingerprints) await api.unassign(scope, fingerprint);
+          for (const fingerprint of fingerprints) {
+            // A retry (the vault was busy part way) finds the keys it already unassigned gone:
+            // that is what was asked, not a failure.
+            await api.unassign(scope, fingerprint).catch((err: unknown) => {
+              if (!(err instanceof KeyholdError && err.exitCode === EXIT.NOT_FOUND)) throw err;
+            });
+          }
         });
         log.info({ scope, count: fingerprints.length }, 'ssh-add -D: keys unassigned');
         return true;
