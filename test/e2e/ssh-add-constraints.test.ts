@@ -3,7 +3,8 @@
 // -h limits the key to the hosts named (two real sshd with different host keys, a forwarded hop
 // through a real `ssh -A`), and `policy show` prints all three.
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
-import { writeFileSync } from 'node:fs';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { keyhold, keyholdOk, waitFor } from '../helpers/keyhold.js';
 import { completeEntries, sleep } from '../helpers/audit.js';
@@ -24,10 +25,20 @@ let lab: PolicyLab;
 const keys: Record<string, KeyPair> = {};
 /** known_hosts for `ssh-add -H`: the names ssh-add -h takes, for the two sshd. */
 let hostsFile: string;
+/** `[serve] scopes = ["web"]`: the socket stays through restarts while web has no key. */
+const configDir = mkdtempSync(join(tmpdir(), 'keyhold-ssh-add-constraints-config-'));
+const configFile = join(configDir, 'config.toml');
+writeFileSync(configFile, '[serve]\nscopes = ["web"]\n');
+const serveArgs = ['--config', configFile];
 
 const env = (extra: NodeJS.ProcessEnv = {}) => clientEnv(lab.sock, { SSH_ASKPASS: '', DISPLAY: '', ...extra });
 const sshAdd = (args: string[]) => run('ssh-add', args, { env: env() });
-const agentList = async () => (await sshAdd(['-l'])).stdout;
+/** `ssh-add -l` of the web socket, which must answer (exit 0, or 1 for no identities). */
+const agentList = async () => {
+  const listed = await sshAdd(['-l']);
+  expect(listed.code, why(listed)).toBeLessThan(2);
+  return listed.stdout;
+};
 const login = (host: LabHost, extra: string[] = [], command = 'true') => run('ssh', [...host.sshd.sshArgs(extra), command], { env: env(), timeoutMs: 30_000 });
 const sign = (key: KeyPair) => run('ssh-keygen', ['-Y', 'sign', '-n', 'file', '-f', key.pubPath, messageFile(lab)], { env: env(), timeoutMs: 30_000 });
 const why = (r: Run) => lab.diagnostics(r);
@@ -40,7 +51,7 @@ function listedKey(key: KeyPair): { scopes: string[]; expires?: Record<string, s
 }
 
 beforeAll(async () => {
-  lab = await startPolicyLab({ prefix: 'keyhold-ssh-add-constraints-', keyCount: 1 });
+  lab = await startPolicyLab({ prefix: 'keyhold-ssh-add-constraints-', keyCount: 1, serveArgs });
   for (const name of ['lifetime', 'restart', 'confirm', 'hosts', 'onward']) keys[name] = generateKeyPair(lab.work, `id_${name}`, 'ed25519');
   // Only these keys log in: the lab's own key must not open either host.
   const authorized = Object.values(keys).map((k) => k.pubLine).join('\n') + '\n';
@@ -52,6 +63,7 @@ beforeAll(async () => {
 
 afterAll(async () => {
   await lab?.stop();
+  rmSync(configDir, { recursive: true, force: true });
 });
 
 beforeEach(async () => {
@@ -82,7 +94,7 @@ describe('ssh-add -t: the assignment expires', () => {
     expect(await agentList()).toContain(keys.restart!.fingerprint);
     await lab.serve.stop();
     await sleep(2500);
-    await lab.restart();
+    await lab.restart(serveArgs);
     expect(await agentList()).not.toContain(keys.restart!.fingerprint);
     await waitFor(() => audited('key-expired').some((e) => e.fingerprint === keys.restart!.fingerprint), 4000, 'key-expired after the restart');
     expect(listedKey(keys.restart!)!.scopes).toEqual([]);
@@ -94,6 +106,21 @@ describe('ssh-add -t: the assignment expires', () => {
     expect(listedKey(keys.lifetime!)!.expires).toBeUndefined();
     await sleep(2500);
     expect(await agentList()).toContain(keys.lifetime!.fingerprint);
+  }, 30_000);
+});
+
+describe('keyhold serve --add-lifetime (ssh-agent -t)', () => {
+  it('a key added without -t gets the daemon lifetime; -t still wins', async () => {
+    await lab.restart([...serveArgs, '--add-lifetime', '2']);
+    try {
+      expect((await sshAdd([keys.lifetime!.path])).code).toBe(0);
+      expect((await sshAdd(['-t', '1h', keys.restart!.path])).code).toBe(0);
+      expect(audited('key-assigned').at(-2)).toMatchObject({ fingerprint: keys.lifetime!.fingerprint, constraints: { lifetime_s: 2 } });
+      await waitFor(() => !listedKey(keys.lifetime!)!.scopes.includes('web'), 4000, 'the lifetime key unassigned');
+      expect(listedKey(keys.restart!)!.scopes).toEqual(['web']);
+    } finally {
+      await lab.restart(serveArgs);
+    }
   }, 30_000);
 });
 
