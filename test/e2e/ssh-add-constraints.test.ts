@@ -173,6 +173,7 @@ describe('ssh-add -h: the key is used only for the hosts named', () => {
     const added = await sshAdd(['-h', 'testhost', '-H', hostsFile, keys.hosts!.path]);
     expect(added.code, why(added)).toBe(0);
     expect(audited('key-added').at(-1)).toMatchObject({ fingerprint: keys.hosts!.fingerprint, constraints: { hosts: ['testhost'] } });
+    expect(keyholdOk(lab.k, ['audit', 'tail', '-n', '1'])).toMatch(/key-added scope=web SHA256:\S+ hosts="testhost"/);
     // Unbound (local): listed, as OpenSSH's agent lists it.
     expect(await agentList()).toContain(keys.hosts!.fingerprint);
 
