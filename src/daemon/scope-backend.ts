@@ -195,7 +195,16 @@ export function scopeBackend(keys: () => KeyCache | null, scope: string, options
       if (!now) return audited(refusal('locked', fp), event);
       const nowKeys = now.scope(scope);
       const id = keyBlob.toString('latin1');
-      if (!nowKeys.byBlob.has(id) || expired(nowKeys.constraints.get(id), Date.now())) return audited(refusal('unknown-key', fp), event);
+      const nowConstraints = nowKeys.constraints.get(id);
+      if (!nowKeys.byBlob.has(id) || expired(nowConstraints, Date.now())) return audited(refusal('unknown-key', fp), event);
+      // ssh-add -h given again meanwhile: its destinations as they are now (read from our copy of the data).
+      if (nowConstraints && nowConstraints.destinations.length > 0) {
+        const why = signRefusalByDestinations(nowConstraints.destinations, connectionBinds(context), parseUserauthRequest(kept), keyBlob);
+        if (why !== null) {
+          event.detail = why;
+          return audited(refusal('policy', fp), event);
+        }
+      }
       // The policy changed while the request waited: what it says now decides whether an approval
       // still counts (a rule that now denies wins over the approval given under the old one).
       const latest = options.policy?.(scope);
