@@ -48,6 +48,14 @@ function humanLine(entry: AuditEntry): string {
   if (entry.rule !== undefined) parts.push(`rule=${String(entry.rule)}`);
   if (typeof entry.purpose === 'string') parts.push(`purpose=${entry.purpose}`);
   if (typeof entry.namespace === 'string') parts.push(`namespace=${JSON.stringify(entry.namespace)}`);
+  // Why ssh-add's destination constraint refused a request, and what a constrained add asked for.
+  if (typeof entry.detail === 'string') parts.push(`detail=${JSON.stringify(entry.detail)}`);
+  const constraints = entry.constraints as { confirm?: unknown; lifetime_s?: unknown; hosts?: unknown } | undefined;
+  if (typeof constraints === 'object' && constraints !== null) {
+    if (constraints.confirm === true) parts.push('confirm');
+    if (typeof constraints.lifetime_s === 'number') parts.push(`lifetime=${constraints.lifetime_s}s`);
+    if (Array.isArray(constraints.hosts)) parts.push(`hosts=${JSON.stringify(constraints.hosts.map(String).join(','))}`);
+  }
   const approved = describeApprover(entry.approved_by);
   if (approved) parts.push(`approved-by=${approved}`);
   const denied = describeApprover(entry.denied_by);

@@ -25,13 +25,14 @@ export function keyKind(sshType: string): string {
   return 'ecdsa';
 }
 
-function keyJson(record: Pick<KeyRecord, 'fingerprint' | 'type' | 'bits' | 'comment' | 'scopes' | 'publicBlob'>) {
+function keyJson(record: Pick<KeyRecord, 'fingerprint' | 'type' | 'bits' | 'comment' | 'scopes' | 'publicBlob' | 'expires'>) {
   return {
     fingerprint: record.fingerprint,
     type: keyKind(record.type),
     bits: record.bits,
     comment: record.comment,
     scopes: record.scopes,
+    ...(record.expires ? { expires: record.expires } : {}),
     public: authorizedKeyLine(record.publicBlob, record.comment),
   };
 }
@@ -127,7 +128,14 @@ export function keyCommand(yargs: Argv<GlobalArgs>) {
           printLines(
             table(
               ['FINGERPRINT', 'TYPE', 'BITS', 'SCOPES', 'COMMENT'],
-              keys.map((k) => [k.fingerprint, keyKind(k.type), String(k.bits), k.scopes.join(','), k.comment]),
+              // An assignment ssh-add -t gave a lifetime: `web (until 2026-12-01T23:00:00.000Z)`.
+              keys.map((k) => [
+                k.fingerprint,
+                keyKind(k.type),
+                String(k.bits),
+                k.scopes.map((scope) => (k.expires?.[scope] ? `${scope} (until ${k.expires[scope]})` : scope)).join(','),
+                k.comment,
+              ]),
             ),
           );
         },

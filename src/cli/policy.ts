@@ -5,10 +5,11 @@ import type { Argv } from 'yargs';
 import { FINGERPRINT_PATTERN } from '../agent-protocol/public-key.js';
 import { EXIT, KeyholdError, QuietExit, usageError } from '../errors.js';
 import { compilePolicy } from '../policy/compile.js';
-import { describeRuleMatch, formatPolicyToml } from '../policy/format.js';
+import { describeRuleMatch, formatPolicyToml, formatSshAddConstraints } from '../policy/format.js';
 import { defaultKnownHostsFiles, KnownHosts, resolvePolicyHosts, type HostKeyMatch } from '../policy/known-hosts.js';
 import { parsePolicyToml } from '../policy/parse.js';
-import { checkPolicyDocument, MAX_POLICY_SOURCE, PURPOSES, type Decision, type PolicyDocument, type Purpose, type SignFacts } from '../policy/policy.js';
+import { checkStoredConstraints } from '../policy/ssh-add-constraints.js';
+import { checkPolicyDocument, MAX_POLICY_SOURCE, NO_POLICY, PURPOSES, type Decision, type PolicyDocument, type Purpose, type SignFacts } from '../policy/policy.js';
 import { readCapped } from '../read-capped.js';
 import { checkScopeName } from '../vault/vault.js';
 import { printJson, printLines, STDIN_ARGUMENT, withVault, type GlobalArgs } from './common.js';
@@ -112,6 +113,10 @@ export function policyCommand(yargs: Argv<GlobalArgs>) {
           }
           const { text, name } = readPolicyFile(file);
           const parsed = parsePolicyToml(text, name);
+          if (parsed.sshAddEntries > 0) {
+            const which = parsed.sshAddEntries === 1 ? 'the [[ssh-add]] entry' : `the ${parsed.sshAddEntries} [[ssh-add]] entries`;
+            process.stderr.write(`keyhold: ${which} of ${name} ${parsed.sshAddEntries === 1 ? 'is' : 'are'} managed by ssh-add and left as ${parsed.sshAddEntries === 1 ? 'it is' : 'they are'}\n`);
+          }
           const { document, hosts } = resolvePolicyHosts(parsed, loadKnownHosts(args['known-hosts']));
           checkPolicyDocument(document);
           const record = await withVault(args, (api) => api.setPolicy(scope, document, text));
@@ -138,9 +143,27 @@ export function policyCommand(yargs: Argv<GlobalArgs>) {
         "print a scope's policy as TOML, each host followed by the fingerprints it resolved to",
         (c) => c.positional('scope', { type: 'string', demandOption: true }),
         async (args) => {
-          const record = await withVault(args, (api) => api.getPolicy(checkScopeName(args.scope)));
-          if (args.json) return printJson(record);
-          process.stdout.write(formatPolicyToml(record.document, [`policy for scope ${record.scope}, set ${record.updated}`]));
+          const scope = checkScopeName(args.scope);
+          const { record, constraints } = await withVault(args, async (api) => ({
+            record: await api.getPolicy(scope).catch((err: unknown) => {
+              if (err instanceof KeyholdError && err.exitCode === EXIT.NOT_FOUND) return err;
+              throw err;
+            }),
+            constraints: await api.scopeConstraints(scope),
+          }));
+          // A scope whose only policy is ssh-add's constraints shows them; one with neither is not found.
+          if (record instanceof KeyholdError && constraints.length === 0) throw record;
+          const policy = record instanceof KeyholdError ? null : record;
+          if (args.json) {
+            return printJson({
+              ...(policy ?? { scope }),
+              ssh_add: constraints.map((c) => ({ key: c.fingerprint, comment: c.comment, ...c.constraints })),
+            });
+          }
+          const head = policy
+            ? formatPolicyToml(policy.document, [`policy for scope ${scope}, set ${policy.updated}`])
+            : `# scope ${scope} has no policy: every request its ssh-add constraints let through is signed\n`;
+          process.stdout.write(head + formatSshAddConstraints(constraints));
         },
       )
       .command(
@@ -187,7 +210,7 @@ export function policyCommand(yargs: Argv<GlobalArgs>) {
           }
           const fixedKey = args.key !== undefined ? normaliseKey(args.key) : undefined;
           const hosts = hostKeys(args.host, args['known-hosts']);
-          const { document, keys } = await withVault(args, async (api) => ({
+          const { document, keys, constraints } = await withVault(args, async (api) => ({
             document: await api.getPolicy(scope).then(
               (stored) => stored.document,
               (err: unknown) => {
@@ -196,15 +219,17 @@ export function policyCommand(yargs: Argv<GlobalArgs>) {
               },
             ),
             keys: fixedKey ? [fixedKey] : (await api.listKeys(scope)).map((k) => k.fingerprint),
+            constraints: await api.scopeConstraints(scope),
           }));
-          if (document === null) {
+          const constrained = new Map(constraints.map((c) => [c.fingerprint, c.constraints]));
+          if (document === null && constrained.size === 0) {
             // As the contract says of such a scope: every request is signed. The line names the
             // scope, so a mistyped name shows itself.
             if (args.json) return printJson({ action: 'allow', rule: null, policy: false });
             return printLines([`allow: scope ${scope} has no policy (every request of its socket's uid or its tokens is signed)`]);
           }
-          const policy = compilePolicy(document);
-          const checks: { key: string | null; hostKey: string | null; decision: Decision }[] = [];
+          const policy = compilePolicy(document ?? NO_POLICY);
+          const checks: { key: string | null; hostKey: string | null; decision: Decision; sshAdd?: string }[] = [];
           // A scope without keys still has a policy to ask: with a key no `keys` list names.
           for (const key of keys.length > 0 ? keys : [null]) {
             for (const hostKey of hosts) {
@@ -218,26 +243,37 @@ export function policyCommand(yargs: Argv<GlobalArgs>) {
                 ...(args.namespace !== undefined ? { namespace: args.namespace } : {}),
                 ...(args.subject !== undefined ? { subject: args.subject } : {}),
               };
-              checks.push({ key, hostKey: hostKey ?? null, decision: policy.decide(facts) });
+              const decision = policy.decide(facts);
+              // ssh-add's constraints filter first; -c turns an allow into a confirm.
+              const stored = key === null ? undefined : constrained.get(key);
+              const filtered = stored ? checkStoredConstraints(stored, { ...facts, ...(hostKey !== undefined ? { hostKey } : {}) }, Date.now()) : { confirm: false };
+              if ('refused' in filtered) checks.push({ key, hostKey: hostKey ?? null, decision: { action: 'deny', rule: null }, sshAdd: filtered.refused });
+              else if (filtered.confirm && decision.action === 'allow') checks.push({ key, hostKey: hostKey ?? null, decision: { action: 'confirm', rule: null }, sshAdd: 'added with ssh-add -c' });
+              else checks.push({ key, hostKey: hostKey ?? null, decision });
             }
           }
-          const same = checks.every((c) => c.decision.action === checks[0]!.decision.action && c.decision.rule === checks[0]!.decision.rule);
+          const same = checks.every(
+            (c) => c.decision.action === checks[0]!.decision.action && c.decision.rule === checks[0]!.decision.rule && c.sshAdd === checks[0]!.sshAdd,
+          );
           // Several answers: the one that refuses is the one to show first.
           const shown = checks.find((c) => c.decision.action === 'deny') ?? checks[0]!;
-          const ruleNumber = (d: Decision) => (d.rule === null ? 'default' : d.rule + 1);
+          const ruleOf = (c: (typeof checks)[number]) => (c.sshAdd !== undefined ? 'ssh-add' : c.decision.rule === null ? 'default' : c.decision.rule + 1);
+          const written = document ?? NO_POLICY;
+          const describe = (c: (typeof checks)[number]) => (c.sshAdd !== undefined ? `${c.decision.action}: ssh-add (${c.sshAdd})` : describeDecision(written, c.decision));
           if (args.json) {
             printJson({
               action: shown.decision.action,
-              rule: ruleNumber(shown.decision),
-              ...(same ? {} : { checks: checks.map((c) => ({ key: c.key, host_key: c.hostKey, action: c.decision.action, rule: ruleNumber(c.decision) })) }),
+              rule: ruleOf(shown),
+              ...(shown.sshAdd !== undefined ? { reason: shown.sshAdd } : {}),
+              ...(same ? {} : { checks: checks.map((c) => ({ key: c.key, host_key: c.hostKey, action: c.decision.action, rule: ruleOf(c) })) }),
             });
           } else if (same) {
-            printLines([describeDecision(document, shown.decision)]);
+            printLines([describe(shown)]);
           } else {
             const lines = ['the answer differs by key or host key:'];
             for (const c of checks) {
               const what = [c.key ? `key ${c.key}` : null, c.hostKey ? `host key ${c.hostKey}` : null].filter(Boolean).join(', ');
-              lines.push(`  ${what}: ${describeDecision(document, c.decision)}`);
+              lines.push(`  ${what}: ${describe(c)}`);
             }
             printLines(lines);
           }

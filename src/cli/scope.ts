@@ -10,7 +10,7 @@ export function scopeCommand(yargs: Argv<GlobalArgs>) {
       y
         .command(
           'list',
-          'scopes with their key, secret and token counts and whether they have a policy',
+          'scopes with their key, secret and token counts and whether they have a policy or keys with ssh-add constraints',
           (c) => c,
           async (args) => {
             const scopes = await withVault(args, (api) => api.scopes());
@@ -18,7 +18,7 @@ export function scopeCommand(yargs: Argv<GlobalArgs>) {
             printLines(
               table(
                 ['SCOPE', 'KEYS', 'SECRETS', 'TOKENS', 'POLICY'],
-                scopes.map((s) => [s.name, String(s.keys), String(s.secrets), String(s.tokens), s.policy ? 'yes' : 'no']),
+                scopes.map((s) => [s.name, String(s.keys), String(s.secrets), String(s.tokens), s.policy ? (s.constrained ? 'yes + ssh-add' : 'yes') : s.constrained ? 'ssh-add' : 'no']),
               ),
             );
           },

@@ -1,7 +1,7 @@
 import type { Argv } from 'yargs';
 import type { Logger } from 'pino';
 import { startDaemon } from '../daemon/daemon.js';
-import { parseDuration } from '../duration.js';
+import { parseDuration, parseOpenSshDuration } from '../duration.js';
 import { EXIT, KeyholdError, usageError } from '../errors.js';
 import { createLogger } from '../log.js';
 import { loadConfig } from '../config/config.js';
@@ -55,7 +55,11 @@ export function serveCommand(yargs: Argv<GlobalArgs>) {
           type: 'string',
           describe: 'SSH_ASKPASS-style program asked to confirm requests (default: $SSH_ASKPASS when a display is set)',
         })
-        .option('confirm-timeout', { type: 'string', describe: 'how long a request waits for a confirmation (default 30s)' }),
+        .option('confirm-timeout', { type: 'string', describe: 'how long a request waits for a confirmation (default 30s)' })
+        .option('add-lifetime', {
+          type: 'string',
+          describe: "as ssh-agent -t: keys ssh-add adds without -t expire from their scope after this long (seconds, or OpenSSH's 1h30m)",
+        }),
     async (args) => {
       const config = loadConfig(args.config).serve;
       const listen =
@@ -75,6 +79,8 @@ export function serveCommand(yargs: Argv<GlobalArgs>) {
         throw usageError('--confirm-timeout is at most 1h', 'a client waiting longer than that has given up');
       }
       const confirmProgram = args['confirm-program'] ?? config.confirmProgram;
+      // 0 is no lifetime, as ssh-agent -t 0.
+      const addLifetimeSeconds = args['add-lifetime'] === undefined ? null : parseOpenSshDuration(args['add-lifetime'], '--add-lifetime') || null;
       const paths = vaultPaths(args.vault);
       const keyring = readKeyring(paths.keys);
       if (!existsSync(paths.db)) {
@@ -106,6 +112,7 @@ export function serveCommand(yargs: Argv<GlobalArgs>) {
         listen,
         scopes: config.scopes ?? [],
         allowSha1: args['allow-sha1'],
+        addLifetimeSeconds,
         ...(confirmProgram ? { confirmProgram } : {}),
         ...(confirmTimeoutMs !== null ? { confirmTimeoutMs } : {}),
       });

@@ -59,6 +59,7 @@ const VAULT_PARAMS = {
   generateKey: params(['scope', scope], ['kind', v.picklist(KEY_TYPES)], ['bits', v.optional(keyBits)], ['comment', comment]),
   importKey: params(['scope', scope], ['pkcs8', bytes(MAX_PKCS8_BYTES)], ['comment', comment]),
   listKeys: params(['scope', v.optional(scope)]),
+  scopeConstraints: params(['scope', scope]),
   assign: params(['scope', scope], ['fingerprint', lookupKey]),
   unassign: params(['scope', scope], ['fingerprint', lookupKey]),
   removeKey: params(['fingerprint', lookupKey]),

@@ -19,7 +19,7 @@ import { openFileLimit, TokenConnections, tokenLimitsFor } from '../signer/token
 import { closeServer, ConnectionLimit } from '../signer/unix-listener.js';
 import type { AgentBackend, Peer } from '../signer/backend.js';
 import { AuditUnavailableError, type AuditEvent, type AuditPeer } from '../audit/audit-log.js';
-import { thisProcess, type VaultApi } from '../vault/api.js';
+import { thisProcess, type DaemonVaultApi } from '../vault/api.js';
 import { zeroKeks, type FactorKeks } from '../vault/keyring.js';
 import type { VaultPaths } from '../vault/paths.js';
 import { isBusyError } from '../vault/database.js';
@@ -56,6 +56,8 @@ export interface DaemonOptions {
   confirmProgram?: string;
   /** How long a request waits for a confirmation before it is refused (default 30 s). */
   confirmTimeoutMs?: number;
+  /** ssh-agent -t: the lifetime (seconds) of a key ssh-add adds without -t; unset: none. */
+  addLifetimeSeconds?: number | null;
 }
 
 export interface Daemon {
@@ -136,6 +138,7 @@ export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
             log,
             record,
             unlockAttempts,
+            addLifetimeSeconds: options.addLifetimeSeconds ?? null,
             changeVault: (actor, change) => changeVault(actor, change),
             unlock: (keks, actor) => unlockSession(keks, {}, actor),
           }),
@@ -233,7 +236,44 @@ export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
     const emptied = new EmptiedScopes(MAX_EMPTY_SCOPE_SOCKETS);
     const LOCKED = -2;
     let syncedVersion = -1;
+    // ssh-add -t: one timer for the earliest expiry, re-armed whenever the vault version moves
+    // (whoever changed it). Requests already hide an expired key; the sweep takes it out of the
+    // vault, audited, also when its time passed while the daemon was stopped or locked.
+    let expiryVersion = -1;
+    let expiryTimer: NodeJS.Timeout | null = null;
+    const armExpiry = (minDelayMs = 0) => {
+      const cache = session.keys(false);
+      const version = cache ? cache.version : LOCKED;
+      if (version === expiryVersion) return;
+      expiryVersion = version;
+      if (expiryTimer) clearTimeout(expiryTimer);
+      expiryTimer = null;
+      const next = cache?.nextExpiry() ?? null;
+      if (next === null) return;
+      const delay = Math.min(MAX_TIMER_MS, Math.max(minDelayMs, next - Date.now()));
+      expiryTimer = setTimeout(() => {
+        expiryTimer = null;
+        void sweepExpired();
+      }, delay);
+      expiryTimer.unref();
+    };
+    const sweepExpired = async () => {
+      let retryMs = 0;
+      try {
+        const removed = await changeVault(thisProcess(), (api) => api.expireAssignments(new Date()));
+        if (removed.length > 0) log.info({ expired: removed }, 'ssh-add lifetime ended: keys unassigned');
+      } catch (err) {
+        // Locked meanwhile, a busy vault, an audit log that cannot be written: requests hide the
+        // keys meanwhile; try again a little later.
+        retryMs = EXPIRY_RETRY_MS;
+        if (session.unlocked) log.warn({ err: (err as Error).message }, 'could not remove keys whose ssh-add lifetime ended; retrying');
+      }
+      // Nothing changed (a clock that fired early): re-arm, never in a busy loop.
+      expiryVersion = -1;
+      armExpiry(Math.max(retryMs, 10));
+    };
     const syncScopes = async () => {
+      armExpiry();
       closeRevokedSessions();
       if (!options.scopeSockets) return;
       const cache = session.keys(false);
@@ -361,7 +401,7 @@ export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
      * A change to the vault by `actor` (the control socket's peer, or ssh-add's on a scope socket):
      * answered once its audit line is written and the scope sockets follow it.
      */
-    const changeVault = async <T>(actor: AuditPeer, change: (api: VaultApi) => Promise<T>): Promise<T> => {
+    const changeVault = async <T>(actor: AuditPeer, change: (api: DaemonVaultApi) => Promise<T>): Promise<T> => {
       const failure = session.auditFailure;
       if (failure) {
         throw new KeyholdError(`the audit log cannot be written (${failure.code}) since ${failure.since}; nothing was done`, 'free space on its disk; keyhold resumes by itself');
@@ -398,6 +438,7 @@ export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
         stopping ??= (async () => {
           clearInterval(timer);
           clearInterval(guardSweep);
+          if (expiryTimer) clearTimeout(expiryTimer);
           approvals.refuseAll('withdrawn');
           confirmProgram?.close();
           guard.stop();
@@ -436,6 +477,11 @@ function controlApprover(peer: Peer): Approver {
  * a descriptor, out of the few the daemon keeps for itself (RESERVED_DESCRIPTORS).
  */
 const MAX_EMPTY_SCOPE_SOCKETS = 64;
+
+/** setTimeout's limit; a later expiry is re-armed when it fires. */
+const MAX_TIMER_MS = 2 ** 31 - 1;
+/** How soon a sweep of expired keys that failed is tried again. */
+const EXPIRY_RETRY_MS = 5_000;
 
 /** How long a change through the daemon waits for another process's write lock on the vault. */
 const WRITE_LOCK_WAIT_MS = 10_000;

@@ -1,14 +1,16 @@
 // OpenSSH's key operations (ssh-add) on a scope socket: add stores the key in the vault and assigns
 // it to the scope, remove unassigns it (the key stays in the vault), lock and unlock lock the
-// daemon, the unlock password being a vault passphrase. Constraints (-c, -t, -h) are not built:
-// such an add is refused. Container tokens may do none of this. Each refusal logs one warning
+// daemon, the unlock password being a vault passphrase. Constraints (-c, -t, -h) are stored with
+// the assignment (see src/policy/ssh-add-constraints.ts); a re-add replaces them, as OpenSSH's
+// agent does. Container tokens may do none of this. Each refusal logs one warning
 // (rate-limited) naming the keyhold command that does it instead, never key material.
 import type { Logger } from 'pino';
 import { EXIT, KeyholdError } from '../errors.js';
 import type { AddIdentityRequest } from '../agent-protocol/messages.js';
 import type { AuditEvent, AuditPeer } from '../audit/audit-log.js';
 import type { AgentBackend, RequestContext } from '../signer/backend.js';
-import type { VaultApi } from '../vault/api.js';
+import type { AuditedConstraints, DaemonVaultApi } from '../vault/api.js';
+import { destinationHostNames, storedConstraints } from '../policy/ssh-add-constraints.js';
 import { describeSupportedKey, toPkcs8 } from '../vault/key-material.js';
 import { passphraseKeks, readKeyring, zeroKeks, type FactorKeks } from '../vault/keyring.js';
 import type { VaultSession } from './vault-session.js';
@@ -17,12 +19,14 @@ export interface KeyOperationsOptions {
   session: VaultSession;
   log: Logger;
   /** Runs a change through the vault API as the control socket's `call` does (write lock, audit, sockets). */
-  changeVault: <T>(actor: AuditPeer, change: (api: VaultApi) => Promise<T>) => Promise<T>;
+  changeVault: <T>(actor: AuditPeer, change: (api: DaemonVaultApi) => Promise<T>) => Promise<T>;
   /** Unlocks as the control socket's `unlock` does; rejects when the KEKs do not open the vault. */
   unlock: (keks: FactorKeks, actor: AuditPeer) => Promise<void>;
   record: (event: AuditEvent) => Promise<void>;
   /** Shared by every scope of the daemon: failed unlocks slow down the next, whichever socket. */
   unlockAttempts: UnlockAttempts;
+  /** ssh-agent -t: the lifetime (seconds) of an add that names none; null: none. */
+  addLifetimeSeconds?: number | null;
 }
 
 type Operation = 'add' | 'remove' | 'remove-all' | 'lock' | 'unlock';
@@ -123,20 +127,14 @@ export function keyOperations(scope: string, options: KeyOperationsOptions): Key
   return {
     async addIdentity(request: AddIdentityRequest, context) {
       if (refusedForToken('add', context)) return false;
-      const { constraints } = request;
-      const asked = [
-        ...(constraints.confirm ? ['confirm (-c)'] : []),
-        ...(constraints.lifetimeSeconds !== null ? ['lifetime (-t)'] : []),
-        ...(constraints.destinations.length > 0 ? ['destinations (-h)'] : []),
-      ];
-      if (asked.length > 0) {
-        return refuse(
-          'add',
-          `constraints ${asked.join(',')}`,
-          `ssh-add cannot add keys with constraints here (${asked.join(', ')}); use \`keyhold key import ${scope} FILE\` and \`keyhold policy set ${scope} FILE\` with a confirm rule or hosts`,
-          { fingerprint: request.key.fingerprint },
-        );
-      }
+      const constraints = { ...request.constraints };
+      // As ssh-agent -t: a key added without a lifetime gets the agent's.
+      if (constraints.lifetimeSeconds === null && options.addLifetimeSeconds) constraints.lifetimeSeconds = options.addLifetimeSeconds;
+      const audited: AuditedConstraints = {
+        ...(constraints.confirm ? { confirm: true as const } : {}),
+        ...(constraints.lifetimeSeconds !== null ? { lifetime_s: constraints.lifetimeSeconds } : {}),
+        ...(constraints.destinations.length > 0 ? { hosts: destinationHostNames(constraints.destinations) } : {}),
+      };
       try {
         describeSupportedKey(request.key.key);
       } catch (err) {
@@ -147,8 +145,11 @@ export function keyOperations(scope: string, options: KeyOperationsOptions): Key
       const key = request.key.key;
       try {
         // Each attempt exports its own PKCS#8 copy: importKey zeroes what it is given.
-        await options.changeVault(actorOf(context), (api) => api.importKey(scope, toPkcs8(key), request.comment));
-        log.info({ scope, fingerprint: request.key.fingerprint }, 'ssh-add: key added');
+        // Dated when stored (each retry anew), so a busy vault does not shorten the lifetime.
+        await options.changeVault(actorOf(context), (api) =>
+          api.addAgentKey(scope, toPkcs8(key), request.comment, storedConstraints(constraints, Date.now()), Object.keys(audited).length > 0 ? audited : null),
+        );
+        log.info({ scope, fingerprint: request.key.fingerprint, ...audited }, 'ssh-add: key added');
         return true;
       } catch (err) {
         return failed('add', err);

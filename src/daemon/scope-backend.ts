@@ -8,10 +8,12 @@ import type { AuditEvent } from '../audit/audit-log.js';
 import type { ApprovalQuestion, Approvals, Caller } from '../policy/approvals.js';
 import { authenticationHost, classifySignedData, hostKeyFingerprint } from '../policy/classify.js';
 import type { CompiledPolicy } from '../policy/compile.js';
+import { NO_POLICY_COMPILED } from '../policy/policy-cache.js';
 import { peerAccount, peerIdentity, PolicyState } from '../policy/grants.js';
 import type { SignFacts } from '../policy/policy.js';
 import type { AgentBackend, RequestContext, SignResult } from '../signer/backend.js';
 import type { CachedKey, KeyCache, ScopeKeys } from '../vault/key-cache.js';
+import { expired, identityPermitted, signRefusalByDestinations, type CompiledConstraints } from '../policy/ssh-add-constraints.js';
 import type { SignPool } from './sign-pool.js';
 
 export interface ScopeBackendOptions {
@@ -49,6 +51,20 @@ function signDetails(scope: string, data: Buffer, context: RequestContext, usera
   return event;
 }
 
+function connectionBinds(context: RequestContext) {
+  return { bindings: context.bindings, bindAttempted: context.sessionBindAttempted === true };
+}
+
+/** The scope's identities less those ssh-add's constraints hide here: expired, or not for this destination. */
+function permittedIdentities(scopeKeys: ScopeKeys, context: RequestContext) {
+  const now = Date.now();
+  const binds = connectionBinds(context);
+  return scopeKeys.identities.filter((identity) => {
+    const constraints = scopeKeys.constraints.get(identity.keyBlob.toString('latin1'));
+    return constraints === undefined || (!expired(constraints, now) && identityPermitted(constraints.destinations, binds, null));
+  });
+}
+
 /** Who asks, as a confirmation question names them. */
 function callerOf(context: RequestContext): Caller {
   const peer = context.peer;
@@ -66,7 +82,12 @@ function callerOf(context: RequestContext): Caller {
  * compiled rules, and an allowed one counted against its rule's rate; a confirm is signed at once
  * when a remembered approval covers it, else it waits (a promise: other connections go on) for
  * an approval. A scope without a policy takes exactly the path, and writes exactly the audit
- * line, it always did.
+ * line, it always did, unless the key has ssh-add constraints.
+ *
+ * ssh-add's constraints are a filter in front of the policy, never a grant: an expired key is
+ * neither offered nor used (before the daemon's sweep removes it), a destination-constrained key
+ * is refused where OpenSSH's agent refuses it (rule `ssh-add`), and a key added with -c turns the
+ * policy's allow into a confirm (rule `ssh-add`; every use asks, as OpenSSH's agent does).
  */
 export function scopeBackend(keys: () => KeyCache | null, scope: string, options: ScopeBackendOptions): AgentBackend {
   const AUDIT_UNAVAILABLE: SignResult = { ok: false, reason: 'audit-unavailable' };
@@ -116,6 +137,7 @@ export function scopeBackend(keys: () => KeyCache | null, scope: string, options
     userauth: UserauthRequest | null,
     context: RequestContext,
     event: AuditEvent,
+    constraints: CompiledConstraints | undefined,
   ): Promise<SignResult> => {
     // Filled in place rather than spread into a new object: this runs for every signature.
     const facts = classifySignedData(data, context.bindings, userauth) as SignFacts;
@@ -124,8 +146,10 @@ export function scopeBackend(keys: () => KeyCache | null, scope: string, options
     if (peer.kind === 'unix') facts.exe = peer.exe;
     if (context.tokenSubject !== undefined) facts.subject = context.tokenSubject;
     const decision = policy.decide(facts);
-    event.decision = decision.action;
-    event.rule = decision.rule === null ? 'default' : decision.rule + 1;
+    // ssh-add -c: what the policy allows still needs a confirmation (a deny stays a deny).
+    const keyConfirm = constraints?.confirm === true && decision.action === 'allow';
+    event.decision = keyConfirm ? 'confirm' : decision.action;
+    event.rule = keyConfirm ? 'ssh-add' : decision.rule === null ? 'default' : decision.rule + 1;
     event.purpose = facts.purpose;
     if (facts.namespace !== undefined) event.namespace = facts.namespace;
     const fp = entry.fingerprint;
@@ -133,13 +157,14 @@ export function scopeBackend(keys: () => KeyCache | null, scope: string, options
     const current = stateFor(policy);
     const rule = decision.rule === null ? null : policy.rules[decision.rule]!;
     if (rule?.rate && !current.takeRate(peerAccount(context), rule)) return audited(refusal('rate', fp), event);
-    if (decision.action === 'allow') return signWith(entry, algorithm, data, event);
+    if (decision.action === 'allow' && !keyConfirm) return signWith(entry, algorithm, data, event);
 
     // A grant covers what was approved: this process or token, key and rule, and the same kind of
     // request by the same route (a local login's approval must not cover what a forwarded
     // connection of the same ssh process asks, nor another purpose).
     const who = peerIdentity(context);
-    const identity = who === null ? null : `${who}|${facts.purpose}|${facts.forwarded ? 'forwarded' : 'local'}`;
+    // A key's own -c is asked every time, as OpenSSH's agent asks: no remembered approval covers it.
+    const identity = who === null || keyConfirm ? null : `${who}|${facts.purpose}|${facts.forwarded ? 'forwarded' : 'local'}`;
     if (identity && current.granted(identity, fp, decision.rule)) {
       event.approved_by = { channel: 'remembered' };
       return signWith(entry, algorithm, data, event);
@@ -154,7 +179,7 @@ export function scopeBackend(keys: () => KeyCache | null, scope: string, options
       ...(facts.hostKey !== undefined ? { host: facts.hostKey } : {}),
       ...(facts.user !== undefined ? { user: facts.user } : {}),
       ...(facts.namespace !== undefined ? { namespace: facts.namespace } : {}),
-      rule: decision.rule === null ? 'default' : decision.rule + 1,
+      rule: keyConfirm ? 'ssh-add' : decision.rule === null ? 'default' : decision.rule + 1,
       caller: callerOf(context),
     };
     // The data is a view into a socket chunk, and the answer may take seconds.
@@ -168,7 +193,18 @@ export function scopeBackend(keys: () => KeyCache | null, scope: string, options
       // Approved while the vault was locked, or the key left the scope meanwhile: not signed.
       const now = keys();
       if (!now) return audited(refusal('locked', fp), event);
-      if (!now.scope(scope).byBlob.has(keyBlob.toString('latin1'))) return audited(refusal('unknown-key', fp), event);
+      const nowKeys = now.scope(scope);
+      const id = keyBlob.toString('latin1');
+      const nowConstraints = nowKeys.constraints.get(id);
+      if (!nowKeys.byBlob.has(id) || expired(nowConstraints, Date.now())) return audited(refusal('unknown-key', fp), event);
+      // ssh-add -h given again meanwhile: its destinations as they are now (read from our copy of the data).
+      if (nowConstraints && nowConstraints.destinations.length > 0) {
+        const why = signRefusalByDestinations(nowConstraints.destinations, connectionBinds(context), parseUserauthRequest(kept), keyBlob);
+        if (why !== null) {
+          event.detail = why;
+          return audited(refusal('policy', fp), event);
+        }
+      }
       // The policy changed while the request waited: what it says now decides whether an approval
       // still counts (a rule that now denies wins over the approval given under the old one).
       const latest = options.policy?.(scope);
@@ -185,11 +221,12 @@ export function scopeBackend(keys: () => KeyCache | null, scope: string, options
       if (!cache) return [];
       const scopeKeys = cache.scope(scope);
       const policy = options.policy?.(scope);
-      if (!policy?.active) return scopeKeys.identities;
+      const offered = scopeKeys.constraints.size === 0 ? scopeKeys.identities : permittedIdentities(scopeKeys, context);
+      if (!policy?.active) return offered;
       // Routing: a connection ssh bound to a host for authentication is offered only the keys
       // some rule may allow or confirm for that host.
       const hostKey = authenticationHost(context.bindings);
-      if (hostKey === null) return scopeKeys.identities;
+      if (hostKey === null) return offered;
       const peer = context.peer;
       const facts = {
         hostKey,
@@ -197,7 +234,7 @@ export function scopeBackend(keys: () => KeyCache | null, scope: string, options
         ...(peer.kind === 'unix' ? { exe: peer.exe } : {}),
         ...(context.tokenSubject !== undefined ? { subject: context.tokenSubject } : {}),
       };
-      return scopeKeys.identities.filter((identity) => {
+      return offered.filter((identity) => {
         const entry = scopeKeys.byBlob.get(identity.keyBlob.toString('latin1'));
         return entry !== undefined && policy.mayOffer({ ...facts, key: entry.fingerprint });
       });
@@ -214,12 +251,27 @@ export function scopeBackend(keys: () => KeyCache | null, scope: string, options
       // The data is a view into a socket chunk: the audit digest is taken now, not later.
       const event = signDetails(scope, data, context, userauth);
       const scopeKeys = cache.scope(scope);
-      const entry = scopeKeys.byBlob.get(keyBlob.toString('latin1'));
+      const id = keyBlob.toString('latin1');
+      const entry = scopeKeys.byBlob.get(id);
       if (!entry) return audited(refusal('unknown-key'), event);
+      const constraints = scopeKeys.constraints.size === 0 ? undefined : scopeKeys.constraints.get(id);
+      // Expired but not yet swept: as if it were gone already.
+      if (constraints && expired(constraints, Date.now())) return audited(refusal('unknown-key'), event);
       const algorithm = signatureAlgorithmFor(entry.type, flags);
       if (algorithm === 'ssh-rsa' && !options.allowSha1) return audited(refusal('sha1-refused', entry.fingerprint), event);
+      if (constraints && constraints.destinations.length > 0) {
+        const why = signRefusalByDestinations(constraints.destinations, connectionBinds(context), userauth, keyBlob);
+        if (why !== null) {
+          event.decision = 'deny';
+          event.rule = 'ssh-add';
+          event.detail = why;
+          return audited(refusal('policy', entry.fingerprint), event);
+        }
+      }
       const policy = options.policy?.(scope);
-      if (policy?.active) return decide(policy, scopeKeys, keyBlob, entry, algorithm, data, userauth, context, event);
+      if (policy?.active || constraints?.confirm) {
+        return decide(policy ?? NO_POLICY_COMPILED, scopeKeys, keyBlob, entry, algorithm, data, userauth, context, event, constraints);
+      }
       return signWith(entry, algorithm, data, event);
     },
   };

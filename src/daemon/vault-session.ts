@@ -5,7 +5,7 @@ import type { Logger } from 'pino';
 import { EXIT, KeyholdError } from '../errors.js';
 import type { DaemonStatus, LockTimers } from '../control/protocol.js';
 import { TokenCache } from '../tokens/token-cache.js';
-import { localVaultApi, type VaultApi } from '../vault/api.js';
+import { localVaultApi, type DaemonVaultApi } from '../vault/api.js';
 import { MAX_PENDING_EVENTS, auditUnavailable, type AuditEvent, type AuditFailure, type AuditPeer } from '../audit/audit-log.js';
 import { KeyCache } from '../vault/key-cache.js';
 import type { CompiledPolicy } from '../policy/compile.js';
@@ -122,7 +122,7 @@ export class VaultSession {
   }
 
   /** The vault operations, for a CLI request through the control socket; exit 3 while locked. */
-  api(actor: AuditPeer): VaultApi {
+  api(actor: AuditPeer): DaemonVaultApi {
     if (!this.current) throw new KeyholdError('the vault is locked', 'unlock it with `keyhold unlock`', EXIT.LOCKED);
     this.lastActivity = Date.now();
     return localVaultApi(this.current.vault, actor);

@@ -33,8 +33,8 @@ export interface ApprovalQuestion {
   user?: string;
   /** sshsig: the namespace. */
   namespace?: string;
-  /** The rule that asked, numbered from 1, or "default". */
-  rule: number | 'default';
+  /** The rule that asked, numbered from 1, "default", or "ssh-add" (a key added with ssh-add -c). */
+  rule: number | 'default' | 'ssh-add';
   caller: Caller;
 }
 
@@ -103,7 +103,7 @@ export function describeQuestion(q: ApprovalQuestion & { id?: string }): string 
     c.subject !== undefined
       ? `container token ${c.token_id ?? ''} subject ${c.subject}${c.address ? ` at ${c.address}` : ''}${c.pid !== undefined ? ` pid ${c.pid}` : ''}`
       : `${c.exe ?? 'an unknown program'} (pid ${c.pid ?? '?'})`;
-  const rule = q.rule === 'default' ? 'the policy default' : `rule ${q.rule}`;
+  const rule = q.rule === 'default' ? 'the policy default' : q.rule === 'ssh-add' ? 'added with ssh-add -c' : `rule ${q.rule}`;
   return oneLine(`keyhold: allow ${who} to sign ${target} with key ${key} of scope ${q.scope}? (${rule}${q.id ? `, request ${q.id}` : ''})`);
 }
 

@@ -1,6 +1,7 @@
 // A stored policy shown to people: as TOML that `policy set` takes back (rules numbered in
 // comments, each host followed by the fingerprints it stood for), and one rule in a line.
 import { RULE_FIELDS, type PolicyDocument, type PolicyRule } from './policy.js';
+import { describeDestinations, type StoredConstraints } from './ssh-add-constraints.js';
 
 /** A TOML basic string: JSON's escapes are TOML's, except that DEL must be escaped too. */
 function tomlString(text: string): string {
@@ -53,4 +54,24 @@ export function describeRuleMatch(rule: PolicyRule): string {
     parts.push(`${field}=${Array.isArray(value) ? value.map(String).join(',') : String(value)}`);
   }
   return parts.length > 0 ? commentSafe(parts.join(' ')) : 'any request';
+}
+
+/**
+ * A scope's ssh-add constraints, after its policy: `[[ssh-add]]` tables that `policy set` takes
+ * back unchanged (and leaves to ssh-add), each key's host names followed by their host keys.
+ */
+export function formatSshAddConstraints(entries: { fingerprint: string; comment: string; constraints: StoredConstraints }[]): string {
+  if (entries.length === 0) return '';
+  const out = ['', '# ssh-add constraints (ssh-add sets them; ssh-add -d or `keyhold key unassign` removes them)'];
+  for (const { fingerprint, comment, constraints } of entries) {
+    out.push('[[ssh-add]]', `key = ${tomlString(fingerprint)}${comment ? `  # ${commentSafe(comment)}` : ''}`);
+    if (constraints.confirm) out.push('confirm = true');
+    if (constraints.expiresAt !== null) out.push(`expires = ${tomlString(constraints.expiresAt)}`);
+    if (constraints.destinations !== null) {
+      const { hosts, keys } = describeDestinations(constraints.destinations);
+      out.push(`hosts = ${tomlValue(hosts)}`);
+      if (keys.length > 0) out.push(`# ${commentSafe(keys.join(' ; '))}`);
+    }
+  }
+  return out.join('\n') + '\n';
 }

@@ -38,9 +38,14 @@ export interface ParsedPolicy {
   lines: RuleLines[];
   /** The line of each top-level key. */
   topLines: Partial<Record<string, number>>;
+  /**
+   * `[[ssh-add]]` tables, as `policy show` prints a scope's ssh-add constraints: accepted so that
+   * its output can be set back unchanged, never applied (ssh-add sets them).
+   */
+  sshAddEntries: number;
 }
 
-const TOP_KEYS = ['default', 'rule'] as const;
+const TOP_KEYS = ['default', 'rule', 'ssh-add'] as const;
 const PURPOSE_WORDS = [...PURPOSES, 'any'] as const;
 const HINT = 'see "Policy and approvals" in the README for the file format';
 
@@ -101,7 +106,9 @@ export function parsePolicyToml(text: string, file: string): ParsedPolicy {
     const rule = problem.rule ?? 0;
     fail(fieldLine({ lines }, rule, problem.field), `rule ${rule + 1}: ${problem.field ? `${problem.field}: ` : ''}${problem.message}`);
   }
-  return { file, default: defaultAction, rules, lines, topLines };
+  const sshAdd = table['ssh-add'];
+  if (sshAdd !== undefined && !Array.isArray(sshAdd)) fail(topLines['ssh-add'] ?? 1, 'ssh-add: must be an array of tables, each starting with [[ssh-add]]');
+  return { file, default: defaultAction, rules, lines, topLines, sshAddEntries: Array.isArray(sshAdd) ? sshAdd.length : 0 };
 }
 
 type RuleFail = (field: string | null, what: string) => never;

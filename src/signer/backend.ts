@@ -18,6 +18,8 @@ export interface SessionBinding {
 export interface RequestContext {
   peer: Peer;
   bindings: readonly SessionBinding[];
+  /** A session-bind was attempted on this connection, whether or not it was accepted (OpenSSH's session_bind_attempted). */
+  sessionBindAttempted?: boolean;
   /** The token a container connection authenticated with. */
   tokenId?: string;
   /** That token's subject (policy `subjects`). */

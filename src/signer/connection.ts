@@ -193,6 +193,8 @@ function processQuery(): Buffer {
 /** Verifies the host's signature over the session id and records the binding (OpenSSH's rules). */
 function processSessionBind(session: AgentSession, contents: Buffer): boolean {
   const { bindings } = session;
+  // Set before anything is checked, as OpenSSH: a connection whose bind failed is not "local".
+  session.context.sessionBindAttempted = true;
   let bind;
   try {
     bind = parseSessionBind(contents);

@@ -3,8 +3,9 @@
 // the private keys and the master key stay in the daemon).
 import { generatePrivateKey, parsePkcs8, type KeyKind } from './key-material.js';
 import type { EnrolledFactor, Factor } from './keyring.js';
-import type { AddKeyResult, KeyRecord, PolicyRecord, ScopeSummary, SecretInfo, SecretValue, Vault } from './vault.js';
+import type { AddKeyResult, ExpiredAssignment, KeyRecord, ScopeConstraintRecord, PolicyRecord, ScopeSummary, SecretInfo, SecretValue, Vault } from './vault.js';
 import type { PolicyDocument } from '../policy/policy.js';
+import type { StoredConstraints } from '../policy/ssh-add-constraints.js';
 import type { TokenRecord } from '../tokens/tokens.js';
 import { readlinkSync } from 'node:fs';
 import type { AuditEvent, AuditPeer, VerifyResult } from '../audit/audit-log.js';
@@ -19,6 +20,8 @@ export interface VaultApi {
   /** Adds a private key given as PKCS#8 DER. */
   importKey(scope: string, pkcs8: Buffer, comment: string): Promise<AddedKey>;
   listKeys(scope?: string): Promise<KeyRecord[]>;
+  /** The ssh-add constraints (-c, -t, -h) of a scope's keys. */
+  scopeConstraints(scope: string): Promise<ScopeConstraintRecord[]>;
   assign(scope: string, fingerprint: string): Promise<void>;
   unassign(scope: string, fingerprint: string): Promise<void>;
   removeKey(fingerprint: string): Promise<void>;
@@ -43,6 +46,21 @@ export interface VaultApi {
   verifyAudit(): Promise<VerifyResult>;
 }
 
+/** What only the daemon does, for ssh-add on a scope socket and its own housekeeping (not on the control socket). */
+export interface DaemonVaultApi extends VaultApi {
+  /** ssh-add's add: the key stored and assigned with exactly these constraints (a plain re-add clears them). */
+  addAgentKey(scope: string, pkcs8: Buffer, comment: string, constraints: StoredConstraints, audited: AuditedConstraints | null): Promise<AddedKey>;
+  /** Removes the assignments whose ssh-add lifetime has ended, each audited as `key-expired`. */
+  expireAssignments(at: Date): Promise<ExpiredAssignment[]>;
+}
+
+/** What the audit log says of a constrained add: never key material. */
+export interface AuditedConstraints {
+  confirm?: true;
+  lifetime_s?: number;
+  hosts?: string[];
+}
+
 export type VaultMethod = keyof VaultApi;
 
 /** The methods a daemon serves over its control socket: every method of VaultApi. */
@@ -50,6 +68,7 @@ export const VAULT_METHODS = [
   'generateKey',
   'importKey',
   'listKeys',
+  'scopeConstraints',
   'assign',
   'unassign',
   'removeKey',
@@ -78,12 +97,12 @@ void everyMethodListed;
  * The operations on a vault open in this process. `actor` is who asks (this CLI process, or the
  * control socket's peer in the daemon); every change and every secret read goes to the audit log.
  */
-export function localVaultApi(vault: Vault, actor: AuditPeer): VaultApi {
+export function localVaultApi(vault: Vault, actor: AuditPeer): DaemonVaultApi {
   // In the daemon this resolves once the line is in the log file (a CLI process writes its lines
   // at close): each operation answers only after its own line is written, and fails if it cannot be.
   const audit = (event: AuditEvent) => vault.record({ ...event, peer: actor });
-  const added = async (result: AddKeyResult, scope: string): Promise<AddedKey> => {
-    await audit({ event: result.created ? 'key-added' : 'key-assigned', scope, fingerprint: result.fingerprint });
+  const added = async (result: AddKeyResult, scope: string, constraints: AuditedConstraints | null = null): Promise<AddedKey> => {
+    await audit({ event: result.created ? 'key-added' : 'key-assigned', scope, fingerprint: result.fingerprint, ...(constraints ? { constraints } : {}) });
     return { added: result, record: vault.listKeys().find((k) => k.fingerprint === result.fingerprint)! };
   };
   return {
@@ -97,8 +116,23 @@ export function localVaultApi(vault: Vault, actor: AuditPeer): VaultApi {
         pkcs8.fill(0);
       }
     },
+    async addAgentKey(scope, pkcs8, comment, constraints, audited) {
+      try {
+        return added(vault.addKey(scope, parsePkcs8(pkcs8), comment, constraints), scope, audited);
+      } finally {
+        pkcs8.fill(0);
+      }
+    },
+    async expireAssignments(at) {
+      const expired = vault.expireAssignments(at);
+      await Promise.all(expired.map(({ scope, fingerprint }) => audit({ event: 'key-expired', scope, fingerprint })));
+      return expired;
+    },
     async listKeys(scope) {
       return vault.listKeys(scope);
+    },
+    async scopeConstraints(scope) {
+      return vault.scopeConstraints(scope);
     },
     async assign(scope, fp) {
       vault.assign(scope, fp);

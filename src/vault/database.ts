@@ -100,6 +100,18 @@ const MIGRATIONS: readonly Migration[] = [
       `);
     },
   },
+  {
+    version: 5,
+    up(db) {
+      // ssh-add's constraints live with the assignment they constrain (-c, -t, -h): unassigning
+      // drops them. `destinations` is the restrict-destination hops as JSON (host keys base64).
+      db.exec(`
+        ALTER TABLE key_scopes ADD COLUMN expires_at TEXT;
+        ALTER TABLE key_scopes ADD COLUMN confirm INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE key_scopes ADD COLUMN destinations TEXT;
+      `);
+    },
+  },
 ];
 
 export const SCHEMA_VERSION = MIGRATIONS[MIGRATIONS.length - 1]!.version;

@@ -3,6 +3,7 @@
 import type { KeyObject } from 'node:crypto';
 import type { Identity } from '../agent-protocol/messages.js';
 import type { SshKeyType } from '../agent-protocol/public-key.js';
+import { compileConstraints, type CompiledConstraints } from '../policy/ssh-add-constraints.js';
 import { fromPkcs8 } from './key-material.js';
 import type { Vault } from './vault.js';
 
@@ -16,9 +17,16 @@ export interface ScopeKeys {
   identities: Identity[];
   /** Keyed by the public blob as a latin1 string: cheap to build from a request, exact to compare. */
   byBlob: Map<string, CachedKey>;
+  /**
+   * ssh-add's constraints (-c, -t, -h) of the keys that have some, by public blob as `byBlob`
+   * (a certificate identity gets its own entry). Empty for most scopes: their requests skip it.
+   */
+  constraints: Map<string, CompiledConstraints>;
+  /** The earliest expiry among `constraints` (epoch ms), or null: one compare hides expired keys. */
+  nextExpiry: number | null;
 }
 
-const EMPTY_SCOPE: ScopeKeys = { identities: [], byBlob: new Map() };
+const EMPTY_SCOPE: ScopeKeys = { identities: [], byBlob: new Map(), constraints: new Map(), nextExpiry: null };
 
 export class KeyCache {
   private builtFrom = -1;
@@ -47,9 +55,15 @@ export class KeyCache {
       row.privatePkcs8.fill(0);
       parsed.set(row.fingerprint, cached);
       let scope = scopes.get(row.scope);
-      if (!scope) scopes.set(row.scope, (scope = { identities: [], byBlob: new Map() }));
+      if (!scope) scopes.set(row.scope, (scope = { identities: [], byBlob: new Map(), constraints: new Map(), nextExpiry: null }));
       scope.identities.push({ keyBlob: row.publicBlob, comment: row.comment });
-      scope.byBlob.set(row.publicBlob.toString('latin1'), cached);
+      const id = row.publicBlob.toString('latin1');
+      scope.byBlob.set(id, cached);
+      const constraints = compileConstraints(row);
+      if (constraints) {
+        scope.constraints.set(id, constraints);
+        if (constraints.expiresAt !== null && (scope.nextExpiry === null || constraints.expiresAt < scope.nextExpiry)) scope.nextExpiry = constraints.expiresAt;
+      }
     }
     this.scopes = scopes;
     this.parsed = parsed;
@@ -64,6 +78,15 @@ export class KeyCache {
 
   scope(name: string): ScopeKeys {
     return this.scopes.get(name) ?? EMPTY_SCOPE;
+  }
+
+  /** The earliest ssh-add expiry of any scope's key (epoch ms), or null. */
+  nextExpiry(): number | null {
+    let next: number | null = null;
+    for (const scope of this.scopes.values()) {
+      if (scope.nextExpiry !== null && (next === null || scope.nextExpiry < next)) next = scope.nextExpiry;
+    }
+    return next;
   }
 
   scopeNames(): string[] {

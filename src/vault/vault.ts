@@ -35,6 +35,7 @@ import {
 } from './keyring.js';
 import type { VaultPaths } from './paths.js';
 import { checkPolicyDocument, MAX_POLICY_SOURCE, type PolicyDocument } from '../policy/policy.js';
+import type { StoredConstraints, StoredDestination } from '../policy/ssh-add-constraints.js';
 import { mintToken, newTokenId, TOKEN_SHOWN_CHARS, tokenHash, type TokenRecord } from '../tokens/tokens.js';
 
 export const SCOPE_PATTERN = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
@@ -56,6 +57,21 @@ export interface KeyRecord {
   comment: string;
   scopes: string[];
   publicBlob: Buffer;
+  /** Scopes whose assignment expires (ssh-add -t): scope → ISO time. */
+  expires?: Record<string, string>;
+}
+
+/** An assignment's ssh-add constraints, as `policy show` prints them. */
+export interface ScopeConstraintRecord {
+  fingerprint: string;
+  comment: string;
+  constraints: StoredConstraints;
+}
+
+/** An assignment removed because its ssh-add lifetime ran out. */
+export interface ExpiredAssignment {
+  scope: string;
+  fingerprint: string;
 }
 
 export interface ScopeKeyRow {
@@ -65,6 +81,10 @@ export interface ScopeKeyRow {
   comment: string;
   publicBlob: Buffer;
   privatePkcs8: Buffer;
+  /** ssh-add's constraints on this assignment (see ssh-add-constraints.ts). */
+  expires_at: string | null;
+  confirm: number;
+  destinations: string | null;
 }
 
 export interface ScopeSummary {
@@ -74,6 +94,8 @@ export interface ScopeSummary {
   tokens: number;
   /** Whether the scope has a policy. */
   policy: boolean;
+  /** Keys of the scope with ssh-add constraints (-c, -t, -h); absent when none. */
+  constrained?: number;
 }
 
 /** A stored policy as `policy show` and `policy check` get it. */
@@ -452,7 +474,13 @@ export class Vault {
     return result;
   }
 
-  addKey(scope: string, key: KeyObject, comment: string): AddKeyResult {
+  /**
+   * Stores the key if new and assigns it to the scope. With `constraints` (an add through ssh-add)
+   * the assignment's constraints become exactly these, replacing any it had, as OpenSSH's agent
+   * replaces a re-added key's; without (keyhold key import/generate) an existing assignment stays
+   * as it is.
+   */
+  addKey(scope: string, key: KeyObject, comment: string, constraints?: StoredConstraints): AddKeyResult {
     checkScopeName(scope);
     const info = describeSupportedKey(key);
     const fp = fingerprint(info.blob);
@@ -472,9 +500,25 @@ export class Vault {
           .run(fp, info.type, info.bits, info.blob, toPkcs8(key), comment, now());
         id = Number(row.lastInsertRowid);
       }
-      this.db
-        .prepare('INSERT OR IGNORE INTO key_scopes (scope, key_id, assigned_at) VALUES (?, ?, ?)')
-        .run(scope, id, now());
+      if (constraints) {
+        this.db
+          .prepare(
+            `INSERT INTO key_scopes (scope, key_id, assigned_at, expires_at, confirm, destinations) VALUES (?, ?, ?, ?, ?, ?)
+             ON CONFLICT (scope, key_id) DO UPDATE SET expires_at = excluded.expires_at, confirm = excluded.confirm, destinations = excluded.destinations`,
+          )
+          .run(
+            scope,
+            id,
+            now(),
+            constraints.expiresAt,
+            constraints.confirm ? 1 : 0,
+            constraints.destinations === null ? null : JSON.stringify(constraints.destinations),
+          );
+      } else {
+        this.db
+          .prepare('INSERT OR IGNORE INTO key_scopes (scope, key_id, assigned_at) VALUES (?, ?, ?)')
+          .run(scope, id, now());
+      }
       return { fingerprint: fp, created: !existing, publicBlob: info.blob, comment: existing ? existing.comment : comment };
     });
   }
@@ -484,20 +528,25 @@ export class Vault {
     const rows = this.db
       .prepare(
         `SELECT k.fingerprint, k.type, k.bits, k.comment, k.public_blob AS publicBlob,
-                (SELECT group_concat(scope, char(10)) FROM (SELECT scope FROM key_scopes s WHERE s.key_id = k.id ORDER BY scope)) AS scopes
+                (SELECT group_concat(scope, char(10)) FROM (SELECT scope FROM key_scopes s WHERE s.key_id = k.id ORDER BY scope)) AS scopes,
+                (SELECT json_group_object(scope, expires_at) FROM key_scopes s WHERE s.key_id = k.id AND s.expires_at IS NOT NULL) AS expires
          FROM keys k
          WHERE ? IS NULL OR EXISTS (SELECT 1 FROM key_scopes s WHERE s.key_id = k.id AND s.scope = ?)
          ORDER BY k.id`,
       )
-      .all(scope ?? null, scope ?? null) as (Omit<KeyRecord, 'scopes'> & { scopes: string | null })[];
-    return rows.map((r) => ({ ...r, scopes: r.scopes ? r.scopes.split('\n') : [] }));
+      .all(scope ?? null, scope ?? null) as (Omit<KeyRecord, 'scopes' | 'expires'> & { scopes: string | null; expires: string })[];
+    return rows.map(({ expires, ...r }) => {
+      const expiring = JSON.parse(expires) as Record<string, string>;
+      return { ...r, scopes: r.scopes ? r.scopes.split('\n') : [], ...(Object.keys(expiring).length > 0 ? { expires: expiring } : {}) };
+    });
   }
 
   /** Every (scope, key) pair with the private key, for the key cache. */
   scopeKeys(): ScopeKeyRow[] {
     return this.db
       .prepare(
-        `SELECT s.scope, k.fingerprint, k.type, k.comment, k.public_blob AS publicBlob, k.private_pkcs8 AS privatePkcs8
+        `SELECT s.scope, k.fingerprint, k.type, k.comment, k.public_blob AS publicBlob, k.private_pkcs8 AS privatePkcs8,
+                s.expires_at, s.confirm, s.destinations
          FROM key_scopes s JOIN keys k ON k.id = s.key_id
          ORDER BY s.scope, s.assigned_at, k.id`,
       )
@@ -529,6 +578,52 @@ export class Vault {
     });
   }
 
+  /** Removes the assignments whose ssh-add lifetime ended by `at` (one transaction). */
+  expireAssignments(at: Date): ExpiredAssignment[] {
+    const cutoff = at.toISOString();
+    const due = () =>
+      this.db
+        .prepare(
+          `SELECT s.scope, k.fingerprint FROM key_scopes s JOIN keys k ON k.id = s.key_id
+           WHERE s.expires_at IS NOT NULL AND s.expires_at <= ? ORDER BY s.expires_at`,
+        )
+        .all(cutoff) as ExpiredAssignment[];
+    // Nothing due: no write, and the version counter stays (no cache rebuild for nothing).
+    if (due().length === 0) return [];
+    return this.write(() => {
+      const expired = due();
+      this.db.prepare('DELETE FROM key_scopes WHERE expires_at IS NOT NULL AND expires_at <= ?').run(cutoff);
+      return expired;
+    });
+  }
+
+  /** The earliest ssh-add expiry of any assignment (ISO), or null. */
+  nextExpiry(): string | null {
+    return (this.db.prepare('SELECT min(expires_at) FROM key_scopes').pluck().get() as string | null) ?? null;
+  }
+
+  /** The ssh-add constraints of a scope's keys, for `policy show`. */
+  scopeConstraints(scope: string): ScopeConstraintRecord[] {
+    checkScopeName(scope);
+    const rows = this.db
+      .prepare(
+        `SELECT k.fingerprint, k.comment, s.expires_at, s.confirm, s.destinations
+         FROM key_scopes s JOIN keys k ON k.id = s.key_id
+         WHERE s.scope = ? AND (s.expires_at IS NOT NULL OR s.confirm != 0 OR s.destinations IS NOT NULL)
+         ORDER BY s.assigned_at, k.id`,
+      )
+      .all(scope) as { fingerprint: string; comment: string; expires_at: string | null; confirm: number; destinations: string | null }[];
+    return rows.map((row) => {
+      let destinations: StoredDestination[] | null = null;
+      try {
+        destinations = row.destinations === null ? null : (JSON.parse(row.destinations) as StoredDestination[]);
+      } catch {
+        destinations = [];
+      }
+      return { fingerprint: row.fingerprint, comment: row.comment, constraints: { expiresAt: row.expires_at, confirm: row.confirm !== 0, destinations } };
+    });
+  }
+
   removeKey(fp: string): void {
     this.write(() => {
       this.db.prepare('DELETE FROM keys WHERE id = ?').run(this.keyId(fp));
@@ -539,18 +634,20 @@ export class Vault {
   scopes(): ScopeSummary[] {
     const rows = this.db
       .prepare(
-        `SELECT name, sum(keys) AS keys, sum(secrets) AS secrets, sum(tokens) AS tokens, max(policy) AS policy FROM (
-           SELECT scope AS name, count(*) AS keys, 0 AS secrets, 0 AS tokens, 0 AS policy FROM key_scopes GROUP BY scope
+        `SELECT name, sum(keys) AS keys, sum(secrets) AS secrets, sum(tokens) AS tokens, max(policy) AS policy, sum(constrained) AS constrained FROM (
+           SELECT scope AS name, count(*) AS keys, 0 AS secrets, 0 AS tokens, 0 AS policy,
+                  sum(expires_at IS NOT NULL OR confirm != 0 OR destinations IS NOT NULL) AS constrained
+             FROM key_scopes GROUP BY scope
            UNION ALL
-           SELECT scope, 0, count(*), 0, 0 FROM secrets GROUP BY scope
+           SELECT scope, 0, count(*), 0, 0, 0 FROM secrets GROUP BY scope
            UNION ALL
-           SELECT scope, 0, 0, count(*), 0 FROM tokens WHERE revoked_at IS NULL GROUP BY scope
+           SELECT scope, 0, 0, count(*), 0, 0 FROM tokens WHERE revoked_at IS NULL GROUP BY scope
            UNION ALL
-           SELECT scope, 0, 0, 0, 1 FROM policies
+           SELECT scope, 0, 0, 0, 1, 0 FROM policies
          ) GROUP BY name ORDER BY name`,
       )
       .all() as (Omit<ScopeSummary, 'policy'> & { policy: number })[];
-    return rows.map((row) => ({ ...row, policy: row.policy === 1 }));
+    return rows.map(({ constrained, ...row }) => ({ ...row, policy: row.policy === 1, ...(constrained ? { constrained } : {}) }));
   }
 
   // Policies move the version counter: the daemon compiles them once per version.

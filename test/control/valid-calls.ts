@@ -31,6 +31,7 @@ export async function validCalls(): Promise<Record<VaultMethod, unknown[][]>> {
     ],
     importKey: [['web', randomBytes(1200), 'imported']],
     listKeys: [[], ['web'], [undefined]],
+    scopeConstraints: [['web']],
     assign: [['web', FP], ['a.b_c-d', FP.slice('SHA256:'.length)]],
     unassign: [['web', FP]],
     removeKey: [[FP], [FP.slice('SHA256:'.length)]],

@@ -5,7 +5,7 @@ import { pino } from 'pino';
 import { keyOperations, UnlockAttempts } from '../../src/daemon/key-operations.js';
 import { notFound } from '../../src/errors.js';
 import type { RequestContext } from '../../src/signer/backend.js';
-import type { VaultApi } from '../../src/vault/api.js';
+import type { DaemonVaultApi } from '../../src/vault/api.js';
 import type { VaultSession } from '../../src/daemon/vault-session.js';
 import { ed25519Key, fixedKeyCache } from '../helpers/policy-daemon.js';
 
@@ -18,7 +18,7 @@ describe('ssh-add -D', () => {
       async unassign(_scope: string, fp: string) {
         if (!assigned.delete(fp)) throw notFound(`key ${fp} is not assigned to scope web`);
       },
-    } as unknown as VaultApi;
+    } as unknown as DaemonVaultApi;
     let attempts = 0;
     const operations = keyOperations('web', {
       session: { unlocked: true, keys: () => cache } as unknown as VaultSession,

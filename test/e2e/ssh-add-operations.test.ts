@@ -71,7 +71,6 @@ beforeAll(async () => {
   keys.ed25519 = generateKeyPair(work, 'id_ed25519', 'ed25519');
   keys.ecdsa = generateKeyPair(work, 'id_ecdsa', 'ecdsa', 256);
   keys.rsa = generateKeyPair(work, 'id_rsa', 'rsa', 3072);
-  keys.constrained = generateKeyPair(work, 'id_constrained', 'ed25519');
   keys.smallRsa = generateKeyPair(work, 'id_rsa1024', 'rsa', 1024);
   serve = await startServe(k, ['--listen', `unix:${tokenSocket}`]);
 }, 30_000);
@@ -115,17 +114,6 @@ describe('ssh-add on a scope socket', () => {
     const afterRestart = await sshAdd(['-l']);
     for (const name of ['ed25519', 'ecdsa', 'rsa'] as const) expect(afterRestart.stdout).toContain(keys[name]!.fingerprint);
   }, 30_000);
-
-  it('refuses -c and -t with a warning naming the keyhold commands, and stores nothing', async () => {
-    for (const flags of [['-c'], ['-t', '60']]) {
-      const refused = await sshAdd([...flags, keys.constrained!.path]);
-      expect(refused.code, flags.join(' ')).not.toBe(0);
-    }
-    expect(listed().some((entry) => entry.fingerprint === keys.constrained!.fingerprint)).toBe(false);
-    await logged('ssh-add cannot add keys with constraints here (confirm (-c))');
-    await logged('ssh-add cannot add keys with constraints here (lifetime (-t))');
-    expect(serve.stderr()).toContain('keyhold policy set web');
-  });
 
   it('refuses an RSA key under 2048 bits (the vault minimum) with a warning', async () => {
     const refused = await sshAdd([keys.smallRsa!.path]);

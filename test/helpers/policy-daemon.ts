@@ -56,6 +56,8 @@ export function fixedKeyCache(scopes: Record<string, TestKey[]>): KeyCache {
     built.set(name, {
       identities: keys.map((k) => ({ keyBlob: k.blob, comment: k.comment })),
       byBlob: new Map(keys.map((k) => [k.blob.toString('latin1'), { fingerprint: k.fingerprint, type: k.type, key: k.key }])),
+      constraints: new Map(),
+      nextExpiry: null,
     });
   }
   return { scope: (name: string) => built.get(name) ?? { identities: [], byBlob: new Map() } } as unknown as KeyCache;

@@ -249,6 +249,18 @@ describe('processExtension', () => {
       expect(backend.contexts.at(-1)!.bindings).toEqual([{ hostKey: host.blob, sessionId: id, isForwarding: false }]);
     });
 
+    it('a bind that failed is remembered (sessionBindAttempted), as OpenSSH\'s session_bind_attempted: ssh-add -h keys are then refused', async () => {
+      const { client, backend } = await serve();
+      client.send(identitiesFrame());
+      await client.reply();
+      expect(backend.contexts.at(-1)!.sessionBindAttempted).toBeUndefined();
+      client.send(extensionFrame('session-bind@openssh.com', sshString(hostKey().blob)));
+      expect((await client.reply())[0]).toBe(EXTENSION_FAILURE);
+      client.send(identitiesFrame());
+      await client.reply();
+      expect(backend.contexts.at(-1)).toMatchObject({ bindings: [], sessionBindAttempted: true });
+    });
+
     it('forwarding hops add bindings; a repeated session id needs the same host key; nothing rebinds an authentication binding', async () => {
       const { client } = await serve();
       const hop1 = hostKey();
