@@ -1,11 +1,17 @@
 # Shared by scripts/start.sh and scripts/test.sh: bring the checkout to a runnable state.
 
 # Debian packages the given commands need, installed when missing (root: apt-get; else: say how).
+# Each argument is COMMAND:PACKAGE; COMMAND may be an absolute path, for a package that puts no
+# command on PATH (openssh-tests: /usr/lib/openssh/regress/run-tests).
 ensure_os_packages() {
   local need=() cmd pkg
   for pair in "$@"; do
     cmd=${pair%%:*} pkg=${pair#*:}
-    command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || need+=("$pkg")
+    if [[ $cmd == /* ]]; then
+      [ -x "$cmd" ] || need+=("$pkg")
+    else
+      command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || need+=("$pkg")
+    fi
   done
   [ ${#need[@]} -eq 0 ] && return 0
   if [ "$(id -u)" -eq 0 ]; then
