@@ -223,8 +223,8 @@ describe('remove and lock bodies', () => {
     expect(parseRequest(Buffer.concat([Buffer.of(MSG.LOCK), sshString('')]))).toEqual({ type: 'lock', passphrase: Buffer.alloc(0) });
   });
 
-  it('security-key and DSA keys are refused as unsupported, naming the type', () => {
-    for (const type of ['sk-ssh-ed25519@openssh.com', 'sk-ecdsa-sha2-nistp256@openssh.com', 'ssh-dss', 'ssh-ed25519-cert-v01@openssh.com']) {
+  it('security-key and DSA keys (and their certificates) are refused as unsupported, naming the type', () => {
+    for (const type of ['sk-ssh-ed25519@openssh.com', 'sk-ecdsa-sha2-nistp256@openssh.com', 'ssh-dss', 'ssh-dss-cert-v01@openssh.com', 'sk-ssh-ed25519-cert-v01@openssh.com']) {
       expect(() => parseRequest(Buffer.concat([Buffer.of(MSG.ADD_IDENTITY), sshString(type), sshString('x')]))).toThrow(UnsupportedKeyError);
     }
     expect(() => parseRequest(Buffer.concat([Buffer.of(MSG.ADD_IDENTITY), sshString('sk-ssh-ed25519@openssh.com')]))).toThrow(/security keys/);
