@@ -94,7 +94,8 @@ beforeAll(async () => {
   keys.host = hostKey;
   const hostCert = signCertificate(hostCa.path, hostKey.pubPath, { keyId: 'host-cert-of-127.0.0.1', principals: ['127.0.0.1'], host: true, serial: 99 });
   hostSshd = await startSshd({ authorizedKeys: trust, extraConfig: [`HostKey ${hostKey.path}`, `HostCertificate ${hostCert.path}`] });
-  serve = await startServe(k);
+  // Debug: the daemon logs each session it binds (the session-bind check below reads it).
+  serve = await startServe(k, [], { KEYHOLD_LOG_LEVEL: 'debug' });
 }, 90_000);
 
 afterAll(async () => {
@@ -186,7 +187,7 @@ describe('ssh-add and certificates', () => {
   it('a restart keeps certificates; keyhold key rm deletes a key with its certificates', async () => {
     for (const kind of ['ed25519', 'ecdsa']) expect((await sshAdd([keys[kind]!.path])).code).toBe(0);
     await serve.stop();
-    serve = await startServe(k);
+    serve = await startServe(k, [], { KEYHOLD_LOG_LEVEL: 'debug' });
     const listed = await listedBlobs();
     expect(listed).toContain(certOf(certs.ed25519!));
     expect(listed).toContain(certOf(certs.ecdsa!));
@@ -216,6 +217,11 @@ describe('host certificates in session-bind@openssh.com', () => {
     expect(login.stderr).toContain('Server host certificate');
     // ssh reports a refused bind at -vv ("ssh_agent_bind_hostkey: agent refused operation").
     expect(login.stderr).not.toMatch(/ssh_agent_bind_hostkey/);
+    // The daemon bound the session to the certificate, verified with the certified key.
+    await waitFor(() => serve.stderr().includes('"hostCertificate":{"keyId":"host-cert-of-127.0.0.1"'), 5000, `session bound to the host certificate${daemonLog()}`);
+    const bound = serve.stderr().split('\n').find((line) => line.includes('"hostCertificate":{"keyId":"host-cert-of-127.0.0.1"'))!;
+    expect(bound).toContain('"msg":"session bound"');
+    expect(bound).toContain(`"hostKey":"${keys.host!.fingerprint}"`);
     const signed = auditLines(k).slice(before).filter((line) => line.includes('"event":"sign"'));
     expect(signed.length).toBeGreaterThan(0);
     expect(signed.at(-1)).toContain(`"host_key":"${keys.host!.fingerprint}"`);

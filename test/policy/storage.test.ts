@@ -10,6 +10,7 @@ import { NO_POLICY_COMPILED, PolicyCache } from '../../src/policy/policy-cache.j
 import type { PolicyDocument } from '../../src/policy/policy.js';
 import { parseKeyring, unwrapWithPassphrase } from '../../src/vault/keyring.js';
 import { vaultPaths, type VaultPaths } from '../../src/vault/paths.js';
+import { SCHEMA_VERSION } from '../../src/vault/database.js';
 import { Vault } from '../../src/vault/vault.js';
 import { localVaultApi } from '../../src/vault/api.js';
 import { parseControlRequest } from '../../src/control/requests.js';
@@ -137,7 +138,8 @@ describe('policies in the vault', () => {
     const { fingerprint } = a.addKey('web', (await import('node:crypto')).generateKeyPairSync('ed25519').privateKey, 'old');
     a.close();
     const db = await rawDb();
-    db.exec('DROP TABLE policies');
+    // A vault at schema 3 had none of the later tables.
+    db.exec('DROP TABLE policies; DROP TABLE certificates');
     db.pragma('user_version = 3');
     db.close();
     const b = await Vault.open(paths, pass);
@@ -146,7 +148,7 @@ describe('policies in the vault', () => {
     b.setPolicy('web', gitOnly, '');
     expect(b.getPolicy('web').document).toEqual(gitOnly);
     const check = await rawDb();
-    expect(check.pragma('user_version', { simple: true })).toBe(4);
+    expect(check.pragma('user_version', { simple: true })).toBe(SCHEMA_VERSION);
     check.close();
   });
 });
