@@ -492,13 +492,19 @@ export class Vault {
   private storeKey(key: KeyObject, info: ReturnType<typeof describeSupportedKey>, fp: string, comment: string): { id: number; created: boolean; comment: string } {
     const existing = this.db.prepare('SELECT id, comment FROM keys WHERE fingerprint = ?').get(fp) as { id: number; comment: string } | undefined;
     if (existing) return { id: existing.id, created: false, comment: existing.comment };
-    const row = this.db
-      .prepare(
-        `INSERT INTO keys (fingerprint, type, bits, public_blob, private_pkcs8, comment, created_at)
-         VALUES (?, ?, ?, ?, ?, ?, ?)`,
-      )
-      .run(fp, info.type, info.bits, info.blob, toPkcs8(key), comment, now());
-    return { id: Number(row.lastInsertRowid), created: true, comment };
+    const pkcs8 = toPkcs8(key);
+    try {
+      const row = this.db
+        .prepare(
+          `INSERT INTO keys (fingerprint, type, bits, public_blob, private_pkcs8, comment, created_at)
+           VALUES (?, ?, ?, ?, ?, ?, ?)`,
+        )
+        .run(fp, info.type, info.bits, info.blob, pkcs8, comment, now());
+      return { id: Number(row.lastInsertRowid), created: true, comment };
+    } finally {
+      // SQLite has its own copy once bound: ours is wiped.
+      pkcs8.fill(0);
+    }
   }
 
   /**
