@@ -117,6 +117,15 @@ function certifiedKeyBlob(r: WireReader, keyType: SshKeyType): Buffer {
   return w.toBuffer();
 }
 
+/** A key the crypto library takes; whatever it throws becomes a WireFormatError. */
+function checkedKey(blob: Buffer, what: string): void {
+  try {
+    publicKeyFromBlob(blob);
+  } catch (err) {
+    throw err instanceof WireFormatError ? err : new WireFormatError(`bad ${what} in certificate`);
+  }
+}
+
 /**
  * Parses a certificate blob and checks its structure: a known certificate type, a valid certified
  * key, a valid plain CA key, bounded principals and options, nothing trailing. Does not verify the
@@ -131,7 +140,7 @@ export function parseCertificate(blob: Buffer): Certificate {
   const nonce = Buffer.from(r.string());
   const publicBlob = certifiedKeyBlob(r, keyType);
   // Same checks as a plain key (length, curve, point on the curve, RSA size).
-  publicKeyFromBlob(publicBlob);
+  checkedKey(publicBlob, 'certified key');
   const serial = r.uint64();
   const typeCode = r.uint32();
   if (typeCode !== CERT_TYPE_USER && typeCode !== CERT_TYPE_HOST) throw new WireFormatError('certificate is neither a user nor a host certificate');
@@ -159,7 +168,7 @@ export function parseCertificate(blob: Buffer): Certificate {
   }
   // As OpenSSH (sshkey_type_is_valid_ca): a CA is a plain key, never a certificate.
   if (isCertificateType(signatureKeyType)) throw new WireFormatError('certificate signed by a certificate');
-  publicKeyFromBlob(signatureKey);
+  checkedKey(signatureKey, 'CA key');
   const { algorithm: signatureAlgorithm } = parseSignatureBlob(signature);
   const copy = Buffer.from(blob);
   return {
