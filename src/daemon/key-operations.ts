@@ -1,7 +1,7 @@
 // OpenSSH's key operations (ssh-add) on a scope socket: add stores the key in the vault and assigns
 // it to the scope (a certificate is stored in the scope as an identity of its own, its key in the
-// vault), remove unassigns it or removes the certificate (the key stays in the vault), lock and unlock lock the
-// daemon, the unlock password being a vault passphrase. Constraints (-c, -t, -h) are not built:
+// vault), remove unassigns the key or removes the certificate (the key stays in the vault), lock
+// and unlock lock the daemon, the unlock password being a vault passphrase. Constraints (-c, -t, -h) are not built:
 // such an add is refused. Container tokens may do none of this. Each refusal logs one warning
 // (rate-limited) naming the keyhold command that does it instead, never key material.
 import type { Logger } from 'pino';
