@@ -2,8 +2,20 @@
 // opened in this process, or through the control socket of a daemon that holds it unlocked (so
 // the private keys and the master key stay in the daemon).
 import { generatePrivateKey, parsePkcs8, type KeyKind } from './key-material.js';
+import { parseCertificate } from '../agent-protocol/certificate.js';
 import type { EnrolledFactor, Factor } from './keyring.js';
-import type { AddKeyResult, ExpiredAssignment, KeyRecord, ScopeConstraintRecord, PolicyRecord, ScopeSummary, SecretInfo, SecretValue, Vault } from './vault.js';
+import type {
+  AddCertificateResult,
+  AddKeyResult,
+  ExpiredAssignment,
+  KeyRecord,
+  ScopeConstraintRecord,
+  PolicyRecord,
+  ScopeSummary,
+  SecretInfo,
+  SecretValue,
+  Vault,
+} from './vault.js';
 import type { PolicyDocument } from '../policy/policy.js';
 import type { StoredConstraints } from '../policy/ssh-add-constraints.js';
 import type { TokenRecord } from '../tokens/tokens.js';
@@ -19,6 +31,13 @@ export interface VaultApi {
   generateKey(scope: string, kind: KeyKind, bits: number | undefined, comment: string): Promise<AddedKey>;
   /** Adds a private key given as PKCS#8 DER. */
   importKey(scope: string, pkcs8: Buffer, comment: string): Promise<AddedKey>;
+  /**
+   * Adds an OpenSSH certificate to a scope, with its private key (PKCS#8 DER), stored in the vault
+   * if new but not assigned to the scope by this: the certificate is an identity of its own.
+   */
+  importCertificate(scope: string, pkcs8: Buffer, certificate: Buffer, comment: string): Promise<AddCertificateResult>;
+  /** Removes one certificate from a scope; its key and the key's other identities stay. */
+  removeCertificate(scope: string, certificate: Buffer): Promise<void>;
   listKeys(scope?: string): Promise<KeyRecord[]>;
   /** The ssh-add constraints (-c, -t, -h) of a scope's keys. */
   scopeConstraints(scope: string): Promise<ScopeConstraintRecord[]>;
@@ -67,6 +86,8 @@ export type VaultMethod = keyof VaultApi;
 export const VAULT_METHODS = [
   'generateKey',
   'importKey',
+  'importCertificate',
+  'removeCertificate',
   'listKeys',
   'scopeConstraints',
   'assign',
@@ -122,6 +143,20 @@ export function localVaultApi(vault: Vault, actor: AuditPeer): DaemonVaultApi {
       } finally {
         pkcs8.fill(0);
       }
+    },
+    async importCertificate(scope, pkcs8, certificate, comment) {
+      try {
+        const result = vault.addCertificate(scope, parsePkcs8(pkcs8), certificate, comment);
+        if (result.keyCreated) await audit({ event: 'key-added', fingerprint: result.fingerprint });
+        await audit({ event: result.created ? 'certificate-added' : 'certificate-kept', scope, fingerprint: result.fingerprint, ...certificateFacts(certificate) });
+        return result;
+      } finally {
+        pkcs8.fill(0);
+      }
+    },
+    async removeCertificate(scope, certificate) {
+      vault.removeCertificate(scope, certificate);
+      await audit({ event: 'certificate-removed', scope, ...certificateFacts(certificate) });
     },
     async expireAssignments(at) {
       const expired = vault.expireAssignments(at);
@@ -240,4 +275,14 @@ export function thisProcess(): AuditPeer {
     /* not on Linux /proc */
   }
   return { kind: 'process', pid: process.pid, uid: process.getuid!(), exe };
+}
+
+/** What the audit log says of a certificate: its key's fingerprint, key id and serial. */
+function certificateFacts(certificate: Buffer): Omit<AuditEvent, 'event'> {
+  try {
+    const cert = parseCertificate(certificate);
+    return { fingerprint: cert.fingerprint, certificate: { key_id: cert.keyId, serial: cert.serial.toString() } };
+  } catch {
+    return {};
+  }
 }
