@@ -48,7 +48,13 @@ function certificateSummary(blob: Buffer): string {
 }
 
 function certificateJson(record: CertificateRecord) {
-  const base = { scope: record.scope, comment: record.comment, public: authorizedKeyLine(record.blob, record.comment) };
+  // `expires`: when its ssh-add lifetime ends; `expired` (below): whether the certificate's own validity has.
+  const base = {
+    scope: record.scope,
+    comment: record.comment,
+    ...(record.expires ? { expires: record.expires } : {}),
+    public: authorizedKeyLine(record.blob, record.comment),
+  };
   try {
     const cert = parseCertificate(record.blob);
     const now = epochSeconds();
@@ -170,7 +176,9 @@ export function keyCommand(yargs: Argv<GlobalArgs>) {
             ),
           );
           // Certificates are identities of their own in a scope: one line each, under the table.
-          const certificateLines = keys.flatMap((k) => k.certificates.map((c) => `  ${k.fingerprint} in ${c.scope}: ${certificateSummary(c.blob)}`));
+          const certificateLines = keys.flatMap((k) =>
+            k.certificates.map((c) => `  ${k.fingerprint} in ${c.scope}${c.expires ? ` (until ${c.expires})` : ''}: ${certificateSummary(c.blob)}`),
+          );
           if (certificateLines.length > 0) printLines(['certificates:', ...certificateLines]);
         },
       )

@@ -2,9 +2,10 @@
 // it to the scope (a certificate is stored in the scope as an identity of its own, its key in the
 // vault), remove unassigns the key or removes the certificate (the key stays in the vault), lock
 // and unlock lock the daemon, the unlock password being a vault passphrase. Constraints (-c, -t,
-// -h) of a plain key are stored with the assignment (see src/policy/ssh-add-constraints.ts); a
-// re-add replaces them, as OpenSSH's agent does; a certificate with constraints is refused for now.
-// Container tokens may do none of this. Each refusal logs one warning
+// -h) are stored with the identity they constrain, the key's assignment or the certificate (see
+// src/policy/ssh-add-constraints.ts); a re-add replaces them, as OpenSSH's agent does (ssh-add
+// sends a key and then its certificate, each with the same constraints). Container tokens may do
+// none of this. Each refusal logs one warning
 // (rate-limited) naming the keyhold command that does it instead, never key material.
 import type { Logger } from 'pino';
 import { EXIT, KeyholdError } from '../errors.js';
@@ -146,15 +147,13 @@ export function keyOperations(scope: string, options: KeyOperationsOptions): Key
       }
       const key = request.key.key;
       const certificate = request.key.certificate;
+      const auditedOrNull = Object.keys(audited).length > 0 ? audited : null;
       if (certificate) {
-        if (Object.keys(audited).length > 0) {
-          return refuse('add', 'certificate constraints', `ssh-add cannot add certificates with constraints here; add it without -c, -t or -h`, {
-            fingerprint: request.key.fingerprint,
-          });
-        }
         try {
-          await options.changeVault(actorOf(context), (api) => api.importCertificate(scope, toPkcs8(key), certificate.blob, request.comment));
-          log.info({ scope, fingerprint: request.key.fingerprint, certificate: { key_id: certificate.keyId, serial: certificate.serial.toString() } }, 'ssh-add: certificate added');
+          await options.changeVault(actorOf(context), (api) =>
+            api.addAgentCertificate(scope, toPkcs8(key), certificate.blob, request.comment, storedConstraints(constraints, Date.now()), auditedOrNull),
+          );
+          log.info({ scope, fingerprint: request.key.fingerprint, certificate: { key_id: certificate.keyId, serial: certificate.serial.toString() }, ...audited }, 'ssh-add: certificate added');
           return true;
         } catch (err) {
           return failed('add', err);
@@ -164,7 +163,7 @@ export function keyOperations(scope: string, options: KeyOperationsOptions): Key
         // Each attempt exports its own PKCS#8 copy: importKey zeroes what it is given.
         // Dated when stored (each retry anew), so a busy vault does not shorten the lifetime.
         await options.changeVault(actorOf(context), (api) =>
-          api.addAgentKey(scope, toPkcs8(key), request.comment, storedConstraints(constraints, Date.now()), Object.keys(audited).length > 0 ? audited : null),
+          api.addAgentKey(scope, toPkcs8(key), request.comment, storedConstraints(constraints, Date.now()), auditedOrNull),
         );
         log.info({ scope, fingerprint: request.key.fingerprint, ...audited }, 'ssh-add: key added');
         return true;

@@ -69,7 +69,22 @@ export interface VaultApi {
 export interface DaemonVaultApi extends VaultApi {
   /** ssh-add's add: the key stored and assigned with exactly these constraints (a plain re-add clears them). */
   addAgentKey(scope: string, pkcs8: Buffer, comment: string, constraints: StoredConstraints, audited: AuditedConstraints | null): Promise<AddedKey>;
-  /** Removes the assignments whose ssh-add lifetime has ended, each audited as `key-expired`. */
+  /**
+   * ssh-add's add of a certificate: stored in the scope (its key in the vault) with exactly these
+   * constraints, as `addAgentKey` does for a key's assignment (ssh-add sends both, alike).
+   */
+  addAgentCertificate(
+    scope: string,
+    pkcs8: Buffer,
+    certificate: Buffer,
+    comment: string,
+    constraints: StoredConstraints,
+    audited: AuditedConstraints | null,
+  ): Promise<AddCertificateResult>;
+  /**
+   * Removes the assignments and certificates whose ssh-add lifetime has ended, each audited as
+   * `key-expired` or `certificate-expired`.
+   */
   expireAssignments(at: Date): Promise<ExpiredAssignment[]>;
 }
 
@@ -126,6 +141,17 @@ export function localVaultApi(vault: Vault, actor: AuditPeer): DaemonVaultApi {
     await audit({ event: result.created ? 'key-added' : 'key-assigned', scope, fingerprint: result.fingerprint, ...(constraints ? { constraints } : {}) });
     return { added: result, record: vault.listKeys().find((k) => k.fingerprint === result.fingerprint)! };
   };
+  const certificateAdded = async (result: AddCertificateResult, scope: string, certificate: Buffer, constraints: AuditedConstraints | null = null) => {
+    if (result.keyCreated) await audit({ event: 'key-added', fingerprint: result.fingerprint });
+    await audit({
+      event: result.created ? 'certificate-added' : 'certificate-kept',
+      scope,
+      fingerprint: result.fingerprint,
+      ...certificateFacts(certificate),
+      ...(constraints ? { constraints } : {}),
+    });
+    return result;
+  };
   return {
     async generateKey(scope, kind, bits, comment) {
       return added(vault.addKey(scope, await generatePrivateKey(kind, bits), comment), scope);
@@ -146,10 +172,14 @@ export function localVaultApi(vault: Vault, actor: AuditPeer): DaemonVaultApi {
     },
     async importCertificate(scope, pkcs8, certificate, comment) {
       try {
-        const result = vault.addCertificate(scope, parsePkcs8(pkcs8), certificate, comment);
-        if (result.keyCreated) await audit({ event: 'key-added', fingerprint: result.fingerprint });
-        await audit({ event: result.created ? 'certificate-added' : 'certificate-kept', scope, fingerprint: result.fingerprint, ...certificateFacts(certificate) });
-        return result;
+        return await certificateAdded(vault.addCertificate(scope, parsePkcs8(pkcs8), certificate, comment), scope, certificate);
+      } finally {
+        pkcs8.fill(0);
+      }
+    },
+    async addAgentCertificate(scope, pkcs8, certificate, comment, constraints, audited) {
+      try {
+        return await certificateAdded(vault.addCertificate(scope, parsePkcs8(pkcs8), certificate, comment, constraints), scope, certificate, audited);
       } finally {
         pkcs8.fill(0);
       }
@@ -160,7 +190,11 @@ export function localVaultApi(vault: Vault, actor: AuditPeer): DaemonVaultApi {
     },
     async expireAssignments(at) {
       const expired = vault.expireAssignments(at);
-      await Promise.all(expired.map(({ scope, fingerprint }) => audit({ event: 'key-expired', scope, fingerprint })));
+      await Promise.all(
+        expired.map(({ scope, fingerprint, certificate }) =>
+          audit(certificate ? { event: 'certificate-expired', scope, fingerprint, certificate } : { event: 'key-expired', scope, fingerprint }),
+        ),
+      );
       return expired;
     },
     async listKeys(scope) {

@@ -3,10 +3,9 @@
 import type { KeyObject } from 'node:crypto';
 import type { Identity } from '../agent-protocol/messages.js';
 import type { SshKeyType } from '../agent-protocol/public-key.js';
-import { parseCertificate } from '../agent-protocol/certificate.js';
 import { compileConstraints, type CompiledConstraints } from '../policy/ssh-add-constraints.js';
 import { fromPkcs8 } from './key-material.js';
-import type { Vault } from './vault.js';
+import { certificateFactsOf, type Vault } from './vault.js';
 
 export interface CachedKey {
   /** The key's fingerprint (for a certificate, the certified key's: policy `keys` match both). */
@@ -66,7 +65,7 @@ export class KeyCache {
       if (row.certificate) {
         // The certificate maps to the same KeyObject; what the audit says of it is read once.
         const known = certificates.get(blobId) ?? this.certificates.get(blobId);
-        entry = known?.key === cached.key ? known : { ...cached, certificate: certificateFacts(row.publicBlob) };
+        entry = known?.key === cached.key ? known : { ...cached, certificate: certificateFactsOf(row.publicBlob) };
         certificates.set(blobId, entry);
       }
       let scope = scopes.get(row.scope);
@@ -115,15 +114,5 @@ export class KeyCache {
     this.parsed = new Map();
     this.certificates = new Map();
     this.builtFrom = -1;
-  }
-}
-
-/** Key id and serial of a stored certificate (checked when it was added; a damaged one is shown as such). */
-function certificateFacts(blob: Buffer): { key_id: string; serial: string } {
-  try {
-    const cert = parseCertificate(blob);
-    return { key_id: cert.keyId, serial: cert.serial.toString() };
-  } catch {
-    return { key_id: '(unreadable)', serial: '' };
   }
 }

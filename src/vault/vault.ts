@@ -9,7 +9,7 @@ import { dirname } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import type { KeyObject } from 'node:crypto';
 import { fingerprint } from '../agent-protocol/public-key.js';
-import { parseVerifiedCertificate } from '../agent-protocol/certificate.js';
+import { parseCertificate, parseVerifiedCertificate } from '../agent-protocol/certificate.js';
 import { WireFormatError } from '../agent-protocol/wire.js';
 import { EXIT, KeyholdError, notFound, usageError } from '../errors.js';
 import { checkDatabaseFile, openDatabase, type Db } from './database.js';
@@ -65,17 +65,27 @@ export interface KeyRecord {
   certificates: CertificateRecord[];
 }
 
-/** An assignment's ssh-add constraints, as `policy show` prints them. */
+/** What a listing or the audit log says of a certificate: never key material. */
+export interface CertificateFacts {
+  key_id: string;
+  serial: string;
+}
+
+/** An identity's ssh-add constraints (a key's assignment, or a certificate), as `policy show` prints them. */
 export interface ScopeConstraintRecord {
   fingerprint: string;
   comment: string;
+  /** Set when the constrained identity is a certificate of the key. */
+  certificate?: CertificateFacts;
   constraints: StoredConstraints;
 }
 
-/** An assignment removed because its ssh-add lifetime ran out. */
+/** An assignment (or a certificate) removed because its ssh-add lifetime ran out. */
 export interface ExpiredAssignment {
   scope: string;
   fingerprint: string;
+  /** Set when what expired is a certificate of the key (the key's own assignment is apart). */
+  certificate?: CertificateFacts;
 }
 
 export interface CertificateRecord {
@@ -83,6 +93,18 @@ export interface CertificateRecord {
   /** The certificate blob as added. */
   blob: Buffer;
   comment: string;
+  /** When its ssh-add lifetime (-t) ends (ISO); absent: it does not expire. */
+  expires?: string;
+}
+
+/** Key id and serial of a stored certificate (checked when it was added; a damaged one says so). */
+export function certificateFactsOf(blob: Buffer): CertificateFacts {
+  try {
+    const cert = parseCertificate(blob);
+    return { key_id: cert.keyId, serial: cert.serial.toString() };
+  } catch {
+    return { key_id: '(unreadable)', serial: '' };
+  }
 }
 
 export interface ScopeKeyRow {
@@ -554,9 +576,11 @@ export class Vault {
   /**
    * Stores a certificate in a scope, and its private key in the vault if new (the key is not
    * assigned to the scope by this: as OpenSSH's agent, the certificate is an identity of its own).
-   * The certificate must verify under its CA and certify this key.
+   * The certificate must verify under its CA and certify this key. With `constraints` (an add
+   * through ssh-add) the certificate's constraints become exactly these, replacing any it had, as
+   * for a key's assignment; without, an existing certificate stays as it is.
    */
-  addCertificate(scope: string, key: KeyObject, certificate: Buffer, comment: string): AddCertificateResult {
+  addCertificate(scope: string, key: KeyObject, certificate: Buffer, comment: string, constraints?: StoredConstraints): AddCertificateResult {
     checkScopeName(scope);
     const info = describeSupportedKey(key);
     const fp = fingerprint(info.blob);
@@ -569,10 +593,29 @@ export class Vault {
     if (!cert.publicBlob.equals(info.blob)) throw usageError('the certificate does not certify this key');
     return this.write(() => {
       const stored = this.storeKey(key, info, fp, comment);
-      const row = this.db
-        .prepare('INSERT OR IGNORE INTO certificates (scope, key_id, blob, comment, assigned_at) VALUES (?, ?, ?, ?, ?)')
-        .run(scope, stored.id, cert.blob, comment, now());
-      return { fingerprint: fp, keyCreated: stored.created, created: row.changes > 0 };
+      const known = this.db.prepare('SELECT 1 FROM certificates WHERE scope = ? AND blob = ?').get(scope, cert.blob) !== undefined;
+      if (constraints) {
+        this.db
+          .prepare(
+            `INSERT INTO certificates (scope, key_id, blob, comment, assigned_at, expires_at, confirm, destinations) VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+             ON CONFLICT (scope, blob) DO UPDATE SET expires_at = excluded.expires_at, confirm = excluded.confirm, destinations = excluded.destinations`,
+          )
+          .run(
+            scope,
+            stored.id,
+            cert.blob,
+            comment,
+            now(),
+            constraints.expiresAt,
+            constraints.confirm ? 1 : 0,
+            constraints.destinations === null ? null : JSON.stringify(constraints.destinations),
+          );
+      } else {
+        this.db
+          .prepare('INSERT OR IGNORE INTO certificates (scope, key_id, blob, comment, assigned_at) VALUES (?, ?, ?, ?, ?)')
+          .run(scope, stored.id, cert.blob, comment, now());
+      }
+      return { fingerprint: fp, keyCreated: stored.created, created: !known };
     });
   }
 
@@ -599,15 +642,17 @@ export class Vault {
       )
       .all(scope ?? null, scope ?? null, scope ?? null) as (Omit<KeyRecord, 'scopes' | 'expires' | 'certificates'> & { id: number; scopes: string | null; expires: string })[];
     const certificates = this.db
-      .prepare(`SELECT key_id AS keyId, scope, blob, comment FROM certificates WHERE ? IS NULL OR scope = ? ORDER BY scope, assigned_at, id`)
-      .all(scope ?? null, scope ?? null) as (CertificateRecord & { keyId: number })[];
+      .prepare(`SELECT key_id AS keyId, scope, blob, comment, expires_at AS expires FROM certificates WHERE ? IS NULL OR scope = ? ORDER BY scope, assigned_at, id`)
+      .all(scope ?? null, scope ?? null) as (Omit<CertificateRecord, 'expires'> & { keyId: number; expires: string | null })[];
     return rows.map(({ id, expires, ...r }) => {
       const expiring = JSON.parse(expires) as Record<string, string>;
       return {
         ...r,
         scopes: r.scopes ? r.scopes.split('\n') : [],
         ...(Object.keys(expiring).length > 0 ? { expires: expiring } : {}),
-        certificates: certificates.filter((c) => c.keyId === id).map(({ keyId: _keyId, ...c }) => c),
+        certificates: certificates
+          .filter((c) => c.keyId === id)
+          .map(({ keyId: _keyId, expires: until, ...c }) => (until === null ? c : { ...c, expires: until })),
       };
     });
   }
@@ -653,41 +698,57 @@ export class Vault {
     });
   }
 
-  /** Removes the assignments whose ssh-add lifetime ended by `at` (one transaction). */
+  /** Removes the assignments and certificates whose ssh-add lifetime ended by `at` (one transaction). */
   expireAssignments(at: Date): ExpiredAssignment[] {
     const cutoff = at.toISOString();
     const due = () =>
       this.db
         .prepare(
-          `SELECT s.scope, k.fingerprint FROM key_scopes s JOIN keys k ON k.id = s.key_id
-           WHERE s.expires_at IS NOT NULL AND s.expires_at <= ? ORDER BY s.expires_at`,
+          `SELECT scope, fingerprint, certificate FROM (
+             SELECT s.scope, k.fingerprint, NULL AS certificate, s.expires_at AS at FROM key_scopes s JOIN keys k ON k.id = s.key_id
+             WHERE s.expires_at IS NOT NULL AND s.expires_at <= ?
+             UNION ALL
+             SELECT c.scope, k.fingerprint, c.blob, c.expires_at FROM certificates c JOIN keys k ON k.id = c.key_id
+             WHERE c.expires_at IS NOT NULL AND c.expires_at <= ?
+           ) ORDER BY at`,
         )
-        .all(cutoff) as ExpiredAssignment[];
+        .all(cutoff, cutoff) as { scope: string; fingerprint: string; certificate: Buffer | null }[];
     // Nothing due: no write, and the version counter stays (no cache rebuild for nothing).
     if (due().length === 0) return [];
     return this.write(() => {
       const expired = due();
       this.db.prepare('DELETE FROM key_scopes WHERE expires_at IS NOT NULL AND expires_at <= ?').run(cutoff);
-      return expired;
+      this.db.prepare('DELETE FROM certificates WHERE expires_at IS NOT NULL AND expires_at <= ?').run(cutoff);
+      return expired.map(({ scope, fingerprint, certificate }) => ({ scope, fingerprint, ...(certificate ? { certificate: certificateFactsOf(certificate) } : {}) }));
     });
   }
 
-  /** The earliest ssh-add expiry of any assignment (ISO), or null. */
+  /** The earliest ssh-add expiry of any assignment or certificate (ISO), or null. */
   nextExpiry(): string | null {
-    return (this.db.prepare('SELECT min(expires_at) FROM key_scopes').pluck().get() as string | null) ?? null;
+    return (
+      (this.db.prepare('SELECT min(at) FROM (SELECT min(expires_at) AS at FROM key_scopes UNION ALL SELECT min(expires_at) FROM certificates)').pluck().get() as
+        | string
+        | null) ?? null
+    );
   }
 
   /** The ssh-add constraints of a scope's keys, for `policy show`. */
   scopeConstraints(scope: string): ScopeConstraintRecord[] {
     checkScopeName(scope);
+    // Listed as the key cache lists identities: by when added, a key before its certificates.
     const rows = this.db
       .prepare(
-        `SELECT k.fingerprint, k.comment, s.expires_at, s.confirm, s.destinations
-         FROM key_scopes s JOIN keys k ON k.id = s.key_id
-         WHERE s.scope = ? AND (s.expires_at IS NOT NULL OR s.confirm != 0 OR s.destinations IS NOT NULL)
-         ORDER BY s.assigned_at, k.id`,
+        `SELECT fingerprint, comment, certificate, expires_at, confirm, destinations FROM (
+           SELECT k.fingerprint, k.comment, NULL AS certificate, s.expires_at, s.confirm, s.destinations, s.assigned_at AS at, 0 AS kind, k.id AS seq
+           FROM key_scopes s JOIN keys k ON k.id = s.key_id WHERE s.scope = ?
+           UNION ALL
+           SELECT k.fingerprint, c.comment, c.blob, c.expires_at, c.confirm, c.destinations, c.assigned_at, 1, c.id
+           FROM certificates c JOIN keys k ON k.id = c.key_id WHERE c.scope = ?
+         )
+         WHERE expires_at IS NOT NULL OR confirm != 0 OR destinations IS NOT NULL
+         ORDER BY at, kind, seq`,
       )
-      .all(scope) as { fingerprint: string; comment: string; expires_at: string | null; confirm: number; destinations: string | null }[];
+      .all(scope, scope) as { fingerprint: string; comment: string; certificate: Buffer | null; expires_at: string | null; confirm: number; destinations: string | null }[];
     return rows.map((row) => {
       let destinations: StoredDestination[] | null = null;
       try {
@@ -695,7 +756,12 @@ export class Vault {
       } catch {
         destinations = [];
       }
-      return { fingerprint: row.fingerprint, comment: row.comment, constraints: { expiresAt: row.expires_at, confirm: row.confirm !== 0, destinations } };
+      return {
+        fingerprint: row.fingerprint,
+        comment: row.comment,
+        ...(row.certificate ? { certificate: certificateFactsOf(row.certificate) } : {}),
+        constraints: { expiresAt: row.expires_at, confirm: row.confirm !== 0, destinations },
+      };
     });
   }
 

@@ -14,6 +14,7 @@ import { SCHEMA_VERSION } from '../../src/vault/database.js';
 import { KeyCache } from '../../src/vault/key-cache.js';
 import { vaultPaths } from '../../src/vault/paths.js';
 import { Vault } from '../../src/vault/vault.js';
+import { NO_CONSTRAINTS, storedConstraints } from '../../src/policy/ssh-add-constraints.js';
 import { signCertificate } from '../helpers/certificates.js';
 
 process.env.KEYHOLD_KDF_LOG2N = '14';
@@ -107,5 +108,44 @@ describe('certificates in the vault', () => {
     expect(() => vault.addCertificate('web', key, forged, '')).toThrow(/signature does not verify/);
     expect(() => vault.addCertificate('web', key, Buffer.from('garbage'), '')).toThrow(/not a valid certificate/);
     expect(vault.listKeys()).toEqual([]);
+  });
+
+  it('ssh-add constraints of a certificate: stored on its row apart from the key\'s, replaced on re-add, compiled per identity blob, swept, shown', async () => {
+    const vault = await newVault();
+    const key = generateKeyPairSync('ed25519').privateKey;
+    const cert = certify(key, 'constrained');
+    const plain = describeKey(key).blob;
+    const now = Date.now();
+    const lifetime = (seconds: number, confirm = false) => storedConstraints({ lifetimeSeconds: seconds, confirm, destinations: [] }, now);
+    // As ssh-add sends them: the key, then its certificate, alike.
+    const { fingerprint } = vault.addKey('web', key, 'k', lifetime(2, true));
+    expect(vault.addCertificate('web', key, cert, 'k', lifetime(2, true)).created).toBe(true);
+    expect(vault.scopeConstraints('web')).toEqual([
+      { fingerprint, comment: 'k', constraints: lifetime(2, true) },
+      { fingerprint, comment: 'k', certificate: { key_id: 'constrained', serial: '0' }, constraints: lifetime(2, true) },
+    ]);
+    expect(vault.listKeys('web')[0]!.certificates).toMatchObject([{ scope: 'web', expires: new Date(now + 2000).toISOString() }]);
+
+    // A re-add of the certificate alone replaces its constraints only; a plain re-add clears them.
+    expect(vault.addCertificate('web', key, cert, 'k', lifetime(60)).created).toBe(false);
+    const cache = new KeyCache(vault);
+    cache.refresh();
+    const web = cache.scope('web');
+    expect(web.constraints.get(plain.toString('latin1'))).toMatchObject({ confirm: true, expiresAt: now + 2000 });
+    expect(web.constraints.get(cert.toString('latin1'))).toMatchObject({ confirm: false, expiresAt: now + 60_000 });
+    vault.addCertificate('web', key, cert, 'k', NO_CONSTRAINTS);
+    expect(vault.scopeConstraints('web').filter((c) => c.certificate)).toEqual([]);
+    // keyhold's own add (no constraints given) leaves a certificate's as they are.
+    vault.addCertificate('web', key, cert, 'k', lifetime(3));
+    vault.addCertificate('web', key, cert, 'k');
+    expect(vault.nextExpiry()).toBe(new Date(now + 2000).toISOString());
+
+    // The sweep: the key's assignment at 2 s, the certificate at 3 s, each said apart.
+    expect(vault.expireAssignments(new Date(now + 2000))).toEqual([{ scope: 'web', fingerprint }]);
+    expect(vault.nextExpiry()).toBe(new Date(now + 3000).toISOString());
+    expect(vault.expireAssignments(new Date(now + 3000))).toEqual([{ scope: 'web', fingerprint, certificate: { key_id: 'constrained', serial: '0' } }]);
+    expect(vault.listKeys()).toMatchObject([{ fingerprint, scopes: [], certificates: [] }]);
+    expect(vault.nextExpiry()).toBeNull();
+    expect(vault.scopes().find((s) => s.name === 'web')).toBeUndefined();
   });
 });
