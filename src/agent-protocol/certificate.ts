@@ -279,12 +279,14 @@ export function verifiedCertificateOf(blob: Buffer): Certificate | null {
 /**
  * Whether a bound host key is a host certificate that a destination constraint's CA key
  * (`@cert-authority` in known_hosts, a hop key with is_ca set) vouches for `hostname` now. Follows
- * OpenSSH 9.2's match_key_hop / sshkey_cert_check_host: the certificate's CA key must equal
+ * OpenSSH's match_key_hop / sshkey_cert_check_host: the certificate's CA key must equal
  * `caKeyBlob` and its CA signature verify with an algorithm of SSH_ALLOWED_CA_SIGALGS (SHA-1
  * `ssh-rsa` is not), it must be a host certificate, valid now (valid_after <= now < valid_before),
- * carry no critical options, and either list no principals (then any host name matches, as
- * OpenSSH) or have a principal that, as a wildcard pattern (`*`, `?`), matches `hostname`.
- * Without a hostname (the origin hop) OpenSSH matches against the literal "(ORIGIN)": pass that.
+ * carry no critical options, and have a principal that, as a wildcard pattern (`*`, `?`), matches
+ * `hostname`. A certificate without principals matches no name: OpenSSH 9.2 let it match any
+ * (fail open; CVE-2024-7594 was such a certificate), OpenSSH since 10.3 refuses it, and a
+ * destination constraint is a restriction, so keyhold takes the stricter reading. Without a
+ * hostname (the origin hop) OpenSSH matches against the literal "(ORIGIN)": pass that.
  */
 export function hostCertificateMatches(boundHostKey: Buffer, caKeyBlob: Buffer, hostname: string, nowMs: number = Date.now()): boolean {
   const cert = verifiedCertificateOf(boundHostKey);
@@ -293,7 +295,6 @@ export function hostCertificateMatches(boundHostKey: Buffer, caKeyBlob: Buffer, 
   if (!ALLOWED_CA_SIGNATURE_ALGORITHMS.includes(cert.signatureAlgorithm)) return false;
   if (!certificateValidAt(cert, epochSeconds(nowMs))) return false;
   if (cert.criticalOptions.length > 0) return false;
-  if (cert.principals.length === 0) return true;
   return cert.principals.some((principal) => matchPattern(hostname, principal));
 }
 

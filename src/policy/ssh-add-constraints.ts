@@ -139,8 +139,8 @@ export function isCertificateBlob(blob: Buffer): boolean {
  * now: OpenSSH's match_key_hop for a CA key of a hop (sshkey_cert_check_host with wildcard
  * principals), as certificate.ts's hostCertificateMatches implements it: CA key equal, CA
  * signature verified with an allowed algorithm, a host certificate, valid now, no critical
- * options, `hostname` matching a principal (a certificate with no principals matches any name,
- * as OpenSSH). A hop without hostname is matched as OpenSSH's literal "(ORIGIN)".
+ * options, `hostname` matching a principal (a certificate with no principals matches no name,
+ * as OpenSSH since 10.3). A hop without hostname is matched as OpenSSH's literal "(ORIGIN)".
  */
 export function hostCertificateMatchesCa(hostKey: Buffer, caBlob: Buffer, hostname: string | null, now: number = Date.now()): boolean {
   return hostCertificateMatches(hostKey, caBlob, hostname ?? '(ORIGIN)', now);

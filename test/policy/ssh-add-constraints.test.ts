@@ -246,12 +246,12 @@ describe('ssh-add -h with a CA hop (@cert-authority in known_hosts): host certif
     expect(hostCertificateMatchesCa(forged, caBlob, 'host_a')).toBe(false);
   });
 
-  it('principals as wildcard patterns; none listed matches any name; a hop without hostname is matched as "(ORIGIN)"', () => {
+  it('principals as wildcard patterns; none listed matches no name (fail closed); a hop without hostname is matched as "(ORIGIN)"', () => {
     const wildcard = certify(ca, { principals: ['*.example.org', 'db?'] }).cert;
     expect(hostCertificateMatchesCa(wildcard, caBlob, 'web.example.org')).toBe(true);
     expect(hostCertificateMatchesCa(wildcard, caBlob, 'db1')).toBe(true);
     expect(hostCertificateMatchesCa(wildcard, caBlob, 'example.org')).toBe(false);
-    expect(hostCertificateMatchesCa(certify(ca, {}).cert, caBlob, 'anything')).toBe(true);
+    expect(hostCertificateMatchesCa(certify(ca, {}).cert, caBlob, 'anything')).toBe(false);
     expect(hostCertificateMatchesCa(certify(ca, { principals: ['(ORIGIN)'] }).cert, caBlob, null)).toBe(true);
     expect(hostCertificateMatchesCa(forHostA.cert, caBlob, null)).toBe(false);
   });
