@@ -64,7 +64,9 @@ export function formatSshAddConstraints(
   entries: { fingerprint: string; comment: string; certificate?: { key_id: string; serial: string }; constraints: StoredConstraints }[],
 ): string {
   if (entries.length === 0) return '';
-  const out = ['', '# ssh-add constraints (ssh-add sets them; ssh-add -d or `keyhold key unassign` removes them)'];
+  // A certificate has no keyhold command of its own: ssh-add -d removes it (keyhold key rm, with its key).
+  const removedBy = entries.some((e) => e.certificate) ? 'ssh-add -d, or `keyhold key unassign` for a key,' : 'ssh-add -d or `keyhold key unassign`';
+  const out = ['', `# ssh-add constraints (ssh-add sets them; ${removedBy} removes them)`];
   for (const { fingerprint, comment, certificate, constraints } of entries) {
     out.push('[[ssh-add]]', `key = ${tomlString(fingerprint)}${comment ? `  # ${commentSafe(comment)}` : ''}`);
     // A certificate of the key is an identity of its own, with constraints of its own.

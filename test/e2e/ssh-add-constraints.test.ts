@@ -283,6 +283,7 @@ describe('certificates take the same constraints as their key (ssh-add KEY with 
 
     const shown = keyholdOk(lab.k, ['policy', 'show', 'web']);
     expect(shown.split('[[ssh-add]]')).toHaveLength(3);
+    expect(shown).toContain('ssh-add -d, or `keyhold key unassign` for a key, removes them');
     expect(shown).toContain(`key = "${keys.certified!.fingerprint}"  # keyhold-test-id_certified\ncertificate = "certified-id"\nserial = "42"\nconfirm = true\nexpires = "`);
     const listed = JSON.parse(keyholdOk(lab.k, ['key', 'list', '--json'])) as { fingerprint: string; expires?: Record<string, string>; certificates: { key_id: string; expires?: string }[] }[];
     const entry = listed.find((k) => k.fingerprint === keys.certified!.fingerprint)!;
