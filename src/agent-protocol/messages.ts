@@ -124,7 +124,7 @@ export function encodeRequest(request: AgentRequest): Buffer {
     case 'extension':
       return w.byte(MSG.EXTENSION).string(request.name).raw(request.contents).toBuffer();
     case 'add-identity': {
-      w.byte(request.constrained ? MSG.ADD_ID_CONSTRAINED : MSG.ADD_IDENTITY).raw(encodePrivateKey(request.key.key)).string(request.comment);
+      w.byte(request.constrained ? MSG.ADD_ID_CONSTRAINED : MSG.ADD_IDENTITY).raw(encodePrivateKey(request.key.key, request.key.certificate?.blob)).string(request.comment);
       return writeConstraints(w, request.constraints).toBuffer();
     }
     case 'remove-identity':

@@ -3,6 +3,9 @@
 //   ssh-ed25519          string pub(32), string priv(64 = seed || pub)
 //   ecdsa-sha2-nistpN    string curve, string Q, mpint d
 //   ssh-rsa              mpint n, e, d, iqmp, p, q
+//   <type>-cert-v01@openssh.com   string certificate, then the private fields without those the
+//                        certificate already holds (ed25519: string pub, string priv; ecdsa: mpint d;
+//                        rsa: mpint d, iqmp, p, q), as OpenSSH's sshkey_private_deserialize
 // Every key is checked to be one key: its public part must be the one its private part makes.
 //
 // Secret hygiene: the key is handed to OpenSSL as DER built in buffers owned here, which are zeroed
@@ -12,6 +15,7 @@
 // heap until collected). No message of an error thrown here quotes key bytes.
 import { createPrivateKey, createPublicKey, type KeyObject } from 'node:crypto';
 import { fromBigInt, modInverse, toBigInt } from './bignum.js';
+import { CERTIFICATE_TYPES, parseVerifiedCertificate, type Certificate } from './certificate.js';
 import { bitLength, curveBySshType, describeKey, fingerprint, MIN_RSA_VERIFY_BITS, type SshKeyType } from './public-key.js';
 import { WireFormatError, WireReader, WireWriter } from './wire.js';
 
@@ -30,6 +34,8 @@ export interface AgentPrivateKey {
   publicBlob: Buffer;
   /** `SHA256:…` of `publicBlob`, as `ssh-keygen -l` prints it. */
   fingerprint: string;
+  /** Added as a certificate: the certificate (its CA signature verified), which certifies `publicBlob`. */
+  certificate?: Certificate;
 }
 
 const ED25519_PKCS8_PREFIX = Buffer.from('302e020100300506032b657004220420', 'hex');
@@ -65,7 +71,7 @@ const mismatch = () => new WireFormatError('private key does not match its publi
 /** A key type this agent refuses, named for the log (truncated: it is the peer's text). */
 function unsupported(type: string): UnsupportedKeyError {
   const shown = JSON.stringify(type.slice(0, 64));
-  if (type.endsWith('-cert-v01@openssh.com')) return new UnsupportedKeyError(`certificates are not supported (${shown})`);
+  if (type.endsWith('-cert-v01@openssh.com')) return new UnsupportedKeyError(`certificates of this key type are not supported (${shown})`);
   if (type.startsWith('sk-')) return new UnsupportedKeyError(`security keys are not supported (${shown})`);
   return new UnsupportedKeyError(`unsupported key type ${shown}`);
 }
@@ -73,11 +79,46 @@ function unsupported(type: string): UnsupportedKeyError {
 /** Reads one private key (type name first) from `r` and makes it a checked KeyObject. */
 export function readPrivateKey(r: WireReader): AgentPrivateKey {
   const type = r.utf8();
+  const certifiedType = CERTIFICATE_TYPES.get(type);
+  if (certifiedType) return certifiedKey(r, type, certifiedType);
   if (type === 'ssh-ed25519') return ed25519Key(r);
-  if (type === 'ssh-rsa') return rsaKey(r);
+  if (type === 'ssh-rsa') {
+    const n = r.mpintUnsigned();
+    const e = r.mpintUnsigned();
+    return rsaKey(r, n, e);
+  }
   const curve = curveBySshType(type);
-  if (curve) return ecdsaKey(r, curve.sshType, curve.identifier, curve.coordinateBytes);
+  if (curve) {
+    const name = r.utf8();
+    const point = r.string();
+    return ecdsaKey(r, curve.sshType, curve.identifier, curve.coordinateBytes, name, point);
+  }
   throw unsupported(type);
+}
+
+/**
+ * A certificate and the private key it certifies. The certificate must be of the type the message
+ * names and verify under its CA; the private key must be the certified one (each key check below
+ * compares the key's own public blob with the certificate's).
+ */
+function certifiedKey(r: WireReader, certType: string, keyType: SshKeyType): AgentPrivateKey {
+  const cert = parseVerifiedCertificate(r.string());
+  if (cert.certType !== certType) throw new WireFormatError('certificate type does not match the key type named');
+  const fields = new WireReader(cert.publicBlob);
+  fields.string();
+  let key: AgentPrivateKey;
+  if (keyType === 'ssh-ed25519') {
+    key = ed25519Key(r);
+  } else if (keyType === 'ssh-rsa') {
+    const e = fields.mpintUnsigned();
+    const n = fields.mpintUnsigned();
+    key = rsaKey(r, n, e);
+  } else {
+    const curve = curveBySshType(keyType)!;
+    key = ecdsaKey(r, keyType, curve.identifier, curve.coordinateBytes, fields.utf8(), fields.string());
+  }
+  if (!key.publicBlob.equals(cert.publicBlob)) throw new WireFormatError('private key does not match its certificate');
+  return { ...key, certificate: cert };
 }
 
 function ed25519Key(r: WireReader): AgentPrivateKey {
@@ -89,9 +130,7 @@ function ed25519Key(r: WireReader): AgentPrivateKey {
   return checked('ssh-ed25519', importDer(der, 'pkcs8'), new WireWriter().string('ssh-ed25519').string(pub).toBuffer());
 }
 
-function ecdsaKey(r: WireReader, type: SshKeyType, identifier: string, coordinateBytes: number): AgentPrivateKey {
-  const name = r.utf8();
-  const point = r.string();
+function ecdsaKey(r: WireReader, type: SshKeyType, identifier: string, coordinateBytes: number, name: string, point: Buffer): AgentPrivateKey {
   const d = r.mpintUnsigned();
   if (name !== identifier) throw new WireFormatError('curve name does not match key type');
   const { oid, order } = CURVE_DER[identifier]!;
@@ -108,10 +147,8 @@ function ecdsaKey(r: WireReader, type: SshKeyType, identifier: string, coordinat
   return checked(type, importDer(der, 'sec1'), claimed);
 }
 
-function rsaKey(r: WireReader): AgentPrivateKey {
-  const [n, e, d, iqmp, p, q] = [r.mpintUnsigned(), r.mpintUnsigned(), r.mpintUnsigned(), r.mpintUnsigned(), r.mpintUnsigned(), r.mpintUnsigned()] as [
-    Buffer, Buffer, Buffer, Buffer, Buffer, Buffer,
-  ];
+function rsaKey(r: WireReader, n: Buffer, e: Buffer): AgentPrivateKey {
+  const [d, iqmp, p, q] = [r.mpintUnsigned(), r.mpintUnsigned(), r.mpintUnsigned(), r.mpintUnsigned()] as [Buffer, Buffer, Buffer, Buffer];
   const bits = bitLength(n);
   if (bits < MIN_RSA_VERIFY_BITS || bits > MAX_RSA_BITS) throw new WireFormatError(`rsa modulus of ${bits} bits refused`);
   // Every other part is smaller than n; bounding them keeps the BigInt work below small.
@@ -162,19 +199,21 @@ function checked(type: SshKeyType, key: KeyObject, claimedBlob: Buffer): AgentPr
  * for tests). Goes through JWK export: its strings cannot be zeroed, so keep this off the daemon's
  * path.
  */
-export function encodePrivateKey(key: KeyObject): Buffer {
+export function encodePrivateKey(key: KeyObject, certificate?: Buffer): Buffer {
   const jwk = key.export({ format: 'jwk' });
   const b = (s: string | undefined) => Buffer.from(s ?? '', 'base64url');
   const { type, blob } = describeKey(key);
-  const w = new WireWriter().string(type);
+  // A certificate goes first, under its own type name; the fields it holds are not repeated.
+  const w = certificate ? new WireWriter().string(new WireReader(certificate).utf8()).string(certificate) : new WireWriter().string(type);
   if (type === 'ssh-ed25519') {
     const pub = b(jwk.x);
     return w.string(pub).string(Buffer.concat([b(jwk.d), pub])).toBuffer();
   }
   if (type === 'ssh-rsa') {
-    for (const part of [jwk.n, jwk.e, jwk.d, jwk.qi, jwk.p, jwk.q]) w.mpint(b(part));
+    for (const part of certificate ? [jwk.d, jwk.qi, jwk.p, jwk.q] : [jwk.n, jwk.e, jwk.d, jwk.qi, jwk.p, jwk.q]) w.mpint(b(part));
     return w.toBuffer();
   }
+  if (certificate) return w.mpint(b(jwk.d)).toBuffer();
   const r = new WireReader(blob);
   r.string();
   return w.string(r.string()).string(r.string()).mpint(b(jwk.d)).toBuffer();

@@ -30,6 +30,18 @@ export class WireReader {
     return value;
   }
 
+  uint64(): bigint {
+    this.need(8);
+    const value = this.buf.readBigUInt64BE(this.offset);
+    this.offset += 8;
+    return value;
+  }
+
+  /** Bytes read so far (for a signature over a message's leading part). */
+  get position(): number {
+    return this.offset;
+  }
+
   /** A length-prefixed byte string; returns a view, not a copy. */
   string(): Buffer {
     const length = this.uint32();
@@ -84,6 +96,12 @@ export class WireWriter {
 
   boolean(value: boolean): this {
     return this.byte(value ? 1 : 0);
+  }
+
+  uint64(value: bigint): this {
+    const b = Buffer.allocUnsafe(8);
+    b.writeBigUInt64BE(value, 0);
+    return this.push(b);
   }
 
   uint32(value: number): this {

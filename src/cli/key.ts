@@ -2,7 +2,7 @@ import { isatty } from 'node:tty';
 import { hostname, userInfo } from 'node:os';
 import { basename } from 'node:path';
 import type { Argv } from 'yargs';
-import { authorizedKeyLine } from '../agent-protocol/public-key.js';
+import { authorizedKeyLine, fingerprint } from '../agent-protocol/public-key.js';
 import { readCapped } from '../read-capped.js';
 import { notFound, usageError } from '../errors.js';
 import {
@@ -14,7 +14,8 @@ import {
   type KeyKind,
   type ParsedKeyFile,
 } from '../vault/key-material.js';
-import { checkScopeName, type AddKeyResult, type KeyRecord } from '../vault/vault.js';
+import { checkScopeName, type AddKeyResult, type CertificateRecord, type KeyRecord } from '../vault/vault.js';
+import { describeCertificate, epochSeconds, parseCertificate } from '../agent-protocol/certificate.js';
 import { printJson, printLines, table, withVault, type GlobalArgs } from './common.js';
 import { promptHidden, readPassphraseFile } from './passphrase.js';
 
@@ -35,6 +36,42 @@ function keyJson(record: Pick<KeyRecord, 'fingerprint' | 'type' | 'bits' | 'comm
     ...(record.expires ? { expires: record.expires } : {}),
     public: authorizedKeyLine(record.publicBlob, record.comment),
   };
+}
+
+/** A stored certificate for people (an expired one is still served: the server judges it). */
+function certificateSummary(blob: Buffer): string {
+  try {
+    return describeCertificate(parseCertificate(blob));
+  } catch {
+    return 'unreadable certificate';
+  }
+}
+
+function certificateJson(record: CertificateRecord) {
+  // `expires`: when its ssh-add lifetime ends; `expired` (below): whether the certificate's own validity has.
+  const base = {
+    scope: record.scope,
+    comment: record.comment,
+    ...(record.expires ? { expires: record.expires } : {}),
+    public: authorizedKeyLine(record.blob, record.comment),
+  };
+  try {
+    const cert = parseCertificate(record.blob);
+    const now = epochSeconds();
+    return {
+      ...base,
+      kind: cert.kind,
+      key_id: cert.keyId,
+      serial: cert.serial.toString(),
+      principals: cert.principals,
+      valid_after: cert.validAfter.toString(),
+      valid_before: cert.validBefore.toString(),
+      expired: now >= cert.validBefore,
+      ca: fingerprint(cert.signatureKey),
+    };
+  } catch {
+    return base;
+  }
 }
 
 const defaultComment = () => {
@@ -124,7 +161,7 @@ export function keyCommand(yargs: Argv<GlobalArgs>) {
         async (args) => {
           const scope = args.scope === undefined ? undefined : checkScopeName(args.scope);
           const keys = await withVault(args, (api) => api.listKeys(scope));
-          if (args.json) return printJson(keys.map(keyJson));
+          if (args.json) return printJson(keys.map((k) => ({ ...keyJson(k), certificates: k.certificates.map(certificateJson) })));
           printLines(
             table(
               ['FINGERPRINT', 'TYPE', 'BITS', 'SCOPES', 'COMMENT'],
@@ -138,6 +175,11 @@ export function keyCommand(yargs: Argv<GlobalArgs>) {
               ]),
             ),
           );
+          // Certificates are identities of their own in a scope: one line each, under the table.
+          const certificateLines = keys.flatMap((k) =>
+            k.certificates.map((c) => `  ${k.fingerprint} in ${c.scope}${c.expires ? ` (until ${c.expires})` : ''}: ${certificateSummary(c.blob)}`),
+          );
+          if (certificateLines.length > 0) printLines(['certificates:', ...certificateLines]);
         },
       )
       .command(

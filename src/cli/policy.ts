@@ -8,7 +8,7 @@ import { compilePolicy } from '../policy/compile.js';
 import { describeRuleMatch, formatPolicyToml, formatSshAddConstraints } from '../policy/format.js';
 import { defaultKnownHostsFiles, KnownHosts, resolvePolicyHosts, type HostKeyMatch } from '../policy/known-hosts.js';
 import { parsePolicyToml } from '../policy/parse.js';
-import { checkStoredConstraints } from '../policy/ssh-add-constraints.js';
+import { checkStoredConstraints, type StoredConstraints } from '../policy/ssh-add-constraints.js';
 import { checkPolicyDocument, MAX_POLICY_SOURCE, NO_POLICY, PURPOSES, type Decision, type PolicyDocument, type Purpose, type SignFacts } from '../policy/policy.js';
 import { readCapped } from '../read-capped.js';
 import { checkScopeName } from '../vault/vault.js';
@@ -157,7 +157,7 @@ export function policyCommand(yargs: Argv<GlobalArgs>) {
           if (args.json) {
             return printJson({
               ...(policy ?? { scope }),
-              ssh_add: constraints.map((c) => ({ key: c.fingerprint, comment: c.comment, ...c.constraints })),
+              ssh_add: constraints.map((c) => ({ key: c.fingerprint, comment: c.comment, ...(c.certificate ? { certificate: c.certificate } : {}), ...c.constraints })),
             });
           }
           const head = policy
@@ -210,7 +210,7 @@ export function policyCommand(yargs: Argv<GlobalArgs>) {
           }
           const fixedKey = args.key !== undefined ? normaliseKey(args.key) : undefined;
           const hosts = hostKeys(args.host, args['known-hosts']);
-          const { document, keys, constraints } = await withVault(args, async (api) => ({
+          const { document, records, constraints } = await withVault(args, async (api) => ({
             document: await api.getPolicy(scope).then(
               (stored) => stored.document,
               (err: unknown) => {
@@ -218,10 +218,18 @@ export function policyCommand(yargs: Argv<GlobalArgs>) {
                 throw err;
               },
             ),
-            keys: fixedKey ? [fixedKey] : (await api.listKeys(scope)).map((k) => k.fingerprint),
+            records: await api.listKeys(scope),
             constraints: await api.scopeConstraints(scope),
           }));
-          const constrained = new Map(constraints.map((c) => [c.fingerprint, c.constraints]));
+          const keys = fixedKey ? [fixedKey] : records.map((k) => k.fingerprint);
+          // Asked by key, not by identity: a key's own assignment answers for it; its certificate's
+          // constraints only when the key is in the scope through its certificate alone.
+          const assignedPlain = new Set(records.filter((k) => k.scopes.includes(scope)).map((k) => k.fingerprint));
+          const constrained = new Map<string, StoredConstraints>();
+          for (const c of constraints) {
+            if (!c.certificate) constrained.set(c.fingerprint, c.constraints);
+            else if (!assignedPlain.has(c.fingerprint) && !constrained.has(c.fingerprint)) constrained.set(c.fingerprint, c.constraints);
+          }
           if (document === null && constrained.size === 0) {
             // As the contract says of such a scope: every request is signed. The line names the
             // scope, so a mistyped name shows itself.

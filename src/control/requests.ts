@@ -7,6 +7,7 @@ import { MAX_APPROVALS_WAIT_MS } from '../policy/approvals.js';
 import { usageError } from '../errors.js';
 import { TOKEN_SUBJECT_PATTERN } from '../tokens/tokens.js';
 import { VAULT_METHODS, type VaultApi, type VaultMethod } from '../vault/api.js';
+import { MAX_CERT_BYTES } from '../agent-protocol/certificate.js';
 import { ECDSA_BITS, KEY_TYPES, RSA_BITS } from '../vault/key-material.js';
 import { enrolledFactorSchema, FACTOR_ID_PATTERN, fieldPath, kekSchema } from '../vault/keyring.js';
 import { MAX_POLICY_SOURCE, policyDocumentSchema } from '../policy/policy.js';
@@ -58,6 +59,8 @@ function params<const P extends readonly Param[]>(...list: P): Params<Outputs<P>
 const VAULT_PARAMS = {
   generateKey: params(['scope', scope], ['kind', v.picklist(KEY_TYPES)], ['bits', v.optional(keyBits)], ['comment', comment]),
   importKey: params(['scope', scope], ['pkcs8', bytes(MAX_PKCS8_BYTES)], ['comment', comment]),
+  importCertificate: params(['scope', scope], ['pkcs8', bytes(MAX_PKCS8_BYTES)], ['certificate', bytes(MAX_CERT_BYTES)], ['comment', comment]),
+  removeCertificate: params(['scope', scope], ['certificate', bytes(MAX_CERT_BYTES)]),
   listKeys: params(['scope', v.optional(scope)]),
   scopeConstraints: params(['scope', scope]),
   assign: params(['scope', scope], ['fingerprint', lookupKey]),

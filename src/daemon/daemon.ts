@@ -261,7 +261,7 @@ export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
       let retryMs = 0;
       try {
         const removed = await changeVault(thisProcess(), (api) => api.expireAssignments(new Date()));
-        if (removed.length > 0) log.info({ expired: removed }, 'ssh-add lifetime ended: keys unassigned');
+        if (removed.length > 0) log.info({ expired: removed }, 'ssh-add lifetime ended: keys unassigned, certificates removed');
       } catch (err) {
         // Locked meanwhile, a busy vault, an audit log that cannot be written: requests hide the
         // keys meanwhile; try again a little later.

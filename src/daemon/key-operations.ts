@@ -1,8 +1,11 @@
 // OpenSSH's key operations (ssh-add) on a scope socket: add stores the key in the vault and assigns
-// it to the scope, remove unassigns it (the key stays in the vault), lock and unlock lock the
-// daemon, the unlock password being a vault passphrase. Constraints (-c, -t, -h) are stored with
-// the assignment (see src/policy/ssh-add-constraints.ts); a re-add replaces them, as OpenSSH's
-// agent does. Container tokens may do none of this. Each refusal logs one warning
+// it to the scope (a certificate is stored in the scope as an identity of its own, its key in the
+// vault), remove unassigns the key or removes the certificate (the key stays in the vault), lock
+// and unlock lock the daemon, the unlock password being a vault passphrase. Constraints (-c, -t,
+// -h) are stored with the identity they constrain, the key's assignment or the certificate (see
+// src/policy/ssh-add-constraints.ts); a re-add replaces them, as OpenSSH's agent does (ssh-add
+// sends a key and then its certificate, each with the same constraints). Container tokens may do
+// none of this. Each refusal logs one warning
 // (rate-limited) naming the keyhold command that does it instead, never key material.
 import type { Logger } from 'pino';
 import { EXIT, KeyholdError } from '../errors.js';
@@ -143,11 +146,24 @@ export function keyOperations(scope: string, options: KeyOperationsOptions): Key
         });
       }
       const key = request.key.key;
+      const certificate = request.key.certificate;
+      const auditedOrNull = Object.keys(audited).length > 0 ? audited : null;
+      if (certificate) {
+        try {
+          await options.changeVault(actorOf(context), (api) =>
+            api.addAgentCertificate(scope, toPkcs8(key), certificate.blob, request.comment, storedConstraints(constraints, Date.now()), auditedOrNull),
+          );
+          log.info({ scope, fingerprint: request.key.fingerprint, certificate: { key_id: certificate.keyId, serial: certificate.serial.toString() }, ...audited }, 'ssh-add: certificate added');
+          return true;
+        } catch (err) {
+          return failed('add', err);
+        }
+      }
       try {
         // Each attempt exports its own PKCS#8 copy: importKey zeroes what it is given.
         // Dated when stored (each retry anew), so a busy vault does not shorten the lifetime.
         await options.changeVault(actorOf(context), (api) =>
-          api.addAgentKey(scope, toPkcs8(key), request.comment, storedConstraints(constraints, Date.now()), Object.keys(audited).length > 0 ? audited : null),
+          api.addAgentKey(scope, toPkcs8(key), request.comment, storedConstraints(constraints, Date.now()), auditedOrNull),
         );
         log.info({ scope, fingerprint: request.key.fingerprint, ...audited }, 'ssh-add: key added');
         return true;
@@ -161,6 +177,17 @@ export function keyOperations(scope: string, options: KeyOperationsOptions): Key
       const entry = session.keys()?.scope(scope).byBlob.get(keyBlob.toString('latin1'));
       if (!session.unlocked) return failed('remove', null);
       if (!entry) return refuse('remove', 'unknown', `ssh-add -d: that key is not in scope ${scope}; see \`keyhold key list --scope ${scope}\``);
+      if (entry.certificate) {
+        // A certificate goes alone: its key's plain assignment, if any, stays (as OpenSSH).
+        const blob = Buffer.from(keyBlob);
+        try {
+          await options.changeVault(actorOf(context), (api) => api.removeCertificate(scope, blob));
+          log.info({ scope, fingerprint: entry.fingerprint, certificate: entry.certificate }, 'ssh-add -d: certificate removed');
+          return true;
+        } catch (err) {
+          return failed('remove', err);
+        }
+      }
       try {
         await options.changeVault(actorOf(context), (api) => api.unassign(scope, entry.fingerprint));
         log.info({ scope, fingerprint: entry.fingerprint }, 'ssh-add -d: key unassigned');
@@ -175,21 +202,24 @@ export function keyOperations(scope: string, options: KeyOperationsOptions): Key
       const cache = session.keys();
       if (!cache) return failed('remove-all', null);
       const scopeKeys = cache.scope(scope);
-      const fingerprints = scopeKeys.identities.flatMap((identity) => {
+      const fingerprints: string[] = [];
+      const certificates: Buffer[] = [];
+      for (const identity of scopeKeys.identities) {
         const entry = scopeKeys.byBlob.get(identity.keyBlob.toString('latin1'));
-        return entry ? [entry.fingerprint] : [];
-      });
+        if (entry?.certificate) certificates.push(identity.keyBlob);
+        else if (entry) fingerprints.push(entry.fingerprint);
+      }
+      // A retry (the vault was busy part way) finds what it already removed gone: that is what
+      // was asked, not a failure.
+      const goneIsDone = (err: unknown) => {
+        if (!(err instanceof KeyholdError && err.exitCode === EXIT.NOT_FOUND)) throw err;
+      };
       try {
         await options.changeVault(actorOf(context), async (api) => {
-          for (const fingerprint of fingerprints) {
-            // A retry (the vault was busy part way) finds the keys it already unassigned gone:
-            // that is what was asked, not a failure.
-            await api.unassign(scope, fingerprint).catch((err: unknown) => {
-              if (!(err instanceof KeyholdError && err.exitCode === EXIT.NOT_FOUND)) throw err;
-            });
-          }
+          for (const fingerprint of fingerprints) await api.unassign(scope, fingerprint).catch(goneIsDone);
+          for (const certificate of certificates) await api.removeCertificate(scope, certificate).catch(goneIsDone);
         });
-        log.info({ scope, count: fingerprints.length }, 'ssh-add -D: keys unassigned');
+        log.info({ scope, count: fingerprints.length + certificates.length }, 'ssh-add -D: keys unassigned');
         return true;
       } catch (err) {
         return failed('remove-all', err);

@@ -2,6 +2,8 @@
 // vault is locked there is no cache: no identities, and every signature is refused. Every
 // signature and refusal is recorded for the audit log.
 import { createHash } from 'node:crypto';
+import { verifiedCertificateOf } from '../agent-protocol/certificate.js';
+import { fingerprint } from '../agent-protocol/public-key.js';
 import { signatureAlgorithmFor, signSsh, type SignatureAlgorithm } from '../agent-protocol/signature.js';
 import { parseUserauthRequest, type UserauthRequest } from '../agent-protocol/userauth.js';
 import type { AuditEvent } from '../audit/audit-log.js';
@@ -46,7 +48,12 @@ function signDetails(scope: string, data: Buffer, context: RequestContext, usera
     event.user = userauth.user;
     // The host key comes from the request itself (hostbound) or from a verified session-bind.
     const hostKey = userauth.hostKey ?? context.bindings.find((b) => b.sessionId.equals(userauth.sessionId))?.hostKey;
-    if (hostKey) event.host_key = hostKeyFingerprint(hostKey);
+    if (hostKey) {
+      event.host_key = hostKeyFingerprint(hostKey);
+      // A host bound by its certificate: host_key is the certified key; say which certificate and CA.
+      const cert = verifiedCertificateOf(hostKey);
+      if (cert) event.host_certificate = { key_id: cert.keyId, serial: cert.serial.toString(), ca: fingerprint(cert.signatureKey) };
+    }
   }
   return event;
 }
@@ -257,6 +264,7 @@ export function scopeBackend(keys: () => KeyCache | null, scope: string, options
       const constraints = scopeKeys.constraints.size === 0 ? undefined : scopeKeys.constraints.get(id);
       // Expired but not yet swept: as if it were gone already.
       if (constraints && expired(constraints, Date.now())) return audited(refusal('unknown-key'), event);
+      if (entry.certificate) event.certificate = entry.certificate;
       const algorithm = signatureAlgorithmFor(entry.type, flags);
       if (algorithm === 'ssh-rsa' && !options.allowSha1) return audited(refusal('sha1-refused', entry.fingerprint), event);
       if (constraints && constraints.destinations.length > 0) {

@@ -2,6 +2,7 @@
 // request, with the host from the request or the connection's verified session-bind), an SSHSIG
 // blob from `ssh-keygen -Y sign` (its namespace), or anything else.
 import { fingerprint } from '../agent-protocol/public-key.js';
+import { boundPlainHostKey } from '../agent-protocol/certificate.js';
 import { parseUserauthRequest, type UserauthRequest } from '../agent-protocol/userauth.js';
 import { WireReader } from '../agent-protocol/wire.js';
 import type { SessionBinding } from '../signer/backend.js';
@@ -45,7 +46,8 @@ export function hostKeyFingerprint(blob: Buffer): string {
   let fp = hostFingerprints.get(id);
   if (fp === undefined) {
     if (hostFingerprints.size >= MAX_REMEMBERED_HOSTS) hostFingerprints.clear();
-    hostFingerprints.set(id, (fp = fingerprint(blob)));
+    // A host bound by its certificate is the certified key: `hosts` rules and known_hosts name it.
+    hostFingerprints.set(id, (fp = fingerprint(boundPlainHostKey(blob))));
   }
   return fp;
 }

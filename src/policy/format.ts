@@ -60,11 +60,17 @@ export function describeRuleMatch(rule: PolicyRule): string {
  * A scope's ssh-add constraints, after its policy: `[[ssh-add]]` tables that `policy set` takes
  * back unchanged (and leaves to ssh-add), each key's host names followed by their host keys.
  */
-export function formatSshAddConstraints(entries: { fingerprint: string; comment: string; constraints: StoredConstraints }[]): string {
+export function formatSshAddConstraints(
+  entries: { fingerprint: string; comment: string; certificate?: { key_id: string; serial: string }; constraints: StoredConstraints }[],
+): string {
   if (entries.length === 0) return '';
-  const out = ['', '# ssh-add constraints (ssh-add sets them; ssh-add -d or `keyhold key unassign` removes them)'];
-  for (const { fingerprint, comment, constraints } of entries) {
+  // A certificate has no keyhold command of its own: ssh-add -d removes it (keyhold key rm, with its key).
+  const removedBy = entries.some((e) => e.certificate) ? 'ssh-add -d, or `keyhold key unassign` for a key,' : 'ssh-add -d or `keyhold key unassign`';
+  const out = ['', `# ssh-add constraints (ssh-add sets them; ${removedBy} removes them)`];
+  for (const { fingerprint, comment, certificate, constraints } of entries) {
     out.push('[[ssh-add]]', `key = ${tomlString(fingerprint)}${comment ? `  # ${commentSafe(comment)}` : ''}`);
+    // A certificate of the key is an identity of its own, with constraints of its own.
+    if (certificate) out.push(`certificate = ${tomlString(certificate.key_id)}`, `serial = ${tomlString(certificate.serial)}`);
     if (constraints.confirm) out.push('confirm = true');
     if (constraints.expiresAt !== null) out.push(`expires = ${tomlString(constraints.expiresAt)}`);
     if (constraints.destinations !== null) {

@@ -7,6 +7,7 @@
 // permitted_by_dest_constraints, match_key_hop, process_request_identities, process_sign_request).
 import { globMatch } from './compile.js';
 import type { DestinationConstraint, DestinationHop, KeyConstraints } from '../agent-protocol/key-constraints.js';
+import { hostCertificateMatches } from '../agent-protocol/certificate.js';
 import { fingerprint } from '../agent-protocol/public-key.js';
 import { WireReader } from '../agent-protocol/wire.js';
 import type { UserauthRequest } from '../agent-protocol/userauth.js';
@@ -135,17 +136,14 @@ export function isCertificateBlob(blob: Buffer): boolean {
 
 /**
  * Whether `hostKey`, a host certificate, is signed by the CA `caBlob` and valid for `hostname`
- * (OpenSSH: the signature key equals the CA and sshkey_cert_check_host passes: a host
- * certificate, valid now, with `hostname` among its principals).
- *
- * TODO(lead): certificates are parsed by src/agent-protocol/certificate.ts on the certificates
- * branch; until it is merged no host certificate matches a CA hop (fail closed). Wire it here:
- * parse `hostKey`, compare its signature key with `caBlob`, check type=host, validity window
- * and principals (an empty principal list matches no name, as OpenSSH's strict check).
- * test/policy/ssh-add-constraints.test.ts has a test marked for this.
+ * now: OpenSSH's match_key_hop for a CA key of a hop (sshkey_cert_check_host with wildcard
+ * principals), as certificate.ts's hostCertificateMatches implements it: CA key equal, CA
+ * signature verified with an allowed algorithm, a host certificate, valid now, no critical
+ * options, `hostname` matching a principal (a certificate with no principals matches no name,
+ * as OpenSSH since 10.3). A hop without hostname is matched as OpenSSH's literal "(ORIGIN)".
  */
-export function hostCertificateMatchesCa(_hostKey: Buffer, _caBlob: Buffer, _hostname: string | null): boolean {
-  return false;
+export function hostCertificateMatchesCa(hostKey: Buffer, caBlob: Buffer, hostname: string | null, now: number = Date.now()): boolean {
+  return hostCertificateMatches(hostKey, caBlob, hostname ?? '(ORIGIN)', now);
 }
 
 /** OpenSSH's match_key_hop: a plain host key equals a non-CA key of the hop; a certificate is signed by a CA of it. */
@@ -156,8 +154,7 @@ function matchKeyHop(hostKey: Buffer, hop: CompiledHop): boolean {
       if (!spec.isCa && spec.blob.equals(hostKey)) return true;
       continue;
     }
-    // OpenSSH checks the certificate against the hop's hostname, "(ORIGIN)" when it has none.
-    if (spec.isCa && hostCertificateMatchesCa(hostKey, spec.blob, hop.hostname ?? '(ORIGIN)')) return true;
+    if (spec.isCa && hostCertificateMatchesCa(hostKey, spec.blob, hop.hostname)) return true;
   }
   return false;
 }

@@ -17,6 +17,7 @@ import {
 } from '../agent-protocol/messages.js';
 import { fingerprint } from '../agent-protocol/public-key.js';
 import { verifySsh } from '../agent-protocol/signature.js';
+import { isCertificateBlob, verifiedCertificateOf, type Certificate } from '../agent-protocol/certificate.js';
 import { WireFormatError } from '../agent-protocol/wire.js';
 import type { AgentBackend, KeyOperationResult, MemoryBudget, Peer, RequestContext, SessionBinding, SignResult } from './backend.js';
 
@@ -202,8 +203,17 @@ function processSessionBind(session: AgentSession, contents: Buffer): boolean {
     return false;
   }
   if (bind.sessionId.length === 0 || bind.sessionId.length > MAX_SESSION_ID) return false;
-  // ssh signs the exchange hash with whatever host-key algorithm the key exchange negotiated.
-  if (!verifySsh(bind.hostKey, bind.signature, bind.sessionId, true)) return false;
+  // ssh signs the exchange hash with whatever host-key algorithm the key exchange negotiated. A
+  // host that presented a certificate signs with the certified key; the certificate must verify
+  // under its CA (as OpenSSH's sshkey_froms), and is recorded as given, for destination matching.
+  let signer = bind.hostKey;
+  let certificate: Certificate | null = null;
+  if (isCertificateBlob(bind.hostKey)) {
+    certificate = verifiedCertificateOf(bind.hostKey);
+    if (!certificate) return false;
+    signer = certificate.publicBlob;
+  }
+  if (!verifySsh(signer, bind.signature, bind.sessionId, true)) return false;
   // A connection bound for authentication must not be rebound (it is the last hop).
   if (bindings.some((b) => !b.isForwarding)) return false;
   const same = bindings.find((b) => b.sessionId.equals(bind.sessionId));
@@ -212,7 +222,8 @@ function processSessionBind(session: AgentSession, contents: Buffer): boolean {
   // Copies: the parsed fields are views into a socket chunk.
   bindings.push({ hostKey: Buffer.from(bind.hostKey), sessionId: Buffer.from(bind.sessionId), isForwarding: bind.isForwarding });
   if (session.debug) {
-    session.log.debug({ peer: session.peer, hostKey: fingerprint(bind.hostKey), forwarding: bind.isForwarding }, 'session bound');
+    const cert = certificate ? { hostCertificate: { keyId: certificate.keyId, serial: certificate.serial.toString(), ca: fingerprint(certificate.signatureKey) } } : {};
+    session.log.debug({ peer: session.peer, hostKey: fingerprint(signer), ...cert, forwarding: bind.isForwarding }, 'session bound');
   }
   return true;
 }

@@ -2,8 +2,20 @@
 // opened in this process, or through the control socket of a daemon that holds it unlocked (so
 // the private keys and the master key stay in the daemon).
 import { generatePrivateKey, parsePkcs8, type KeyKind } from './key-material.js';
+import { parseCertificate } from '../agent-protocol/certificate.js';
 import type { EnrolledFactor, Factor } from './keyring.js';
-import type { AddKeyResult, ExpiredAssignment, KeyRecord, ScopeConstraintRecord, PolicyRecord, ScopeSummary, SecretInfo, SecretValue, Vault } from './vault.js';
+import type {
+  AddCertificateResult,
+  AddKeyResult,
+  ExpiredAssignment,
+  KeyRecord,
+  ScopeConstraintRecord,
+  PolicyRecord,
+  ScopeSummary,
+  SecretInfo,
+  SecretValue,
+  Vault,
+} from './vault.js';
 import type { PolicyDocument } from '../policy/policy.js';
 import type { StoredConstraints } from '../policy/ssh-add-constraints.js';
 import type { TokenRecord } from '../tokens/tokens.js';
@@ -19,6 +31,13 @@ export interface VaultApi {
   generateKey(scope: string, kind: KeyKind, bits: number | undefined, comment: string): Promise<AddedKey>;
   /** Adds a private key given as PKCS#8 DER. */
   importKey(scope: string, pkcs8: Buffer, comment: string): Promise<AddedKey>;
+  /**
+   * Adds an OpenSSH certificate to a scope, with its private key (PKCS#8 DER), stored in the vault
+   * if new but not assigned to the scope by this: the certificate is an identity of its own.
+   */
+  importCertificate(scope: string, pkcs8: Buffer, certificate: Buffer, comment: string): Promise<AddCertificateResult>;
+  /** Removes one certificate from a scope; its key and the key's other identities stay. */
+  removeCertificate(scope: string, certificate: Buffer): Promise<void>;
   listKeys(scope?: string): Promise<KeyRecord[]>;
   /** The ssh-add constraints (-c, -t, -h) of a scope's keys. */
   scopeConstraints(scope: string): Promise<ScopeConstraintRecord[]>;
@@ -50,7 +69,22 @@ export interface VaultApi {
 export interface DaemonVaultApi extends VaultApi {
   /** ssh-add's add: the key stored and assigned with exactly these constraints (a plain re-add clears them). */
   addAgentKey(scope: string, pkcs8: Buffer, comment: string, constraints: StoredConstraints, audited: AuditedConstraints | null): Promise<AddedKey>;
-  /** Removes the assignments whose ssh-add lifetime has ended, each audited as `key-expired`. */
+  /**
+   * ssh-add's add of a certificate: stored in the scope (its key in the vault) with exactly these
+   * constraints, as `addAgentKey` does for a key's assignment (ssh-add sends both, alike).
+   */
+  addAgentCertificate(
+    scope: string,
+    pkcs8: Buffer,
+    certificate: Buffer,
+    comment: string,
+    constraints: StoredConstraints,
+    audited: AuditedConstraints | null,
+  ): Promise<AddCertificateResult>;
+  /**
+   * Removes the assignments and certificates whose ssh-add lifetime has ended, each audited as
+   * `key-expired` or `certificate-expired`.
+   */
   expireAssignments(at: Date): Promise<ExpiredAssignment[]>;
 }
 
@@ -67,6 +101,8 @@ export type VaultMethod = keyof VaultApi;
 export const VAULT_METHODS = [
   'generateKey',
   'importKey',
+  'importCertificate',
+  'removeCertificate',
   'listKeys',
   'scopeConstraints',
   'assign',
@@ -105,6 +141,17 @@ export function localVaultApi(vault: Vault, actor: AuditPeer): DaemonVaultApi {
     await audit({ event: result.created ? 'key-added' : 'key-assigned', scope, fingerprint: result.fingerprint, ...(constraints ? { constraints } : {}) });
     return { added: result, record: vault.listKeys().find((k) => k.fingerprint === result.fingerprint)! };
   };
+  const certificateAdded = async (result: AddCertificateResult, scope: string, certificate: Buffer, constraints: AuditedConstraints | null = null) => {
+    if (result.keyCreated) await audit({ event: 'key-added', fingerprint: result.fingerprint });
+    await audit({
+      event: result.created ? 'certificate-added' : 'certificate-kept',
+      scope,
+      fingerprint: result.fingerprint,
+      ...certificateFacts(certificate),
+      ...(constraints ? { constraints } : {}),
+    });
+    return result;
+  };
   return {
     async generateKey(scope, kind, bits, comment) {
       return added(vault.addKey(scope, await generatePrivateKey(kind, bits), comment), scope);
@@ -123,9 +170,31 @@ export function localVaultApi(vault: Vault, actor: AuditPeer): DaemonVaultApi {
         pkcs8.fill(0);
       }
     },
+    async importCertificate(scope, pkcs8, certificate, comment) {
+      try {
+        return await certificateAdded(vault.addCertificate(scope, parsePkcs8(pkcs8), certificate, comment), scope, certificate);
+      } finally {
+        pkcs8.fill(0);
+      }
+    },
+    async addAgentCertificate(scope, pkcs8, certificate, comment, constraints, audited) {
+      try {
+        return await certificateAdded(vault.addCertificate(scope, parsePkcs8(pkcs8), certificate, comment, constraints), scope, certificate, audited);
+      } finally {
+        pkcs8.fill(0);
+      }
+    },
+    async removeCertificate(scope, certificate) {
+      vault.removeCertificate(scope, certificate);
+      await audit({ event: 'certificate-removed', scope, ...certificateFacts(certificate) });
+    },
     async expireAssignments(at) {
       const expired = vault.expireAssignments(at);
-      await Promise.all(expired.map(({ scope, fingerprint }) => audit({ event: 'key-expired', scope, fingerprint })));
+      await Promise.all(
+        expired.map(({ scope, fingerprint, certificate }) =>
+          audit(certificate ? { event: 'certificate-expired', scope, fingerprint, certificate } : { event: 'key-expired', scope, fingerprint }),
+        ),
+      );
       return expired;
     },
     async listKeys(scope) {
@@ -240,4 +309,14 @@ export function thisProcess(): AuditPeer {
     /* not on Linux /proc */
   }
   return { kind: 'process', pid: process.pid, uid: process.getuid!(), exe };
+}
+
+/** What the audit log says of a certificate: its key's fingerprint, key id and serial. */
+function certificateFacts(certificate: Buffer): Omit<AuditEvent, 'event'> {
+  try {
+    const cert = parseCertificate(certificate);
+    return { fingerprint: cert.fingerprint, certificate: { key_id: cert.keyId, serial: cert.serial.toString() } };
+  } catch {
+    return {};
+  }
 }

@@ -112,6 +112,32 @@ const MIGRATIONS: readonly Migration[] = [
       `);
     },
   },
+  // Version 6 touches only its own table, so it applies on top of 5 (columns of key_scopes).
+  {
+    version: 6,
+    up(db) {
+      // A certificate is an identity of its own in a scope, as in OpenSSH's agent: it is listed
+      // and removed apart from its key's plain assignment. The private key is kept once, in
+      // `keys` (deleting the key deletes its certificates). `blob` is the certificate as added.
+      // expires_at, confirm and destinations are the same constraints as key_scopes' (ssh-add -t,
+      // -c, -h given with a certificate).
+      db.exec(`
+        CREATE TABLE certificates (
+          id INTEGER PRIMARY KEY,
+          scope TEXT NOT NULL,
+          key_id INTEGER NOT NULL REFERENCES keys(id) ON DELETE CASCADE,
+          blob BLOB NOT NULL,
+          comment TEXT NOT NULL DEFAULT '',
+          assigned_at TEXT NOT NULL,
+          expires_at TEXT,
+          confirm INTEGER NOT NULL DEFAULT 0,
+          destinations TEXT,
+          UNIQUE (scope, blob)
+        ) STRICT;
+        CREATE INDEX certificates_by_key ON certificates(key_id);
+      `);
+    },
+  },
 ];
 
 export const SCHEMA_VERSION = MIGRATIONS[MIGRATIONS.length - 1]!.version;

@@ -5,12 +5,16 @@ import type { Identity } from '../agent-protocol/messages.js';
 import type { SshKeyType } from '../agent-protocol/public-key.js';
 import { compileConstraints, type CompiledConstraints } from '../policy/ssh-add-constraints.js';
 import { fromPkcs8 } from './key-material.js';
-import type { Vault } from './vault.js';
+import { certificateFactsOf, type Vault } from './vault.js';
 
 export interface CachedKey {
+  /** The key's fingerprint (for a certificate, the certified key's: policy `keys` match both). */
   fingerprint: string;
+  /** The plain key type: a certificate signs as its key does. */
   type: SshKeyType;
   key: KeyObject;
+  /** Set when the identity is a certificate of the key (for the audit line). */
+  certificate?: { key_id: string; serial: string };
 }
 
 export interface ScopeKeys {
@@ -32,6 +36,7 @@ export class KeyCache {
   private builtFrom = -1;
   private scopes = new Map<string, ScopeKeys>();
   private parsed = new Map<string, CachedKey>();
+  private certificates = new Map<string, CachedKey>();
 
   /** `observe` reads the vault's version counter (the daemon passes a cheaper, per-turn one). */
   constructor(
@@ -46,6 +51,7 @@ export class KeyCache {
     const rows = this.vault.scopeKeys();
     const scopes = new Map<string, ScopeKeys>();
     const parsed = new Map<string, CachedKey>();
+    const certificates = new Map<string, CachedKey>();
     for (const row of rows) {
       // A key unchanged across versions keeps its KeyObject: parse each key once, not per change.
       let cached = parsed.get(row.fingerprint) ?? this.parsed.get(row.fingerprint);
@@ -54,19 +60,29 @@ export class KeyCache {
       }
       row.privatePkcs8.fill(0);
       parsed.set(row.fingerprint, cached);
+      const blobId = row.publicBlob.toString('latin1');
+      let entry = cached;
+      if (row.certificate) {
+        // The certificate maps to the same KeyObject; what the audit says of it is read once.
+        const known = certificates.get(blobId) ?? this.certificates.get(blobId);
+        entry = known?.key === cached.key ? known : { ...cached, certificate: certificateFactsOf(row.publicBlob) };
+        certificates.set(blobId, entry);
+      }
       let scope = scopes.get(row.scope);
       if (!scope) scopes.set(row.scope, (scope = { identities: [], byBlob: new Map(), constraints: new Map(), nextExpiry: null }));
+      // Each identity once, as OpenSSH lists them.
+      if (scope.byBlob.has(blobId)) continue;
       scope.identities.push({ keyBlob: row.publicBlob, comment: row.comment });
-      const id = row.publicBlob.toString('latin1');
-      scope.byBlob.set(id, cached);
+      scope.byBlob.set(blobId, entry);
       const constraints = compileConstraints(row);
       if (constraints) {
-        scope.constraints.set(id, constraints);
+        scope.constraints.set(blobId, constraints);
         if (constraints.expiresAt !== null && (scope.nextExpiry === null || constraints.expiresAt < scope.nextExpiry)) scope.nextExpiry = constraints.expiresAt;
       }
     }
     this.scopes = scopes;
     this.parsed = parsed;
+    this.certificates = certificates;
     this.builtFrom = version;
     return true;
   }
@@ -96,6 +112,7 @@ export class KeyCache {
   clear(): void {
     this.scopes = new Map();
     this.parsed = new Map();
+    this.certificates = new Map();
     this.builtFrom = -1;
   }
 }

@@ -9,6 +9,8 @@ import { dirname } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import type { KeyObject } from 'node:crypto';
 import { fingerprint } from '../agent-protocol/public-key.js';
+import { parseCertificate, parseVerifiedCertificate } from '../agent-protocol/certificate.js';
+import { WireFormatError } from '../agent-protocol/wire.js';
 import { EXIT, KeyholdError, notFound, usageError } from '../errors.js';
 import { checkDatabaseFile, openDatabase, type Db } from './database.js';
 import { describeSupportedKey, toPkcs8 } from './key-material.js';
@@ -59,19 +61,50 @@ export interface KeyRecord {
   publicBlob: Buffer;
   /** Scopes whose assignment expires (ssh-add -t): scope → ISO time. */
   expires?: Record<string, string>;
+  /** The key's certificates, each in its scope (a certificate is an identity apart from the key's assignment). */
+  certificates: CertificateRecord[];
 }
 
-/** An assignment's ssh-add constraints, as `policy show` prints them. */
+/** What a listing or the audit log says of a certificate: never key material. */
+export interface CertificateFacts {
+  key_id: string;
+  serial: string;
+}
+
+/** An identity's ssh-add constraints (a key's assignment, or a certificate), as `policy show` prints them. */
 export interface ScopeConstraintRecord {
   fingerprint: string;
   comment: string;
+  /** Set when the constrained identity is a certificate of the key. */
+  certificate?: CertificateFacts;
   constraints: StoredConstraints;
 }
 
-/** An assignment removed because its ssh-add lifetime ran out. */
+/** An assignment (or a certificate) removed because its ssh-add lifetime ran out. */
 export interface ExpiredAssignment {
   scope: string;
   fingerprint: string;
+  /** Set when what expired is a certificate of the key (the key's own assignment is apart). */
+  certificate?: CertificateFacts;
+}
+
+export interface CertificateRecord {
+  scope: string;
+  /** The certificate blob as added. */
+  blob: Buffer;
+  comment: string;
+  /** When its ssh-add lifetime (-t) ends (ISO); absent: it does not expire. */
+  expires?: string;
+}
+
+/** Key id and serial of a stored certificate (checked when it was added; a damaged one says so). */
+export function certificateFactsOf(blob: Buffer): CertificateFacts {
+  try {
+    const cert = parseCertificate(blob);
+    return { key_id: cert.keyId, serial: cert.serial.toString() };
+  } catch {
+    return { key_id: '(unreadable)', serial: '' };
+  }
 }
 
 export interface ScopeKeyRow {
@@ -79,12 +112,24 @@ export interface ScopeKeyRow {
   fingerprint: string;
   type: string;
   comment: string;
+  /** The identity's blob: the plain public key, or for a certificate the certificate. */
   publicBlob: Buffer;
   privatePkcs8: Buffer;
-  /** ssh-add's constraints on this assignment (see ssh-add-constraints.ts). */
+  /** ssh-add's constraints on this identity (see ssh-add-constraints.ts). */
   expires_at: string | null;
   confirm: number;
   destinations: string | null;
+  /** 1 when `publicBlob` is a certificate of the key. */
+  certificate: 0 | 1;
+}
+
+export interface AddCertificateResult {
+  /** The certified key's fingerprint. */
+  fingerprint: string;
+  /** The key was new to the vault. */
+  keyCreated: boolean;
+  /** The certificate was new to the scope. */
+  created: boolean;
 }
 
 export interface ScopeSummary {
@@ -485,21 +530,7 @@ export class Vault {
     const info = describeSupportedKey(key);
     const fp = fingerprint(info.blob);
     return this.write(() => {
-      const existing = this.db.prepare('SELECT id, comment FROM keys WHERE fingerprint = ?').get(fp) as
-        | { id: number; comment: string }
-        | undefined;
-      let id: number;
-      if (existing) {
-        id = existing.id;
-      } else {
-        const row = this.db
-          .prepare(
-            `INSERT INTO keys (fingerprint, type, bits, public_blob, private_pkcs8, comment, created_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?)`,
-          )
-          .run(fp, info.type, info.bits, info.blob, toPkcs8(key), comment, now());
-        id = Number(row.lastInsertRowid);
-      }
+      const stored = this.storeKey(key, info, fp, comment);
       if (constraints) {
         this.db
           .prepare(
@@ -508,7 +539,7 @@ export class Vault {
           )
           .run(
             scope,
-            id,
+            stored.id,
             now(),
             constraints.expiresAt,
             constraints.confirm ? 1 : 0,
@@ -517,9 +548,83 @@ export class Vault {
       } else {
         this.db
           .prepare('INSERT OR IGNORE INTO key_scopes (scope, key_id, assigned_at) VALUES (?, ?, ?)')
-          .run(scope, id, now());
+          .run(scope, stored.id, now());
       }
-      return { fingerprint: fp, created: !existing, publicBlob: info.blob, comment: existing ? existing.comment : comment };
+      return { fingerprint: fp, created: stored.created, publicBlob: info.blob, comment: stored.comment };
+    });
+  }
+
+  /** Inside a write: the key's row, inserted if new. */
+  private storeKey(key: KeyObject, info: ReturnType<typeof describeSupportedKey>, fp: string, comment: string): { id: number; created: boolean; comment: string } {
+    const existing = this.db.prepare('SELECT id, comment FROM keys WHERE fingerprint = ?').get(fp) as { id: number; comment: string } | undefined;
+    if (existing) return { id: existing.id, created: false, comment: existing.comment };
+    const pkcs8 = toPkcs8(key);
+    try {
+      const row = this.db
+        .prepare(
+          `INSERT INTO keys (fingerprint, type, bits, public_blob, private_pkcs8, comment, created_at)
+           VALUES (?, ?, ?, ?, ?, ?, ?)`,
+        )
+        .run(fp, info.type, info.bits, info.blob, pkcs8, comment, now());
+      return { id: Number(row.lastInsertRowid), created: true, comment };
+    } finally {
+      // SQLite has its own copy once bound: ours is wiped.
+      pkcs8.fill(0);
+    }
+  }
+
+  /**
+   * Stores a certificate in a scope, and its private key in the vault if new (the key is not
+   * assigned to the scope by this: as OpenSSH's agent, the certificate is an identity of its own).
+   * The certificate must verify under its CA and certify this key. With `constraints` (an add
+   * through ssh-add) the certificate's constraints become exactly these, replacing any it had, as
+   * for a key's assignment; without, an existing certificate stays as it is.
+   */
+  addCertificate(scope: string, key: KeyObject, certificate: Buffer, comment: string, constraints?: StoredConstraints): AddCertificateResult {
+    checkScopeName(scope);
+    const info = describeSupportedKey(key);
+    const fp = fingerprint(info.blob);
+    let cert;
+    try {
+      cert = parseVerifiedCertificate(certificate);
+    } catch (err) {
+      throw usageError(`not a valid certificate: ${err instanceof WireFormatError ? err.message : 'malformed'}`);
+    }
+    if (!cert.publicBlob.equals(info.blob)) throw usageError('the certificate does not certify this key');
+    return this.write(() => {
+      const stored = this.storeKey(key, info, fp, comment);
+      const known = this.db.prepare('SELECT 1 FROM certificates WHERE scope = ? AND blob = ?').get(scope, cert.blob) !== undefined;
+      if (constraints) {
+        this.db
+          .prepare(
+            `INSERT INTO certificates (scope, key_id, blob, comment, assigned_at, expires_at, confirm, destinations) VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+             ON CONFLICT (scope, blob) DO UPDATE SET expires_at = excluded.expires_at, confirm = excluded.confirm, destinations = excluded.destinations`,
+          )
+          .run(
+            scope,
+            stored.id,
+            cert.blob,
+            comment,
+            now(),
+            constraints.expiresAt,
+            constraints.confirm ? 1 : 0,
+            constraints.destinations === null ? null : JSON.stringify(constraints.destinations),
+          );
+      } else {
+        this.db
+          .prepare('INSERT OR IGNORE INTO certificates (scope, key_id, blob, comment, assigned_at) VALUES (?, ?, ?, ?, ?)')
+          .run(scope, stored.id, cert.blob, comment, now());
+      }
+      return { fingerprint: fp, keyCreated: stored.created, created: !known };
+    });
+  }
+
+  /** Removes one certificate from a scope (its key, and the key's other identities, stay). */
+  removeCertificate(scope: string, certificate: Buffer): void {
+    checkScopeName(scope);
+    this.write(() => {
+      const result = this.db.prepare('DELETE FROM certificates WHERE scope = ? AND blob = ?').run(scope, certificate);
+      if (result.changes === 0) throw notFound(`that certificate is not in scope ${scope}`, 'see `keyhold key list`');
     });
   }
 
@@ -527,28 +632,43 @@ export class Vault {
     if (scope !== undefined) checkScopeName(scope);
     const rows = this.db
       .prepare(
-        `SELECT k.fingerprint, k.type, k.bits, k.comment, k.public_blob AS publicBlob,
+        `SELECT k.id, k.fingerprint, k.type, k.bits, k.comment, k.public_blob AS publicBlob,
                 (SELECT group_concat(scope, char(10)) FROM (SELECT scope FROM key_scopes s WHERE s.key_id = k.id ORDER BY scope)) AS scopes,
                 (SELECT json_group_object(scope, expires_at) FROM key_scopes s WHERE s.key_id = k.id AND s.expires_at IS NOT NULL) AS expires
          FROM keys k
          WHERE ? IS NULL OR EXISTS (SELECT 1 FROM key_scopes s WHERE s.key_id = k.id AND s.scope = ?)
+                         OR EXISTS (SELECT 1 FROM certificates c WHERE c.key_id = k.id AND c.scope = ?)
          ORDER BY k.id`,
       )
-      .all(scope ?? null, scope ?? null) as (Omit<KeyRecord, 'scopes' | 'expires'> & { scopes: string | null; expires: string })[];
-    return rows.map(({ expires, ...r }) => {
+      .all(scope ?? null, scope ?? null, scope ?? null) as (Omit<KeyRecord, 'scopes' | 'expires' | 'certificates'> & { id: number; scopes: string | null; expires: string })[];
+    const certificates = this.db
+      .prepare(`SELECT key_id AS keyId, scope, blob, comment, expires_at AS expires FROM certificates WHERE ? IS NULL OR scope = ? ORDER BY scope, assigned_at, id`)
+      .all(scope ?? null, scope ?? null) as (Omit<CertificateRecord, 'expires'> & { keyId: number; expires: string | null })[];
+    return rows.map(({ id, expires, ...r }) => {
       const expiring = JSON.parse(expires) as Record<string, string>;
-      return { ...r, scopes: r.scopes ? r.scopes.split('\n') : [], ...(Object.keys(expiring).length > 0 ? { expires: expiring } : {}) };
+      return {
+        ...r,
+        scopes: r.scopes ? r.scopes.split('\n') : [],
+        ...(Object.keys(expiring).length > 0 ? { expires: expiring } : {}),
+        certificates: certificates
+          .filter((c) => c.keyId === id)
+          .map(({ keyId: _keyId, expires: until, ...c }) => (until === null ? c : { ...c, expires: until })),
+      };
     });
   }
 
-  /** Every (scope, key) pair with the private key, for the key cache. */
+  /** Every identity of every scope (plain assignments and certificates) with its private key, for the key cache. */
   scopeKeys(): ScopeKeyRow[] {
     return this.db
       .prepare(
-        `SELECT s.scope, k.fingerprint, k.type, k.comment, k.public_blob AS publicBlob, k.private_pkcs8 AS privatePkcs8,
-                s.expires_at, s.confirm, s.destinations
-         FROM key_scopes s JOIN keys k ON k.id = s.key_id
-         ORDER BY s.scope, s.assigned_at, k.id`,
+        `SELECT scope, fingerprint, type, comment, publicBlob, privatePkcs8, expires_at, confirm, destinations, certificate FROM (
+           SELECT s.scope, k.fingerprint, k.type, k.comment, k.public_blob AS publicBlob, k.private_pkcs8 AS privatePkcs8,
+                  s.expires_at, s.confirm, s.destinations, 0 AS certificate, s.assigned_at AS at, k.id AS seq
+           FROM key_scopes s JOIN keys k ON k.id = s.key_id
+           UNION ALL
+           SELECT c.scope, k.fingerprint, k.type, c.comment, c.blob, k.private_pkcs8, c.expires_at, c.confirm, c.destinations, 1, c.assigned_at, c.id
+           FROM certificates c JOIN keys k ON k.id = c.key_id
+         ) ORDER BY scope, at, certificate, seq`,
       )
       .all() as ScopeKeyRow[];
   }
@@ -578,41 +698,57 @@ export class Vault {
     });
   }
 
-  /** Removes the assignments whose ssh-add lifetime ended by `at` (one transaction). */
+  /** Removes the assignments and certificates whose ssh-add lifetime ended by `at` (one transaction). */
   expireAssignments(at: Date): ExpiredAssignment[] {
     const cutoff = at.toISOString();
     const due = () =>
       this.db
         .prepare(
-          `SELECT s.scope, k.fingerprint FROM key_scopes s JOIN keys k ON k.id = s.key_id
-           WHERE s.expires_at IS NOT NULL AND s.expires_at <= ? ORDER BY s.expires_at`,
+          `SELECT scope, fingerprint, certificate FROM (
+             SELECT s.scope, k.fingerprint, NULL AS certificate, s.expires_at AS at FROM key_scopes s JOIN keys k ON k.id = s.key_id
+             WHERE s.expires_at IS NOT NULL AND s.expires_at <= ?
+             UNION ALL
+             SELECT c.scope, k.fingerprint, c.blob, c.expires_at FROM certificates c JOIN keys k ON k.id = c.key_id
+             WHERE c.expires_at IS NOT NULL AND c.expires_at <= ?
+           ) ORDER BY at`,
         )
-        .all(cutoff) as ExpiredAssignment[];
+        .all(cutoff, cutoff) as { scope: string; fingerprint: string; certificate: Buffer | null }[];
     // Nothing due: no write, and the version counter stays (no cache rebuild for nothing).
     if (due().length === 0) return [];
     return this.write(() => {
       const expired = due();
       this.db.prepare('DELETE FROM key_scopes WHERE expires_at IS NOT NULL AND expires_at <= ?').run(cutoff);
-      return expired;
+      this.db.prepare('DELETE FROM certificates WHERE expires_at IS NOT NULL AND expires_at <= ?').run(cutoff);
+      return expired.map(({ scope, fingerprint, certificate }) => ({ scope, fingerprint, ...(certificate ? { certificate: certificateFactsOf(certificate) } : {}) }));
     });
   }
 
-  /** The earliest ssh-add expiry of any assignment (ISO), or null. */
+  /** The earliest ssh-add expiry of any assignment or certificate (ISO), or null. */
   nextExpiry(): string | null {
-    return (this.db.prepare('SELECT min(expires_at) FROM key_scopes').pluck().get() as string | null) ?? null;
+    return (
+      (this.db.prepare('SELECT min(at) FROM (SELECT min(expires_at) AS at FROM key_scopes UNION ALL SELECT min(expires_at) FROM certificates)').pluck().get() as
+        | string
+        | null) ?? null
+    );
   }
 
   /** The ssh-add constraints of a scope's keys, for `policy show`. */
   scopeConstraints(scope: string): ScopeConstraintRecord[] {
     checkScopeName(scope);
+    // Listed as the key cache lists identities: by when added, a key before its certificates.
     const rows = this.db
       .prepare(
-        `SELECT k.fingerprint, k.comment, s.expires_at, s.confirm, s.destinations
-         FROM key_scopes s JOIN keys k ON k.id = s.key_id
-         WHERE s.scope = ? AND (s.expires_at IS NOT NULL OR s.confirm != 0 OR s.destinations IS NOT NULL)
-         ORDER BY s.assigned_at, k.id`,
+        `SELECT fingerprint, comment, certificate, expires_at, confirm, destinations FROM (
+           SELECT k.fingerprint, k.comment, NULL AS certificate, s.expires_at, s.confirm, s.destinations, s.assigned_at AS at, 0 AS kind, k.id AS seq
+           FROM key_scopes s JOIN keys k ON k.id = s.key_id WHERE s.scope = ?
+           UNION ALL
+           SELECT k.fingerprint, c.comment, c.blob, c.expires_at, c.confirm, c.destinations, c.assigned_at, 1, c.id
+           FROM certificates c JOIN keys k ON k.id = c.key_id WHERE c.scope = ?
+         )
+         WHERE expires_at IS NOT NULL OR confirm != 0 OR destinations IS NOT NULL
+         ORDER BY at, kind, seq`,
       )
-      .all(scope) as { fingerprint: string; comment: string; expires_at: string | null; confirm: number; destinations: string | null }[];
+      .all(scope, scope) as { fingerprint: string; comment: string; certificate: Buffer | null; expires_at: string | null; confirm: number; destinations: string | null }[];
     return rows.map((row) => {
       let destinations: StoredDestination[] | null = null;
       try {
@@ -620,7 +756,12 @@ export class Vault {
       } catch {
         destinations = [];
       }
-      return { fingerprint: row.fingerprint, comment: row.comment, constraints: { expiresAt: row.expires_at, confirm: row.confirm !== 0, destinations } };
+      return {
+        fingerprint: row.fingerprint,
+        comment: row.comment,
+        ...(row.certificate ? { certificate: certificateFactsOf(row.certificate) } : {}),
+        constraints: { expiresAt: row.expires_at, confirm: row.confirm !== 0, destinations },
+      };
     });
   }
 
@@ -638,6 +779,10 @@ export class Vault {
            SELECT scope AS name, count(*) AS keys, 0 AS secrets, 0 AS tokens, 0 AS policy,
                   sum(expires_at IS NOT NULL OR confirm != 0 OR destinations IS NOT NULL) AS constrained
              FROM key_scopes GROUP BY scope
+           UNION ALL
+           SELECT scope, count(*), 0, 0, 0,
+                  sum(expires_at IS NOT NULL OR confirm != 0 OR destinations IS NOT NULL)
+             FROM certificates GROUP BY scope
            UNION ALL
            SELECT scope, 0, count(*), 0, 0, 0 FROM secrets GROUP BY scope
            UNION ALL

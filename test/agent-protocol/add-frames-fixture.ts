@@ -8,6 +8,8 @@ export interface AddFramesFixture {
   opensshVersion: string;
   keys: Record<string, { publicKey: string; comment: string; fingerprint: string }>;
   certifiedKey: { publicKey: string; certificate: string };
+  /** Per key type: a key and its certificate (the ECDSA and ed25519 ones by an ed25519 CA, the RSA one by an RSA CA). */
+  certifiedKeys: Record<string, { publicKey: string; certificate: string }>;
   destHost: string;
   jumpHost: string;
   sshdHostKey: string;

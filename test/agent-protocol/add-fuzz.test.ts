@@ -9,6 +9,7 @@ import { CONSTRAIN, EXT_RESTRICT_DESTINATION, readConstraints, writeConstraints,
 import { describeKey, type SshKeyType } from '../../src/agent-protocol/public-key.js';
 import { signatureAlgorithmFor, signSsh, verifySsh } from '../../src/agent-protocol/signature.js';
 import { UnsupportedKeyError } from '../../src/agent-protocol/private-key.js';
+import { verifyCertificate } from '../../src/agent-protocol/certificate.js';
 import { WireFormatError, WireReader, WireWriter } from '../../src/agent-protocol/wire.js';
 import { readString, sshString, u32 } from '../helpers/raw-wire.js';
 import { addExchanges } from './add-frames-fixture.js';
@@ -21,6 +22,11 @@ const PARSE_BUDGET_MS = 1_000;
 const requests = addExchanges().map((p) => payloadOf(p.request));
 const plainAdds = addExchanges()
   .filter((p) => p.request.client === 'ssh-add KEY')
+  .map((p) => ({ keyType: p.request.keyType as SshKeyType, payload: payloadOf(p.request) }));
+/** The second add of each `ssh-add KEY (with KEY-cert.pub)` run: the certificate. */
+const certificateAdds = addExchanges()
+  .filter((p) => p.request.client === 'ssh-add KEY (with KEY-cert.pub)')
+  .filter((_, i) => i % 2 === 1)
   .map((p) => ({ keyType: p.request.keyType as SshKeyType, payload: payloadOf(p.request) }));
 const KEY_OPERATION_CODES = [MSG.ADD_IDENTITY, MSG.REMOVE_IDENTITY, MSG.REMOVE_ALL_IDENTITIES, MSG.LOCK, MSG.UNLOCK, MSG.ADD_ID_CONSTRAINED];
 
@@ -133,6 +139,25 @@ describe('add/remove/lock parsing properties', () => {
     expect(accepted).toBeGreaterThan(0);
   });
 
+  it('a damaged certificate add that parses carries a certificate that verifies under its CA and certifies the key it carries', () => {
+    let accepted = 0;
+    fc.assert(
+      fc.property(fc.constantFrom(...certificateAdds).chain(({ keyType, payload }) => damagedArb(payload).map((bytes) => ({ keyType, bytes }))), ({ keyType, bytes }) => {
+        const result = parseBounded(bytes);
+        if (result instanceof WireFormatError || result.type !== 'add-identity') return;
+        accepted++;
+        const cert = result.key.certificate!;
+        expect(verifyCertificate(cert)).toBe(true);
+        expect(result.key.publicBlob.equals(cert.publicBlob)).toBe(true);
+        expect(describeKey(createPublicKey(result.key.key)).blob.equals(cert.publicBlob)).toBe(true);
+        const data = Buffer.from('keyhold cert add fuzz');
+        expect(verifySsh(cert.publicBlob, signSsh(result.key.key, signatureAlgorithmFor(keyType, 4), data), data)).toBe(true);
+      }),
+      { numRuns: RUNS },
+    );
+    expect(accepted).toBeGreaterThan(0);
+  });
+
   it('a private part that does not belong to the public part is refused, for every key type', () => {
     for (const { keyType, payload } of plainAdds) {
       // The last byte of the key's private part (ed25519: pub's copy; ecdsa: d; rsa: q) is just
@@ -223,8 +248,8 @@ describe('remove and lock bodies', () => {
     expect(parseRequest(Buffer.concat([Buffer.of(MSG.LOCK), sshString('')]))).toEqual({ type: 'lock', passphrase: Buffer.alloc(0) });
   });
 
-  it('security-key and DSA keys are refused as unsupported, naming the type', () => {
-    for (const type of ['sk-ssh-ed25519@openssh.com', 'sk-ecdsa-sha2-nistp256@openssh.com', 'ssh-dss', 'ssh-ed25519-cert-v01@openssh.com']) {
+  it('security-key and DSA keys (and their certificates) are refused as unsupported, naming the type', () => {
+    for (const type of ['sk-ssh-ed25519@openssh.com', 'sk-ecdsa-sha2-nistp256@openssh.com', 'ssh-dss', 'ssh-dss-cert-v01@openssh.com', 'sk-ssh-ed25519-cert-v01@openssh.com']) {
       expect(() => parseRequest(Buffer.concat([Buffer.of(MSG.ADD_IDENTITY), sshString(type), sshString('x')]))).toThrow(UnsupportedKeyError);
     }
     expect(() => parseRequest(Buffer.concat([Buffer.of(MSG.ADD_IDENTITY), sshString('sk-ssh-ed25519@openssh.com')]))).toThrow(/security keys/);

@@ -10,7 +10,6 @@ import { describe, expect, it } from 'vitest';
 import { frame } from '../../src/agent-protocol/framing.js';
 import { encodeRequest, encodeResponse, parseRequest, type AddIdentityRequest } from '../../src/agent-protocol/messages.js';
 import type { DestinationConstraint } from '../../src/agent-protocol/key-constraints.js';
-import { UnsupportedKeyError } from '../../src/agent-protocol/private-key.js';
 import { fingerprint, type SshKeyType } from '../../src/agent-protocol/public-key.js';
 import { signatureAlgorithmFor, signSsh, verifySsh, SIGN_FLAG_RSA_SHA2_512 } from '../../src/agent-protocol/signature.js';
 import { addExchanges, addFixture } from './add-frames-fixture.js';
@@ -148,16 +147,69 @@ describe('ssh-add with two destination constraints', () => {
 });
 
 describe('certificates', () => {
-  const exchanges = pairs.filter((p) => p.request.client === 'ssh-add KEY (with KEY-cert.pub)');
+  const certified = addFixture.certifiedKeys;
 
-  it('ssh-add sends the plain key, which parses, then its certificate, which is refused as unsupported', () => {
+  it('ssh-add KEY with KEY-cert.pub, each key type: the plain key, then its certificate (cert type, cert blob, the private fields it does not hold)', () => {
+    for (const keyType of KEY_TYPES) {
+      const exchanges = pairs.filter((p) => p.request.client === 'ssh-add KEY (with KEY-cert.pub)' && p.request.keyType === keyType);
+      expect(exchanges, keyType).toHaveLength(2);
+      const plainBlob = parseLine(certified[keyType]!.publicKey).blob;
+      const certificateBlob = parseLine(certified[keyType]!.certificate).blob;
+      const plain = parseRequest(payloadOf(exchanges[0]!.request)) as AddIdentityRequest;
+      expect(plain.key.publicBlob.equals(plainBlob)).toBe(true);
+      expect(plain.key.certificate).toBeUndefined();
+      const payload = payloadOf(exchanges[1]!.request);
+      const cert = parseRequest(payload) as AddIdentityRequest;
+      expect(cert.type).toBe('add-identity');
+      expect(cert.constrained).toBe(false);
+      expect(cert.key.type).toBe(keyType);
+      expect(cert.key.publicBlob.equals(plainBlob)).toBe(true);
+      expect(cert.key.fingerprint).toBe(fingerprint(plainBlob));
+      expect(cert.key.certificate!.blob.equals(certificateBlob)).toBe(true);
+      expect(cert.key.certificate!.keyId).toMatch(/^keyhold-fixture/);
+      expect(cert.key.certificate!.principals).toEqual(['fixture']);
+      expect(cert.comment).toBe(plain.comment);
+      // The key it carries signs what the certified key verifies.
+      const data = Buffer.from('certified');
+      const algorithm = signatureAlgorithmFor(keyType, SIGN_FLAG_RSA_SHA2_512);
+      expect(verifySsh(plainBlob, signSsh(cert.key.key, algorithm, data), data)).toBe(true);
+      expect(encodeRequest(cert).equals(payload), `${keyType} re-encodes to the same bytes`).toBe(true);
+      expect(frameBytes(exchanges[1]!.response).equals(SUCCESS)).toBe(true);
+    }
+  });
+
+  it('ssh-add -c with a certificate: both adds constrained, confirm', () => {
+    const exchanges = pairs.filter((p) => p.request.client === 'ssh-add -c KEY (with KEY-cert.pub)');
     expect(exchanges).toHaveLength(2);
-    const plain = parseRequest(payloadOf(exchanges[0]!.request)) as AddIdentityRequest;
-    expect(plain.key.publicBlob.equals(parseLine(addFixture.certifiedKey.publicKey).blob)).toBe(true);
-    expect(() => parseRequest(payloadOf(exchanges[1]!.request))).toThrow(UnsupportedKeyError);
-    expect(() => parseRequest(payloadOf(exchanges[1]!.request))).toThrow(/certificates are not supported/);
+    const [plain, cert] = exchanges.map((p) => parseRequest(payloadOf(p.request)) as AddIdentityRequest);
+    expect(plain!.constraints.confirm && cert!.constraints.confirm && cert!.constrained).toBe(true);
+    expect(cert!.key.certificate!.blob.equals(parseLine(certified['ssh-ed25519']!.certificate).blob)).toBe(true);
+  });
+
+  it('a certificate with another private key, under another type name, or with a forged CA signature: refused', () => {
+    const payload = payloadOf(pairs.filter((p) => p.request.client === 'ssh-add KEY (with KEY-cert.pub)' && p.request.keyType === 'ssh-ed25519')[1]!.request);
+    const good = parseRequest(payload) as AddIdentityRequest;
+    const other = parseRequest(payloadOf(only('ssh-add KEY', 'ssh-ed25519').request)) as AddIdentityRequest;
+    const wrongKey = encodeRequest({ ...good, key: { ...other.key, certificate: good.key.certificate! } });
+    expect(() => parseRequest(wrongKey)).toThrow(/does not match its certificate/);
+    // The ed25519 certificate named as an ECDSA certificate.
+    const certBlob = good.key.certificate!.blob;
+    const renamed = Buffer.concat([Buffer.of(17), sshStr('ecdsa-sha2-nistp256-cert-v01@openssh.com'), sshStr(certBlob), Buffer.alloc(8)]);
+    expect(() => parseRequest(renamed)).toThrow(/type does not match/);
+    // A byte of the key id changed: the structure holds, the CA signature does not.
+    const forged = Buffer.from(payload);
+    const at = forged.indexOf(Buffer.from('keyhold-fixture'));
+    forged[at] = forged[at]! ^ 0x01;
+    expect(() => parseRequest(forged)).toThrow(/signature does not verify/);
   });
 });
+
+function sshStr(value: string | Buffer): Buffer {
+  const bytes = typeof value === 'string' ? Buffer.from(value) : value;
+  const length = Buffer.alloc(4);
+  length.writeUInt32BE(bytes.length);
+  return Buffer.concat([length, bytes]);
+}
 
 describe('remove all, lock, unlock', () => {
   it('ssh-add -D: REMOVE_ALL_IDENTITIES (19), then the protocol-1 message (9) this agent does not model', () => {

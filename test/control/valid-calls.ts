@@ -30,6 +30,8 @@ export async function validCalls(): Promise<Record<VaultMethod, unknown[][]>> {
       ['web', 'ecdsa', 521, 'c'],
     ],
     importKey: [['web', randomBytes(1200), 'imported']],
+    importCertificate: [['web', randomBytes(48), randomBytes(400), 'me-cert']],
+    removeCertificate: [['web', randomBytes(400)]],
     listKeys: [[], ['web'], [undefined]],
     scopeConstraints: [['web']],
     assign: [['web', FP], ['a.b_c-d', FP.slice('SHA256:'.length)]],

@@ -1,7 +1,8 @@
 // ssh-add's key constraints against a real `keyhold serve`, with OpenSSH's own tools: -t expires
 // the assignment (also across a restart), -c makes every signature wait for `keyhold approve`,
 // -h limits the key to the hosts named (two real sshd with different host keys, a forwarded hop
-// through a real `ssh -A`), and `policy show` prints all three.
+// through a real `ssh -A`), and `policy show` prints all three. A certificate (KEY-cert.pub beside
+// KEY, sent by ssh-add after the key with the same constraints) takes them as an identity of its own.
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -10,6 +11,7 @@ import { keyhold, keyholdOk, waitFor } from '../helpers/keyhold.js';
 import { completeEntries, sleep } from '../helpers/audit.js';
 import { run, type Run } from '../helpers/sshd.js';
 import { generateKeyPair, type KeyPair } from '../helpers/ssh-agent.js';
+import { signCertificate, type MadeCertificate } from '../helpers/certificates.js';
 import {
   clientEnv,
   launchClient,
@@ -25,6 +27,9 @@ let lab: PolicyLab;
 const keys: Record<string, KeyPair> = {};
 /** known_hosts for `ssh-add -H`: the names ssh-add -h takes, for the two sshd. */
 let hostsFile: string;
+/** A user certificate of keys.certified (principal CERT_PRINCIPAL), which both sshd trust through their CA line. */
+let certified: MadeCertificate;
+const CERT_PRINCIPAL = 'keyhold-cert-principal';
 /** `[serve] scopes = ["web"]`: the socket stays through restarts while web has no key. */
 const configDir = mkdtempSync(join(tmpdir(), 'keyhold-ssh-add-constraints-config-'));
 const configFile = join(configDir, 'config.toml');
@@ -52,9 +57,16 @@ function listedKey(key: KeyPair): { scopes: string[]; expires?: Record<string, s
 
 beforeAll(async () => {
   lab = await startPolicyLab({ prefix: 'keyhold-ssh-add-constraints-', keyCount: 1, serveArgs });
-  for (const name of ['lifetime', 'restart', 'confirm', 'hosts', 'onward']) keys[name] = generateKeyPair(lab.work, `id_${name}`, 'ed25519');
-  // Only these keys log in: the lab's own key must not open either host.
-  const authorized = Object.values(keys).map((k) => k.pubLine).join('\n') + '\n';
+  for (const name of ['lifetime', 'restart', 'confirm', 'hosts', 'onward', 'certified']) keys[name] = generateKeyPair(lab.work, `id_${name}`, 'ed25519');
+  const userCa = generateKeyPair(lab.work, 'user_ca', 'ed25519');
+  certified = signCertificate(userCa.path, keys.certified!.pubPath, { keyId: 'certified-id', principals: [CERT_PRINCIPAL], serial: 42 });
+  // Only these keys log in: the lab's own key must not open either host. The certified key logs in
+  // by its certificate alone (its plain key is not listed).
+  const authorized =
+    Object.entries(keys)
+      .filter(([name]) => name !== 'certified')
+      .map(([, k]) => k.pubLine)
+      .join('\n') + `\ncert-authority,principals="${CERT_PRINCIPAL}" ${userCa.pubLine}\n`;
   writeFileSync(lab.a.sshd.authorizedKeysFile, authorized);
   writeFileSync(lab.b.sshd.authorizedKeysFile, authorized);
   hostsFile = join(lab.work, 'ssh-add_known_hosts');
@@ -251,4 +263,67 @@ describe('policy show and policy check', () => {
     expect((await sshAdd(['-d', keys.hosts!.path])).code).toBe(0);
     expect(keyhold(lab.k, ['policy', 'show', 'web']).status).toBe(5);
   }, 30_000);
+});
+
+describe('certificates take the same constraints as their key (ssh-add KEY with KEY-cert.pub)', () => {
+  const certBlob = () => certified.line.split(/\s+/).slice(0, 2).join(' ');
+  const listedBlobs = async () => (await sshAdd(['-L'])).stdout;
+
+  it('-c -t: both identities constrained; shown by policy show and key list; the certificate alone asks for a confirmation; both expire, audited', async () => {
+    const added = await sshAdd(['-c', '-t', '8', keys.certified!.path]);
+    expect(added.code, why(added)).toBe(0);
+    expect(added.stderr).toContain('Certificate added');
+    expect(added.stderr).not.toContain('failed');
+    expect(await listedBlobs()).toContain(certBlob());
+    expect(audited('certificate-added').at(-1)).toMatchObject({
+      fingerprint: keys.certified!.fingerprint,
+      certificate: { key_id: 'certified-id', serial: '42' },
+      constraints: { confirm: true, lifetime_s: 8 },
+    });
+
+    const shown = keyholdOk(lab.k, ['policy', 'show', 'web']);
+    expect(shown.split('[[ssh-add]]')).toHaveLength(3);
+    expect(shown).toContain('ssh-add -d, or `keyhold key unassign` for a key, removes them');
+    expect(shown).toContain(`key = "${keys.certified!.fingerprint}"  # keyhold-test-id_certified\ncertificate = "certified-id"\nserial = "42"\nconfirm = true\nexpires = "`);
+    const listed = JSON.parse(keyholdOk(lab.k, ['key', 'list', '--json'])) as { fingerprint: string; expires?: Record<string, string>; certificates: { key_id: string; expires?: string }[] }[];
+    const entry = listed.find((k) => k.fingerprint === keys.certified!.fingerprint)!;
+    expect(entry.expires?.web).toBeDefined();
+    expect(entry.certificates).toMatchObject([{ key_id: 'certified-id' }]);
+    expect(Date.parse(entry.certificates[0]!.expires!) - Date.now()).toBeLessThanOrEqual(8000);
+    expect(keyholdOk(lab.k, ['key', 'list'])).toMatch(new RegExp(`${keys.certified!.fingerprint.replace(/[+/]/g, '\\$&')} in web \\(until \\d{4}-[^)]+\\): user certificate "certified-id"`));
+
+    // The plain key removed (-k: keys only), the certificate stays and still asks.
+    expect((await sshAdd(['-dk', keys.certified!.path])).code).toBe(0);
+    const left = await listedBlobs();
+    expect(left).toContain(certBlob());
+    expect(left).not.toContain(keys.certified!.pubLine.split(/\s+/)[1]!);
+    const waiting = launchClient('ssh-keygen', ['-Y', 'sign', '-n', 'file', '-f', certified.path, messageFile(lab)], env());
+    const pending = await waitForApproval(lab, waiting.proc.pid!);
+    expect(pending).toMatchObject({ rule: 'ssh-add', key: { fingerprint: keys.certified!.fingerprint } });
+    expect(keyhold(lab.k, ['approve', pending.id]).status).toBe(0);
+    const signed = await waiting.done;
+    expect(signed.code, why(signed)).toBe(0);
+    expect(completeEntries(lab.k).filter((e) => e.event === 'sign').at(-1)).toMatchObject({ decision: 'confirm', rule: 'ssh-add', certificate: { key_id: 'certified-id' } });
+
+    await waitFor(() => audited('certificate-expired').some((e) => e.fingerprint === keys.certified!.fingerprint), 10_000, 'certificate-expired in the audit log');
+    expect(audited('certificate-expired').at(-1)).toMatchObject({ scope: 'web', certificate: { key_id: 'certified-id', serial: '42' }, peer: { kind: 'process' } });
+    expect(await listedBlobs()).not.toContain(certBlob());
+    expect(keyhold(lab.k, ['policy', 'show', 'web']).status).toBe(5);
+  }, 60_000);
+
+  it('-h: the certificate logs in to testhost only, and a re-add without -h lifts it', async () => {
+    const added = await sshAdd(['-h', 'testhost', '-H', hostsFile, keys.certified!.path]);
+    expect(added.code, why(added)).toBe(0);
+    expect((await sshAdd(['-dk', keys.certified!.path])).code).toBe(0);
+    const toA = await login(lab.a);
+    expect(toA.code, why(toA)).toBe(0);
+    expect(completeEntries(lab.k).filter((e) => e.event === 'sign').at(-1)).toMatchObject({ certificate: { key_id: 'certified-id' } });
+    const toB = await login(lab.b);
+    expect(toB.code, why(toB)).not.toBe(0);
+
+    expect((await sshAdd([keys.certified!.path])).code).toBe(0);
+    expect((await sshAdd(['-dk', keys.certified!.path])).code).toBe(0);
+    const nowToB = await login(lab.b);
+    expect(nowToB.code, why(nowToB)).toBe(0);
+  }, 60_000);
 });

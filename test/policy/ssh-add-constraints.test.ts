@@ -1,7 +1,10 @@
 // The ssh-add -h matcher against OpenSSH's semantics (ssh-agent.c identity_permitted,
 // permitted_by_dest_constraints, match_key_hop, process_sign_request), over binding chains as a
 // connection records them, with real ed25519 host key blobs.
-import { describe, expect, it } from 'vitest';
+import { afterAll, describe, expect, it } from 'vitest';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { generateKeyPairSync, randomBytes } from 'node:crypto';
 import { describeKey } from '../../src/agent-protocol/public-key.js';
 import type { DestinationConstraint, DestinationHop } from '../../src/agent-protocol/key-constraints.js';
@@ -19,6 +22,8 @@ import {
   type CompiledConstraints,
 } from '../../src/policy/ssh-add-constraints.js';
 import { fingerprint } from '../../src/agent-protocol/public-key.js';
+import { lineBlob, signCertificate, type CertificateOptions } from '../helpers/certificates.js';
+import { generateKeyPair, type KeyPair } from '../helpers/ssh-agent.js';
 
 const hostKey = () => describeKey(generateKeyPairSync('ed25519').publicKey).blob;
 const A = hostKey();
@@ -166,15 +171,6 @@ describe('ssh-add -h: which connections see and use a destination-constrained ke
     expect(identityPermitted(plainA, chain(bind(fakeCert, false)), null)).toBe(false);
   });
 
-  // TODO(lead): once src/agent-protocol/certificate.ts (certificates branch) is merged, wire
-  // hostCertificateMatchesCa and turn this into a real test: a host certificate signed by CA with
-  // principal host_a matches the hop ('host_a', CA, is_ca), one for host_b or signed by another CA
-  // does not, nor an expired one or a user certificate.
-  it.todo('TODO(lead): a host certificate signed by a CA hop, with the hop name among its principals, matches');
-  it('until then the CA branch fails closed', () => {
-    expect(hostCertificateMatchesCa(randomBytes(64), CA, 'host_a')).toBe(false);
-  });
-
   it('a damaged stored destination list makes the key usable nowhere, never unconstrained', () => {
     const damaged = compileConstraints({ expires_at: null, confirm: 0, destinations: '{not json' })!;
     expect(identityPermitted(damaged.destinations, chain(bind(A, false)), null)).toBe(false);
@@ -201,5 +197,75 @@ describe('ssh-add -h: which connections see and use a destination-constrained ke
     expect(checkStoredConstraints(stored, { purpose: 'ssh-login', hostKey: fingerprint(B), forwarded: false }, now)).toHaveProperty('refused');
     expect(checkStoredConstraints(stored, { purpose: 'sshsig', forwarded: false }, now)).toHaveProperty('refused');
     expect(checkStoredConstraints(stored, { purpose: 'ssh-login', hostKey: fpA, forwarded: false }, now + 60_000)).toHaveProperty('refused');
+  });
+});
+
+describe('ssh-add -h with a CA hop (@cert-authority in known_hosts): host certificates made by ssh-keygen -s', () => {
+  const dir = mkdtempSync(join(tmpdir(), 'keyhold-ca-hop-'));
+  afterAll(() => rmSync(dir, { recursive: true, force: true }));
+  const ca = generateKeyPair(dir, 'host_ca', 'ed25519');
+  const otherCa = generateKeyPair(dir, 'other_ca', 'ed25519');
+  const rsaCa = generateKeyPair(dir, 'rsa_ca', 'rsa', 2048);
+  const caBlob = lineBlob(ca.pubLine);
+  const rsaCaBlob = lineBlob(rsaCa.pubLine);
+  let serial = 0;
+  /** A host key of its own, certified as the options say (each certificate in its own file). */
+  const certify = (signer: KeyPair, options: Omit<CertificateOptions, 'keyId'> & { keyId?: string }): { cert: Buffer; plain: Buffer } => {
+    const host = generateKeyPair(dir, `host_${++serial}`, 'ed25519');
+    const made = signCertificate(signer.path, host.pubPath, { keyId: options.keyId ?? `host-${serial}`, host: true, ...options });
+    return { cert: made.blob, plain: lineBlob(host.pubLine) };
+  };
+  const forHostA = certify(ca, { principals: ['host_a'] });
+  const toHostAByCa = compiled([{ from: origin, to: hop('host_a', caBlob, null, true) }]);
+
+  it('a host certificate signed by the hop CA with the hop name among its principals lists and signs there', () => {
+    expect(hostCertificateMatchesCa(forHostA.cert, caBlob, 'host_a')).toBe(true);
+    const bindings = [bind(forHostA.cert, false)];
+    expect(identityPermitted(toHostAByCa.destinations, chain(...bindings), null)).toBe(true);
+    expect(signRefusalByDestinations(toHostAByCa.destinations, chain(...bindings), login(bindings, 'alice'), USER_KEY)).toBeNull();
+  });
+
+  it('refused: another host name, another CA, a plain key (even the certified one), a user certificate, an expired or not yet valid one', () => {
+    expect(hostCertificateMatchesCa(forHostA.cert, caBlob, 'host_b')).toBe(false);
+    expect(hostCertificateMatchesCa(certify(otherCa, { principals: ['host_a'] }).cert, caBlob, 'host_a')).toBe(false);
+    expect(hostCertificateMatchesCa(forHostA.plain, caBlob, 'host_a')).toBe(false);
+    expect(hostCertificateMatchesCa(certify(ca, { principals: ['host_a'], host: false }).cert, caBlob, 'host_a')).toBe(false);
+    expect(hostCertificateMatchesCa(certify(ca, { principals: ['host_a'], validity: '20200101:20200102' }).cert, caBlob, 'host_a')).toBe(false);
+    expect(hostCertificateMatchesCa(certify(ca, { principals: ['host_a'], validity: '+1d:+2d' }).cert, caBlob, 'host_a')).toBe(false);
+    // Through the matcher: bound to host_b's certificate, or to host_a's plain key, a CA-only hop permits nothing.
+    const forHostB = certify(ca, { principals: ['host_b'] });
+    expect(identityPermitted(toHostAByCa.destinations, chain(bind(forHostB.cert, false)), null)).toBe(false);
+    expect(identityPermitted(toHostAByCa.destinations, chain(bind(forHostA.plain, false)), null)).toBe(false);
+    // A plain hop key never matches a certificate, even of that very key (OpenSSH's sshkey_equal compares types).
+    const plainHop = compiled([{ from: origin, to: hop('host_a', forHostA.plain) }]);
+    expect(identityPermitted(plainHop.destinations, chain(bind(forHostA.cert, false)), null)).toBe(false);
+    // A certificate whose CA signature was tampered with verifies under no CA.
+    const forged = Buffer.from(forHostA.cert);
+    const at = forged.indexOf(Buffer.from('host_a'));
+    forged[at] = forged[at]! ^ 0x01;
+    expect(hostCertificateMatchesCa(forged, caBlob, 'host_a')).toBe(false);
+  });
+
+  it('principals as wildcard patterns; none listed matches no name (fail closed); a hop without hostname is matched as "(ORIGIN)"', () => {
+    const wildcard = certify(ca, { principals: ['*.example.org', 'db?'] }).cert;
+    expect(hostCertificateMatchesCa(wildcard, caBlob, 'web.example.org')).toBe(true);
+    expect(hostCertificateMatchesCa(wildcard, caBlob, 'db1')).toBe(true);
+    expect(hostCertificateMatchesCa(wildcard, caBlob, 'example.org')).toBe(false);
+    expect(hostCertificateMatchesCa(certify(ca, {}).cert, caBlob, 'anything')).toBe(false);
+    expect(hostCertificateMatchesCa(certify(ca, { principals: ['(ORIGIN)'] }).cert, caBlob, null)).toBe(true);
+    expect(hostCertificateMatchesCa(forHostA.cert, caBlob, null)).toBe(false);
+  });
+
+  it('a forwarding chain host_a>host_b through CA hops; an RSA CA signing with SHA-1 (ssh-rsa) is not taken, rsa-sha2-512 is', () => {
+    const forHostB = certify(ca, { principals: ['host_b'] });
+    const onwards = compiled([
+      { from: origin, to: hop('host_a', caBlob, null, true) },
+      { from: hop('host_a', caBlob, null, true), to: hop('host_b', caBlob, 'bob', true) },
+    ]);
+    const bindings = [bind(forHostA.cert, true), bind(forHostB.cert, false)];
+    expect(signRefusalByDestinations(onwards.destinations, chain(...bindings), login(bindings, 'bob'), USER_KEY)).toBeNull();
+    expect(signRefusalByDestinations(onwards.destinations, chain(...bindings), login(bindings, 'mallory'), USER_KEY)).toMatch(/not permitted/);
+    expect(hostCertificateMatchesCa(certify(rsaCa, { principals: ['host_a'], rsaSignatureAlgorithm: 'rsa-sha2-512' }).cert, rsaCaBlob, 'host_a')).toBe(true);
+    expect(hostCertificateMatchesCa(certify(rsaCa, { principals: ['host_a'], rsaSignatureAlgorithm: 'ssh-rsa' }).cert, rsaCaBlob, 'host_a')).toBe(false);
   });
 });

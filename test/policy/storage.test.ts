@@ -10,8 +10,8 @@ import { NO_POLICY_COMPILED, PolicyCache } from '../../src/policy/policy-cache.j
 import type { PolicyDocument } from '../../src/policy/policy.js';
 import { parseKeyring, unwrapWithPassphrase } from '../../src/vault/keyring.js';
 import { vaultPaths, type VaultPaths } from '../../src/vault/paths.js';
-import { Vault } from '../../src/vault/vault.js';
 import { SCHEMA_VERSION } from '../../src/vault/database.js';
+import { Vault } from '../../src/vault/vault.js';
 import { localVaultApi } from '../../src/vault/api.js';
 import { parseControlRequest } from '../../src/control/requests.js';
 
@@ -138,8 +138,8 @@ describe('policies in the vault', () => {
     const { fingerprint } = a.addKey('web', (await import('node:crypto')).generateKeyPairSync('ed25519').privateKey, 'old');
     a.close();
     const db = await rawDb();
-    db.exec('DROP TABLE policies');
     // What later migrations added goes too: this is a vault as schema 3 left it.
+    db.exec('DROP TABLE policies; DROP TABLE certificates');
     db.exec('ALTER TABLE key_scopes DROP COLUMN expires_at; ALTER TABLE key_scopes DROP COLUMN confirm; ALTER TABLE key_scopes DROP COLUMN destinations');
     db.pragma('user_version = 3');
     db.close();

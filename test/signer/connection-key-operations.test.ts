@@ -218,14 +218,17 @@ describe('a backend without the key operations', () => {
 });
 
 describe('a malformed key operation', () => {
-  it('a damaged add, a certificate, an unknown constraint: FAILURE, the backend is not called, the connection goes on', async () => {
+  it('a damaged add, a forged certificate, an unknown constraint: FAILURE, the backend is not called, the connection goes on', async () => {
     const backend = new KeyBackend();
     const { client } = await serve(backend);
     const damaged = Buffer.from(golden('ssh-add KEY'));
     // Flip a bit of the ed25519 seed: its public key no longer matches.
     const seedByte = 4 + 1 + 4 + 'ssh-ed25519'.length + 4 + 32 + 4 + 5;
     damaged[seedByte] = damaged[seedByte]! ^ 0x01;
-    const certificate = frameBytes(addExchanges().filter((p) => p.request.client === 'ssh-add KEY (with KEY-cert.pub)')[1]!.request);
+    // A certificate whose key id was changed: its CA signature no longer verifies.
+    const certificate = Buffer.from(frameBytes(addExchanges().filter((p) => p.request.client === 'ssh-add KEY (with KEY-cert.pub)')[1]!.request));
+    const keyIdAt = certificate.indexOf(Buffer.from('keyhold-fixture'));
+    certificate[keyIdAt] = certificate[keyIdAt]! ^ 0x01;
     const plain = golden('ssh-add KEY').subarray(4);
     const unknownConstraint = frame(Buffer.concat([Buffer.of(25), plain.subarray(1), Buffer.of(3), Buffer.alloc(4)]));
     const truncatedLock = frame(Buffer.of(22, 0, 0, 0, 9, 0x61));

@@ -3,7 +3,7 @@
 // the loop's framing, ordering, backpressure, half-close, memory budget and idle timeout.
 import { afterEach, describe, expect, it } from 'vitest';
 import { generateKeyPairSync, sign as signBytes } from 'node:crypto';
-import { mkdtempSync, rmSync } from 'node:fs';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { createServer, type Server, type Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -11,6 +11,8 @@ import { Writable } from 'node:stream';
 import { pino } from 'pino';
 import { serveConnection, type ConnectionOptions } from '../../src/signer/connection.js';
 import type { AgentBackend, MemoryBudget, RequestContext, SignResult } from '../../src/signer/backend.js';
+import { generateKeyPair } from '../helpers/ssh-agent.js';
+import { signCertificate } from '../helpers/certificates.js';
 import { frame, identitiesFrame, parseIdentities, RawConn, readString, signPayload, signRequestFrame, sshString, u32 } from '../helpers/raw-wire.js';
 
 const FAILURE = 5;
@@ -153,11 +155,12 @@ function hostKey() {
   const { publicKey, privateKey } = generateKeyPairSync('ed25519');
   const raw = Buffer.from(publicKey.export({ format: 'jwk' }).x!, 'base64url');
   const blob = Buffer.concat([sshString('ssh-ed25519'), sshString(raw)]);
-  const bind = (sessionId: Buffer, forwarding: boolean, signer = privateKey) =>
+  /** `presented`: the key ssh names (a host certificate of this key, say); the session is signed by `signer`. */
+  const bind = (sessionId: Buffer, forwarding: boolean, signer = privateKey, presented: Buffer = blob) =>
     extensionFrame(
       'session-bind@openssh.com',
       Buffer.concat([
-        sshString(blob),
+        sshString(presented),
         sshString(sessionId),
         sshString(Buffer.concat([sshString('ssh-ed25519'), sshString(signBytes(null, sessionId, signer))])),
         Buffer.of(forwarding ? 1 : 0),
@@ -259,6 +262,30 @@ describe('processExtension', () => {
       client.send(identitiesFrame());
       await client.reply();
       expect(backend.contexts.at(-1)).toMatchObject({ bindings: [], sessionBindAttempted: true });
+    });
+
+    it('a host certificate (ssh-keygen -s -h) binds: checked under its CA, verified with the certified key, recorded as given', async () => {
+      const { client, backend } = await serve();
+      const host = hostKey();
+      const dir = mkdtempSync(join(tmpdir(), 'keyhold-conn-cert-'));
+      cleanups.push(() => rmSync(dir, { recursive: true, force: true }));
+      const ca = generateKeyPair(dir, 'host_ca', 'ed25519');
+      writeFileSync(join(dir, 'host.pub'), `ssh-ed25519 ${host.blob.toString('base64')} host\n`);
+      const cert = signCertificate(ca.path, join(dir, 'host.pub'), { keyId: 'bound-host', principals: ['host.example'], host: true }).blob;
+      const forged = Buffer.from(cert);
+      const at = forged.indexOf(Buffer.from('bound-host'));
+      forged[at] = forged[at]! ^ 0x01;
+      const id = Buffer.alloc(32, 4);
+      const impostor = generateKeyPairSync('ed25519').privateKey;
+      client.send(host.bind(Buffer.alloc(32, 5), true, undefined, forged));
+      expect((await client.reply())[0], 'a certificate whose CA signature fails').toBe(EXTENSION_FAILURE);
+      client.send(host.bind(Buffer.alloc(32, 6), true, impostor, cert));
+      expect((await client.reply())[0], 'a session signed by another key than the certified one').toBe(EXTENSION_FAILURE);
+      client.send(host.bind(id, false, undefined, cert));
+      expect((await client.reply())[0]).toBe(SUCCESS);
+      client.send(identitiesFrame());
+      await client.reply();
+      expect(backend.contexts.at(-1)!.bindings).toEqual([{ hostKey: cert, sessionId: id, isForwarding: false }]);
     });
 
     it('forwarding hops add bindings; a repeated session id needs the same host key; nothing rebinds an authentication binding', async () => {
