@@ -2,6 +2,7 @@
 // PROTOCOL.agent §2 and ssh-agent.c parse_key_constraints): lifetime (1), confirm (2) and the
 // extension (255) restrict-destination-v00@openssh.com. Anything else, or any constraint given
 // twice, makes the request malformed, as OpenSSH refuses it.
+import { UnsupportedAddError } from './private-key.js';
 import { publicKeyFromBlob } from './public-key.js';
 import { WireFormatError, WireReader, WireWriter } from './wire.js';
 
@@ -53,12 +54,12 @@ export function readConstraints(r: WireReader): KeyConstraints {
       constraints.confirm = true;
     } else if (kind === CONSTRAIN.EXTENSION) {
       const name = r.utf8();
-      if (name !== EXT_RESTRICT_DESTINATION) throw new WireFormatError(`unsupported constraint extension ${JSON.stringify(name.slice(0, 64))}`);
+      if (name !== EXT_RESTRICT_DESTINATION) throw new UnsupportedAddError(`unsupported constraint extension ${JSON.stringify(name.slice(0, 64))}`);
       if (destinationsSeen) throw new WireFormatError(`${EXT_RESTRICT_DESTINATION} given twice`);
       destinationsSeen = true;
       constraints.destinations = readDestinations(new WireReader(r.string()));
     } else {
-      throw new WireFormatError(`unsupported constraint ${kind}`);
+      throw new UnsupportedAddError(`unsupported constraint ${kind}`);
     }
   }
   return constraints;

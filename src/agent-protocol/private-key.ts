@@ -19,9 +19,12 @@ import { CERTIFICATE_TYPES, parseVerifiedCertificate, type Certificate } from '.
 import { bitLength, curveBySshType, describeKey, fingerprint, MIN_RSA_VERIFY_BITS, type SshKeyType } from './public-key.js';
 import { WireFormatError, WireReader, WireWriter } from './wire.js';
 
-/** A well-formed key this agent does not hold: certificates, security keys, DSA, XMSS, … */
-export class UnsupportedKeyError extends WireFormatError {
-  override name = 'UnsupportedKeyError';
+/**
+ * An add this agent refuses although it may be well formed: a key it does not hold (security
+ * keys, DSA, XMSS, …) or a constraint it does not know. The message says which, for the log.
+ */
+export class UnsupportedAddError extends WireFormatError {
+  override name = 'UnsupportedAddError';
 }
 
 /** As OpenSSH (SSHBUF_MAX_BIGNUM): larger RSA moduli are refused. */
@@ -69,11 +72,13 @@ function orderMinusOne(order: Buffer): Buffer {
 const mismatch = () => new WireFormatError('private key does not match its public key');
 
 /** A key type this agent refuses, named for the log (truncated: it is the peer's text). */
-function unsupported(type: string): UnsupportedKeyError {
+function unsupported(type: string): UnsupportedAddError {
   const shown = JSON.stringify(type.slice(0, 64));
-  if (type.endsWith('-cert-v01@openssh.com')) return new UnsupportedKeyError(`certificates of this key type are not supported (${shown})`);
-  if (type.startsWith('sk-')) return new UnsupportedKeyError(`security keys are not supported (${shown})`);
-  return new UnsupportedKeyError(`unsupported key type ${shown}`);
+  if (type.endsWith('-cert-v01@openssh.com')) return new UnsupportedAddError(`certificates of this key type are not supported (${shown})`);
+  if (type.startsWith('sk-')) return new UnsupportedAddError(`security keys are not supported (${shown}): keyhold loads no FIDO provider`);
+  // Refused as SHA-1 ssh-rsa signatures are: DSA has no other hash.
+  if (type === 'ssh-dss') return new UnsupportedAddError('DSA keys are refused ("ssh-dss" signs with SHA-1 only)');
+  return new UnsupportedAddError(`unsupported key type ${shown}`);
 }
 
 /** Reads one private key (type name first) from `r` and makes it a checked KeyObject. */

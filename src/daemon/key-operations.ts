@@ -33,7 +33,7 @@ export interface KeyOperationsOptions {
 }
 
 type Operation = 'add' | 'remove' | 'remove-all' | 'lock' | 'unlock';
-type KeyOperations = Required<Pick<AgentBackend, 'addIdentity' | 'removeIdentity' | 'removeAllIdentities' | 'lock' | 'unlock'>>;
+type KeyOperations = Required<Pick<AgentBackend, 'addIdentity' | 'addRefused' | 'removeIdentity' | 'removeAllIdentities' | 'lock' | 'unlock'>>;
 
 /** As OpenSSH's agent: each failed unlock delays the next one a little longer. */
 export const UNLOCK_DELAY_STEP_MS = 100;
@@ -106,28 +106,35 @@ export function keyOperations(scope: string, options: KeyOperationsOptions): Key
   const { session, log } = options;
   const warnings = new RateLimitedWarnings(log);
   const actorOf = (context: RequestContext) => context.peer as AuditPeer;
-  const refuse = (operation: Operation, why: string, message: string, fields: Record<string, unknown> = {}): false => {
-    warnings.warn(`${operation}:${why}`, { scope, operation, ...fields }, message);
+  /** Every refusal is audited (`reason`: why, in a word) and logged with what to do instead. */
+  /** `kind`: what the warning's rate limit counts as one kind of refusal (by default, `why`). */
+  const refuse = (context: RequestContext, operation: Operation, why: string, message: string, fields: Record<string, unknown> = {}, kind = why): false => {
+    void options
+      .record({ event: 'agent-operation-refused', scope, operation, ...(context.tokenId ? { token_id: context.tokenId } : {}), peer: actorOf(context), reason: why })
+      .catch(() => log.warn({ scope, operation }, 'agent-operation-refused not in the audit log (it cannot be written now)'));
+    warnings.warn(`${operation}:${kind}`, { scope, operation, ...fields }, message);
     return false;
   };
-  /** Container tokens may only list and sign: every key operation is refused and audited. */
+  /** Container tokens may only list and sign: every key operation is refused. */
   const refusedForToken = (operation: Operation, context: RequestContext): boolean => {
     if (!context.tokenId) return false;
-    void options
-      .record({ event: 'agent-operation-refused', scope, operation, token_id: context.tokenId, peer: actorOf(context), reason: 'container token' })
-      .catch(() => log.warn({ scope, operation }, 'agent-operation-refused not in the audit log (it cannot be written now)'));
-    refuse(operation, 'token', `ssh-add through a container token cannot ${operation === 'remove-all' ? 'remove keys' : `${operation} keys`}; on the host use \`${insteadFor(operation, scope)}\``, {
+    refuse(context, operation, 'container token', `ssh-add through a container token cannot ${operation === 'remove-all' ? 'remove keys' : `${operation} keys`}; on the host use \`${insteadFor(operation, scope)}\``, {
       token_id: context.tokenId,
     });
     return true;
   };
   /** A vault change that failed: FAILURE, with a warning saying why (the error's message carries no secret). */
-  const failed = (operation: Operation, err: unknown): false => {
-    if (!session.unlocked) return refuse(operation, 'locked', `ssh-add cannot ${operation === 'add' ? 'add keys' : 'remove keys'} while the vault is locked; use \`keyhold unlock\` (or ssh-add -X) first`);
-    return refuse(operation, 'error', `ssh-add ${operation} failed: ${(err as Error).message}; use \`${insteadFor(operation, scope)}\``);
+  const failed = (context: RequestContext, operation: Operation, err: unknown): false => {
+    if (!session.unlocked) return refuse(context, operation, 'locked', `ssh-add cannot ${operation === 'add' ? 'add keys' : 'remove keys'} while the vault is locked; use \`keyhold unlock\` (or ssh-add -X) first`);
+    return refuse(context, operation, 'error', `ssh-add ${operation} failed: ${(err as Error).message}; use \`${insteadFor(operation, scope)}\``);
   };
 
   return {
+    addRefused(reason, context) {
+      if (refusedForToken('add', context)) return;
+      refuse(context, 'add', 'unsupported', `ssh-add cannot add this: ${reason}; keyhold holds ed25519, ECDSA and RSA keys (\`keyhold key generate ${scope}\` makes one)`, {}, `unsupported:${reason}`);
+    },
+
     async addIdentity(request: AddIdentityRequest, context) {
       if (refusedForToken('add', context)) return false;
       const constraints = { ...request.constraints };
@@ -141,7 +148,7 @@ export function keyOperations(scope: string, options: KeyOperationsOptions): Key
       try {
         describeSupportedKey(request.key.key);
       } catch (err) {
-        return refuse('add', 'unsupported', `ssh-add cannot add this key: ${(err as Error).message}; use \`keyhold key generate ${scope}\` for a new one`, {
+        return refuse(context, 'add', 'unsupported', `ssh-add cannot add this key: ${(err as Error).message}; use \`keyhold key generate ${scope}\` for a new one`, {
           fingerprint: request.key.fingerprint,
         });
       }
@@ -156,7 +163,7 @@ export function keyOperations(scope: string, options: KeyOperationsOptions): Key
           log.info({ scope, fingerprint: request.key.fingerprint, certificate: { key_id: certificate.keyId, serial: certificate.serial.toString() }, ...audited }, 'ssh-add: certificate added');
           return true;
         } catch (err) {
-          return failed('add', err);
+          return failed(context, 'add', err);
         }
       }
       try {
@@ -168,15 +175,15 @@ export function keyOperations(scope: string, options: KeyOperationsOptions): Key
         log.info({ scope, fingerprint: request.key.fingerprint, ...audited }, 'ssh-add: key added');
         return true;
       } catch (err) {
-        return failed('add', err);
+        return failed(context, 'add', err);
       }
     },
 
     async removeIdentity(keyBlob, context) {
       if (refusedForToken('remove', context)) return false;
       const entry = session.keys()?.scope(scope).byBlob.get(keyBlob.toString('latin1'));
-      if (!session.unlocked) return failed('remove', null);
-      if (!entry) return refuse('remove', 'unknown', `ssh-add -d: that key is not in scope ${scope}; see \`keyhold key list --scope ${scope}\``);
+      if (!session.unlocked) return failed(context, 'remove', null);
+      if (!entry) return refuse(context, 'remove', 'unknown', `ssh-add -d: that key is not in scope ${scope}; see \`keyhold key list --scope ${scope}\``);
       if (entry.certificate) {
         // A certificate goes alone: its key's plain assignment, if any, stays (as OpenSSH).
         const blob = Buffer.from(keyBlob);
@@ -185,7 +192,7 @@ export function keyOperations(scope: string, options: KeyOperationsOptions): Key
           log.info({ scope, fingerprint: entry.fingerprint, certificate: entry.certificate }, 'ssh-add -d: certificate removed');
           return true;
         } catch (err) {
-          return failed('remove', err);
+          return failed(context, 'remove', err);
         }
       }
       try {
@@ -193,14 +200,14 @@ export function keyOperations(scope: string, options: KeyOperationsOptions): Key
         log.info({ scope, fingerprint: entry.fingerprint }, 'ssh-add -d: key unassigned');
         return true;
       } catch (err) {
-        return failed('remove', err);
+        return failed(context, 'remove', err);
       }
     },
 
     async removeAllIdentities(context) {
       if (refusedForToken('remove-all', context)) return false;
       const cache = session.keys();
-      if (!cache) return failed('remove-all', null);
+      if (!cache) return failed(context, 'remove-all', null);
       const scopeKeys = cache.scope(scope);
       const fingerprints: string[] = [];
       const certificates: Buffer[] = [];
@@ -222,14 +229,14 @@ export function keyOperations(scope: string, options: KeyOperationsOptions): Key
         log.info({ scope, count: fingerprints.length + certificates.length }, 'ssh-add -D: keys unassigned');
         return true;
       } catch (err) {
-        return failed('remove-all', err);
+        return failed(context, 'remove-all', err);
       }
     },
 
     lock(_passphrase, context) {
       if (refusedForToken('lock', context)) return false;
       // As OpenSSH: locking a locked agent fails.
-      if (!session.unlocked) return refuse('lock', 'locked', 'ssh-add -x: the daemon is already locked; `keyhold status` shows it');
+      if (!session.unlocked) return refuse(context, 'lock', 'locked', 'ssh-add -x: the daemon is already locked; `keyhold status` shows it');
       // The lock password is not kept: the daemon unlocks with a vault passphrase.
       session.lock('ssh-add -x', actorOf(context));
       log.info({ scope }, 'ssh-add -x: daemon locked; ssh-add -X unlocks with a vault passphrase');
@@ -239,7 +246,7 @@ export function keyOperations(scope: string, options: KeyOperationsOptions): Key
     unlock(passphrase, context) {
       if (refusedForToken('unlock', context)) return false;
       // As OpenSSH: unlocking an unlocked agent fails (not counted as a wrong password).
-      if (session.unlocked) return refuse('unlock', 'unlocked', 'ssh-add -X: the daemon is not locked; `keyhold status` shows it');
+      if (session.unlocked) return refuse(context, 'unlock', 'unlocked', 'ssh-add -X: the daemon is not locked; `keyhold status` shows it');
       // The passphrase is a view the connection wipes once answered: this copy is ours to zero.
       const copy = Buffer.from(passphrase);
       const actor = actorOf(context);
@@ -250,7 +257,7 @@ export function keyOperations(scope: string, options: KeyOperationsOptions): Key
           keks = await passphraseKeks(readKeyring(session.paths.keys), copy);
           await options.unlock(keks, actor);
         } catch {
-          return refuse('unlock', 'wrong', 'ssh-add -X: the password is not a vault passphrase; use `keyhold unlock`', { failures: options.unlockAttempts.failed + 1 });
+          return refuse(context, 'unlock', 'wrong', 'ssh-add -X: the password is not a vault passphrase; use `keyhold unlock`', { failures: options.unlockAttempts.failed + 1 });
         } finally {
           if (keks) zeroKeks(keks);
         }

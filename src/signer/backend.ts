@@ -71,6 +71,12 @@ export interface AgentBackend {
    * get here: they are FAILURE, as OpenSSH).
    */
   addIdentity?(request: AddIdentityRequest, context: RequestContext): KeyOperationResult;
+  /**
+   * An add (17 or 25) the codec refused although it may be well formed: a key type this agent
+   * does not hold (DSA, security keys) or a constraint it does not know. The answer is FAILURE
+   * either way; this is for the backend's records. `reason` is our own text, no key bytes.
+   */
+  addRefused?(reason: string, context: RequestContext): void;
   /** `ssh-add -d KEY` (18): the public key blob, as sent (not validated beyond being a string). */
   removeIdentity?(keyBlob: Buffer, context: RequestContext): KeyOperationResult;
   /** `ssh-add -D` (19). */

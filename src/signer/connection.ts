@@ -18,6 +18,7 @@ import {
 import { fingerprint } from '../agent-protocol/public-key.js';
 import { verifySsh } from '../agent-protocol/signature.js';
 import { isCertificateBlob, verifiedCertificateOf, type Certificate } from '../agent-protocol/certificate.js';
+import { UnsupportedAddError } from '../agent-protocol/private-key.js';
 import { WireFormatError } from '../agent-protocol/wire.js';
 import type { AgentBackend, KeyOperationResult, MemoryBudget, Peer, RequestContext, SessionBinding, SignResult } from './backend.js';
 
@@ -137,6 +138,13 @@ function dispatch(session: AgentSession, payload: Buffer, code: number): Reply {
       // Our own messages, which never quote key bytes or passphrases.
       const reason = err instanceof WireFormatError ? err.message : undefined;
       session.log.debug({ peer: session.peer, type: code, reason }, 'malformed request');
+    }
+    if (err instanceof UnsupportedAddError && (code === MSG.ADD_IDENTITY || code === MSG.ADD_ID_CONSTRAINED)) {
+      try {
+        session.backend.addRefused?.(err.message, session.context);
+      } catch {
+        // Only the backend's records: the answer is FAILURE whatever they do.
+      }
     }
     return FAILURE;
   }

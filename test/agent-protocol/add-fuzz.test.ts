@@ -8,7 +8,7 @@ import { MSG, parseRequest, type AgentRequest } from '../../src/agent-protocol/m
 import { CONSTRAIN, EXT_RESTRICT_DESTINATION, readConstraints, writeConstraints, type DestinationHop, type KeyConstraints } from '../../src/agent-protocol/key-constraints.js';
 import { describeKey, type SshKeyType } from '../../src/agent-protocol/public-key.js';
 import { signatureAlgorithmFor, signSsh, verifySsh } from '../../src/agent-protocol/signature.js';
-import { UnsupportedKeyError } from '../../src/agent-protocol/private-key.js';
+import { UnsupportedAddError } from '../../src/agent-protocol/private-key.js';
 import { verifyCertificate } from '../../src/agent-protocol/certificate.js';
 import { WireFormatError, WireReader, WireWriter } from '../../src/agent-protocol/wire.js';
 import { readString, sshString, u32 } from '../helpers/raw-wire.js';
@@ -250,7 +250,7 @@ describe('remove and lock bodies', () => {
 
   it('security-key and DSA keys (and their certificates) are refused as unsupported, naming the type', () => {
     for (const type of ['sk-ssh-ed25519@openssh.com', 'sk-ecdsa-sha2-nistp256@openssh.com', 'ssh-dss', 'ssh-dss-cert-v01@openssh.com', 'sk-ssh-ed25519-cert-v01@openssh.com']) {
-      expect(() => parseRequest(Buffer.concat([Buffer.of(MSG.ADD_IDENTITY), sshString(type), sshString('x')]))).toThrow(UnsupportedKeyError);
+      expect(() => parseRequest(Buffer.concat([Buffer.of(MSG.ADD_IDENTITY), sshString(type), sshString('x')]))).toThrow(UnsupportedAddError);
     }
     expect(() => parseRequest(Buffer.concat([Buffer.of(MSG.ADD_IDENTITY), sshString('sk-ssh-ed25519@openssh.com')]))).toThrow(/security keys/);
   });

@@ -3,7 +3,7 @@
 // lock and unlock (the vault passphrase), constraints refused with a warning naming the keyhold
 // commands, and the same add through a container token refused and audited.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { spawn } from 'node:child_process';
+import { execFileSync, spawn } from 'node:child_process';
 import { chmodSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { generateKeyPairSync } from 'node:crypto';
 import { tmpdir } from 'node:os';
@@ -122,6 +122,15 @@ describe('ssh-add on a scope socket', () => {
     expect(listed().some((entry) => entry.fingerprint === keys.smallRsa!.fingerprint)).toBe(false);
   });
 
+  it('refuses a DSA key (SHA-1 only): a warning says why and what keyhold holds, and the refusal is audited', async () => {
+    const dsa = join(work, 'id_dsa');
+    execFileSync('ssh-keygen', ['-q', '-t', 'dsa', '-N', '', '-f', dsa], { stdio: 'ignore' });
+    const refused = await sshAdd([dsa]);
+    expect(refused.code).not.toBe(0);
+    await logged('ssh-add cannot add this: DSA keys are refused (\\"ssh-dss\\" signs with SHA-1 only); keyhold holds ed25519, ECDSA and RSA keys');
+    await waitFor(() => auditLines(k).some((line) => line.includes('"event":"agent-operation-refused","scope":"web","operation":"add"') && line.includes('"reason":"unsupported"')), 5000, 'audit line');
+  });
+
   it('refuses an add through a container token, audited and logged', async () => {
     const token = JSON.parse(keyholdOk(k, ['token', 'issue', 'web', '--json'])) as { id: string; token: string };
     const { privateKey, publicKey } = generateKeyPairSync('ed25519');
@@ -196,5 +205,7 @@ describe('ssh-add on a scope socket', () => {
     expect(back.stdout).toContain(keys.ed25519!.fingerprint);
     expect(serve.stderr()).not.toContain(k.passphrase);
     expect(auditLines(k).join('\n')).toMatch(/"event":"lock","reason":"ssh-add -x"/);
+    // The wrong password, tried while locked, is in the audit log once the vault could write it.
+    await waitFor(() => auditLines(k).some((line) => line.includes('"operation":"unlock"') && line.includes('"reason":"wrong"')), 5000, 'the wrong -X audited');
   }, 20_000);
 });

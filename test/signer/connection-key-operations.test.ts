@@ -239,4 +239,24 @@ describe('a malformed key operation', () => {
     expect(backend.calls.map((c) => c.method)).toEqual(['addIdentity']);
     expect(client.closed).toBe(false);
   });
+
+  it('an add refused as unsupported (a key type not held, an unknown constraint) is told to the backend with our reason; a damaged one is not', async () => {
+    const refused: string[] = [];
+    const backend = new KeyBackend();
+    Object.assign(backend, { addRefused: (reason: string) => refused.push(reason) });
+    const { client } = await serve(backend);
+    const plain = golden('ssh-add KEY').subarray(4);
+    const unknownConstraint = frame(Buffer.concat([Buffer.of(25), plain.subarray(1), Buffer.of(3), Buffer.alloc(4)]));
+    const dsa = frame(Buffer.concat([Buffer.of(17), sshString('ssh-dss'), sshString('p'), sshString('q')]));
+    const security = frame(Buffer.concat([Buffer.of(17), sshString('sk-ssh-ed25519@openssh.com'), sshString('x')]));
+    const truncated = frame(Buffer.of(17, 0, 0, 0, 40, 0x73));
+    client.send(Buffer.concat([unknownConstraint, dsa, security, truncated]));
+    for (let i = 0; i < 4; i++) expect((await client.reply())[0]).toBe(FAILURE);
+    expect(refused).toEqual([
+      'unsupported constraint 3',
+      'DSA keys are refused ("ssh-dss" signs with SHA-1 only)',
+      'security keys are not supported ("sk-ssh-ed25519@openssh.com"): keyhold loads no FIDO provider',
+    ]);
+    expect(backend.calls).toEqual([]);
+  });
 });
