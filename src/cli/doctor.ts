@@ -80,7 +80,8 @@ function checkVaultFiles(paths: VaultPaths): { results: CheckResult[]; keyring: 
   for (const [path, required] of files) {
     let stat;
     try {
-      stat = lstatSync(path);
+      // Followed, as the vault follows a symlinked vault.db (a link's own mode is always 0777).
+      stat = statSync(path);
     } catch (err) {
       const code = (err as NodeJS.ErrnoException).code;
       if (code !== 'ENOENT') results.push(wrong('vault files', `cannot stat ${path}: ${code ?? 'error'}`, `check ${dirname(path)} and its permissions`));

@@ -55,6 +55,26 @@ async function healthySetup(): Promise<{ env: KeyholdEnv; webSocket: string }> {
   return { env, webSocket };
 }
 
+/**
+ * A private D-Bus session bus (dbus-daemon) at `dir/bus`; with `withSecrets`, org.freedesktop.secrets
+ * is activatable on it (a service file, as a desktop keyring installs one). Returns its address.
+ */
+async function startSessionBus(dir: string, withSecrets: boolean): Promise<string> {
+  mkdirSync(join(dir, 'services'), { recursive: true });
+  if (withSecrets) writeFileSync(join(dir, 'services', 'org.freedesktop.secrets.service'), '[D-BUS Service]\nName=org.freedesktop.secrets\nExec=/bin/false\n');
+  const config = join(dir, 'session.conf');
+  writeFileSync(
+    config,
+    `<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN" "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig><type>session</type><listen>unix:path=${join(dir, 'bus')}</listen><servicedir>${join(dir, 'services')}</servicedir>
+<policy context="default"><allow send_destination="*" eavesdrop="true"/><allow eavesdrop="true"/><allow own="*"/></policy></busconfig>\n`,
+  );
+  const bus = spawn('dbus-daemon', ['--nofork', `--config-file=${config}`], { stdio: 'ignore' });
+  children.push(bus);
+  await waitFor(() => existsSync(join(dir, 'bus')), 10_000, 'dbus-daemon');
+  return `unix:path=${join(dir, 'bus')}`;
+}
+
 describe('keyhold doctor', () => {
   it('all good: ✔ lines for every check that applies, notes for absent optional pieces, exit 0', async () => {
     const { env, webSocket } = await healthySetup();
@@ -237,6 +257,19 @@ describe('keyhold doctor', () => {
     const [line] = lines(result.stdout, '✘', 'clock');
     expect(line).toContain(`is earlier than the vault's last audit line (${future})`);
     expect(line).toContain('fix: set the clock');
+  });
+
+  it('Secret Service: a session bus without org.freedesktop.secrets is a note; one that can start it is ✔; never ✘', async () => {
+    k = makeKeyholdEnv('keyhold-doctor-');
+    initVault(k);
+    expect(lines(doctor(k).stdout, '•', 'secret service')[0]).toContain('no session bus');
+    for (const withSecrets of [false, true]) {
+      const address = await startSessionBus(join(k.dir, `bus-${withSecrets}`), withSecrets);
+      const result = doctor(k, [], { DBUS_SESSION_BUS_ADDRESS: address });
+      expect(lines(result.stdout, '✘', 'secret service')).toEqual([]);
+      if (withSecrets) expect(lines(result.stdout, '✔', 'secret service')).toEqual(['✔ secret service: org.freedesktop.secrets can be started on the session bus']);
+      else expect(lines(result.stdout, '•', 'secret service')[0]).toContain('no org.freedesktop.secrets on the session bus');
+    }
   });
 
   it('--unit prints the contrib unit with an absolute ExecStart that is this install', () => {
