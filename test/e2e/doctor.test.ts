@@ -142,7 +142,7 @@ describe('keyhold doctor', () => {
     ]);
   });
 
-  it('SSH_AUTH_SOCK at a missing path, at a socket that is no agent, at a missing scope socket: ✘; at another agent: a note', async () => {
+  it('SSH_AUTH_SOCK at a missing path, a socket that is no agent, a stale socket, a missing scope socket: ✘; at another agent: a note', async () => {
     const { env, webSocket } = await healthySetup();
     const gone = join(env.dir, 'agent.gone');
     const missing = doctor(env, [], { SSH_AUTH_SOCK: gone });
@@ -158,6 +158,13 @@ describe('keyhold doctor', () => {
     const bogus = doctor(env, [], { SSH_AUTH_SOCK: notAgent });
     expect(bogus.status).toBe(1);
     expect(lines(bogus.stdout, '✘', 'SSH_AUTH_SOCK')[0]).toContain(`${notAgent} does not answer as an SSH agent`);
+    // Its process killed, the socket file stays with nothing listening: an agent of a closed session.
+    const exited = new Promise((r) => server.once('exit', r));
+    server.kill('SIGKILL');
+    await exited;
+    const stale = doctor(env, [], { SSH_AUTH_SOCK: notAgent });
+    expect(stale.status).toBe(1);
+    expect(lines(stale.stdout, '✘', 'SSH_AUTH_SOCK')[0]).toContain(`nothing listens on ${notAgent} (a stale socket)`);
 
     const noScope = join(env.runtime, 'scopes', 'nosuch.sock');
     const scopeGone = doctor(env, [], { SSH_AUTH_SOCK: noScope });
