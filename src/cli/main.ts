@@ -16,6 +16,7 @@ import { envCommand } from './env.js';
 import { auditCommand } from './audit.js';
 import { approvalsCommand, approveCommand, denyCommand } from './approvals.js';
 import { policyCommand } from './policy.js';
+import { doctorCommand } from './doctor.js';
 
 /** Options whose value may be `-` (stdin), which yargs would otherwise take for an argument. */
 const FILE_OPTIONS = new Set(['--passphrase-file', '--key-passphrase-file', '--token-file', '--value-file', '--new-passphrase-file']);
@@ -96,6 +97,7 @@ export async function main(argv: string[]): Promise<number> {
     approvalsCommand,
     approveCommand,
     denyCommand,
+    doctorCommand,
   ]) register(parser);
   try {
     await parser
