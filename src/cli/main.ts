@@ -34,7 +34,7 @@ const VALUE_OPTIONS = new Set([
   '--ttl', '--idle', '--idle-lock', '--lock-after', '--listen', '--connect', '--token-file', '--value-file',
   '--new-passphrase-file', '--factor', '--key', '--ssh-key', '--policy', '--prefix', '--only', '--allow', '--format',
   '-n', '--lines', '--value', '--token', '--known-hosts', '--purpose', '--host', '--user', '--namespace', '--exe',
-  '--remember', '--confirm-program', '--confirm-timeout', '--config',
+  '--remember', '--confirm-program', '--confirm-timeout', '--config', '--log-level',
 ]);
 
 /** Short options that take a value in most commands but are flags in some (`unlock -s`, as ssh-agent -s). */
