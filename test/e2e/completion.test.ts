@@ -52,6 +52,18 @@ describe('keyhold completion', () => {
     expect(complete(['keyhold', 'key', ''], { SHELL: '/usr/bin/zsh', ZSH_NAME: 'zsh' })).toEqual(['generate', 'import', 'list', 'pub', 'assign', 'unassign', 'rm']);
   });
 
+  it("the zsh script's query answers in zsh's name:description format, whatever the login shell", () => {
+    const zshScript = keyhold(k, ['completion', 'zsh']).stdout;
+    const query = /reply=\(\$\((.*) "\$\{words\[@\]\}"\)\)/.exec(zshScript)?.[1];
+    expect(query).toMatch(/SHELL=zsh ZSH_NAME= keyhold --get-yargs-completions$/);
+    const result = spawnSync('bash', ['--norc', '--noprofile', '-c', `COMP_CWORD=2 ${query!.replace(/COMP_\w+="[^"]*" /g, '')} keyhold key ''`], {
+      env: { ...k.env, PATH: `${pathDir}:${process.env.PATH}`, SHELL: '/bin/bash' },
+      encoding: 'utf8',
+      timeout: 20_000,
+    });
+    expect(result.stdout.split('\n')).toEqual(expect.arrayContaining(['generate:generate a key in the vault and print its public line', 'rm:delete a key from the vault and every scope']));
+  });
+
   it('prints the script of the shell named, else of $SHELL; another shell is a usage error', () => {
     expect(keyhold(k, ['completion', 'zsh']).stdout).toMatch(/^#compdef keyhold\n[\s\S]*SHELL=zsh ZSH_NAME= keyhold --get-yargs-completions/);
     expect(keyhold(k, ['completion'], { env: { SHELL: '/usr/bin/zsh' } }).stdout).toMatch(/^#compdef keyhold\n/);
