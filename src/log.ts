@@ -1,13 +1,28 @@
-// pino to stderr: JSON, or human-readable when stderr is a terminal. Level from KEYHOLD_LOG_LEVEL.
+// pino to stderr: JSON, or human-readable when stderr is a terminal. Level, first that is set:
+// the caller's (serve's --log-level), KEYHOLD_LOG_LEVEL, the caller's default (the config file's
+// log_level), info.
 import pino, { type Logger } from 'pino';
 import pretty from 'pino-pretty';
 import { writeSync } from 'node:fs';
+import { usageError } from './errors.js';
 
-const LEVELS = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'];
+export const LOG_LEVELS = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'] as const;
 
-export function createLogger(env: NodeJS.ProcessEnv = process.env, defaultLevel = 'info'): Logger {
+export const isLogLevel = (text: string): boolean => (LOG_LEVELS as readonly string[]).includes(text);
+
+/** KEYHOLD_LOG_LEVEL, checked: a typo must not quietly hide the lines its user asked for. */
+export function envLogLevel(env: NodeJS.ProcessEnv = process.env): string | undefined {
   const requested = env.KEYHOLD_LOG_LEVEL?.toLowerCase();
-  const level = requested && LEVELS.includes(requested) ? requested : defaultLevel;
+  if (!requested) return undefined;
+  if (!isLogLevel(requested)) throw usageError(`KEYHOLD_LOG_LEVEL=${JSON.stringify(requested.slice(0, 40))} is not a log level`, `use one of ${LOG_LEVELS.join(', ')}`);
+  return requested;
+}
+
+export function createLogger(env: NodeJS.ProcessEnv = process.env, defaultLevel = 'info', level?: string): Logger {
+  if (level === undefined) {
+    const requested = env.KEYHOLD_LOG_LEVEL?.toLowerCase();
+    level = requested && isLogLevel(requested) ? requested : defaultLevel;
+  }
   const options = { level, base: { pid: process.pid }, name: 'keyhold' };
   if (process.stderr.isTTY) return pino(options, pretty({ destination: 2, sync: true, colorize: true }));
   return pino(options, forgivingStderr());

@@ -3,20 +3,7 @@ import yargs, { type Argv } from 'yargs';
 import { hideBin } from 'yargs/helpers';
 import { EXIT, formatError, KeyholdError, oneLine, QuietExit, usageError } from '../errors.js';
 import { globalOptions, STDIN_ARGUMENT, type GlobalArgs } from './common.js';
-import { initCommand } from './init.js';
-import { keyCommand } from './key.js';
-import { scopeCommand } from './scope.js';
-import { serveCommand } from './serve.js';
-import { tokenCommand } from './token.js';
-import { bridgeCommand } from './bridge.js';
-import { lockCommand, statusCommand, stopCommand, unlockCommand } from './unlock.js';
-import { factorCommand, passphraseCommand } from './factor.js';
-import { secretCommand } from './secret.js';
-import { envCommand } from './env.js';
-import { auditCommand } from './audit.js';
-import { approvalsCommand, approveCommand, denyCommand } from './approvals.js';
-import { policyCommand } from './policy.js';
-import { doctorCommand } from './doctor.js';
+import { COMMANDS } from './commands.js';
 
 /** Options whose value may be `-` (stdin), which yargs would otherwise take for an argument. */
 const FILE_OPTIONS = new Set(['--passphrase-file', '--key-passphrase-file', '--token-file', '--value-file', '--new-passphrase-file']);
@@ -47,7 +34,7 @@ const VALUE_OPTIONS = new Set([
   '--ttl', '--idle', '--idle-lock', '--lock-after', '--listen', '--connect', '--token-file', '--value-file',
   '--new-passphrase-file', '--factor', '--key', '--ssh-key', '--policy', '--prefix', '--only', '--allow', '--format',
   '-n', '--lines', '--value', '--token', '--known-hosts', '--purpose', '--host', '--user', '--namespace', '--exe',
-  '--remember', '--confirm-program', '--confirm-timeout', '--config',
+  '--remember', '--confirm-program', '--confirm-timeout', '--config', '--log-level',
 ]);
 
 /** Short options that take a value in most commands but are flags in some (`unlock -s`, as ssh-agent -s). */
@@ -77,28 +64,7 @@ export async function main(argv: string[]): Promise<number> {
     return EXIT.USAGE;
   }
   const parser: Argv<GlobalArgs> = globalOptions(yargs(joinStdinValues(argv)).scriptName('keyhold'));
-  for (const register of [
-    initCommand,
-    keyCommand,
-    scopeCommand,
-    tokenCommand,
-    serveCommand,
-    bridgeCommand,
-    unlockCommand,
-    lockCommand,
-    statusCommand,
-    stopCommand,
-    factorCommand,
-    passphraseCommand,
-    secretCommand,
-    envCommand,
-    auditCommand,
-    policyCommand,
-    approvalsCommand,
-    approveCommand,
-    denyCommand,
-    doctorCommand,
-  ]) register(parser);
+  for (const register of COMMANDS) register(parser);
   try {
     await parser
       .strict()

@@ -3,7 +3,7 @@ import type { Logger } from 'pino';
 import { startDaemon } from '../daemon/daemon.js';
 import { parseDuration, parseOpenSshDuration } from '../duration.js';
 import { EXIT, KeyholdError, usageError } from '../errors.js';
-import { createLogger } from '../log.js';
+import { createLogger, envLogLevel, LOG_LEVELS } from '../log.js';
 import { loadConfig } from '../config/config.js';
 import { MAX_CONFIRM_TIMEOUT_MS } from '../policy/approvals.js';
 import { runtimeDir } from '../runtime-dir.js';
@@ -51,6 +51,11 @@ export function serveCommand(yargs: Argv<GlobalArgs>) {
         .option('locked', { type: 'boolean', default: false, describe: 'start locked; unlock later with `keyhold unlock`' })
         .option('allow-sha1', { type: 'boolean', default: false, describe: 'sign SHA-1 ssh-rsa requests (refused by default)' })
         .option('config', { type: 'string', describe: 'config file (default: $KEYHOLD_CONFIG or ~/.config/keyhold/config.toml); flags win over it' })
+        .option('log-level', {
+          type: 'string',
+          choices: LOG_LEVELS,
+          describe: 'what the daemon logs on stderr (default: $KEYHOLD_LOG_LEVEL, else log_level of the config, else info)',
+        })
         .option('confirm-program', {
           type: 'string',
           describe: 'SSH_ASKPASS-style program asked to confirm requests (default: $SSH_ASKPASS when a display is set)',
@@ -86,8 +91,11 @@ export function serveCommand(yargs: Argv<GlobalArgs>) {
       if (!existsSync(paths.db)) {
         throw new KeyholdError(`no vault database at ${paths.db}`, 'create a vault with `keyhold init`, or pass --vault');
       }
-      const log = createLogger(process.env, config.logLevel);
+      const log = createLogger(process.env, config.logLevel ?? 'info', args['log-level'] ?? envLogLevel());
       keepServingThroughUncaughtFaults(log);
+      if (config.offlineGraceMs !== undefined) {
+        log.debug({ offline_grace_ms: config.offlineGraceMs }, 'offline_grace is for PostgreSQL vaults (planned): no effect on this vault');
+      }
       const daemon = await startDaemon({
         paths,
         vaultId: keyring.vault_id,

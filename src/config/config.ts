@@ -1,5 +1,6 @@
 // keyhold's config file: `--config F`, else KEYHOLD_CONFIG, else
-// ${XDG_CONFIG_HOME:-~/.config}/keyhold/config.toml. Flags win over it, it wins over the defaults.
+// ${XDG_CONFIG_HOME:-~/.config}/keyhold/config.toml. Flags win over it, then environment variables
+// (KEYHOLD_LOG_LEVEL, the only key that has one), then the file, then the defaults.
 // A key keyhold does not know, or a value it cannot use, exits 2 naming the file, line and key:
 // a typo must not quietly leave the daemon without a setting its user counts on.
 import { fstatSync, openSync, closeSync } from 'node:fs';
@@ -13,6 +14,7 @@ import { parseListenAddress, type ListenAddress } from '../signer/token-listener
 import { SCOPE_PATTERN } from '../vault/vault.js';
 import { MAX_CONFIRM_TIMEOUT_MS } from '../policy/approvals.js';
 import { tomlLines } from '../toml-lines.js';
+import { isLogLevel, LOG_LEVELS } from '../log.js';
 
 export interface ServeConfig {
   listen?: ListenAddress[];
@@ -23,7 +25,7 @@ export interface ServeConfig {
   confirmProgram?: string;
   confirmTimeoutMs?: number;
   logLevel?: string;
-  /** PostgreSQL vaults only (planned); read and checked so that a config shared with one is valid. */
+  /** PostgreSQL vaults only (planned): read and checked so that a config shared with one is valid; no effect yet. */
   offlineGraceMs?: number;
 }
 
@@ -33,7 +35,6 @@ export interface KeyholdConfig {
   serve: ServeConfig;
 }
 
-export const LOG_LEVELS = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'] as const;
 const MAX_CONFIG_BYTES = 256 * 1024;
 const MAX_LIST = 1_000;
 
@@ -111,7 +112,7 @@ const SERVE_KEYS: { [K in string]: { field: keyof ServeConfig; read: Reader<unkn
   log_level: {
     field: 'logLevel',
     read: (value) => {
-      if (typeof value !== 'string' || !(LOG_LEVELS as readonly string[]).includes(value)) throw new Error(`must be one of ${LOG_LEVELS.join(', ')}`);
+      if (typeof value !== 'string' || !isLogLevel(value)) throw new Error(`must be one of ${LOG_LEVELS.join(', ')}`);
       return value;
     },
   },
