@@ -204,4 +204,23 @@ describe('keyhold.service under a real systemd user manager', () => {
       writeFileSync(credential, `${passphrase}\n`, { mode: 0o600 });
     }
   });
+
+  it('with MemoryDenyWriteExecute=yes node dies in V8 at its first compiled code (why the units keep it off)', async () => {
+    const dropIn = join(home, '.config', 'systemd', 'user', 'keyhold.service.d', 'mdwe.conf');
+    writeFileSync(dropIn, '[Service]\nMemoryDenyWriteExecute=yes\n');
+    const show = (property: string) => manager!.systemctl(['show', '-p', property, '--value', 'keyhold.service']).stdout.trim();
+    try {
+      expect(manager!.systemctl(['daemon-reload']).status).toBe(0);
+      const before = daemonLog().length;
+      manager!.systemctl(['start', 'keyhold.service']);
+      await waitFor(() => show('NRestarts') !== '0' || show('ActiveState') === 'failed', 20_000, 'the daemon to die');
+      const log = daemonLog().slice(before);
+      expect(log).not.toContain('keyhold daemon ready');
+      expect(log).toContain('v8::internal');
+    } finally {
+      manager!.systemctl(['stop', 'keyhold.service']);
+      rmSync(dropIn);
+      manager!.systemctl(['daemon-reload']);
+    }
+  });
 });
