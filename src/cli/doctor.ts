@@ -498,16 +498,20 @@ function formatResult(result: CheckResult): string {
   return oneLine(`${MARK[result.status]} ${result.check}: ${result.message}${fix}`);
 }
 
-/** The unit in contrib/systemd with ExecStart's program set to this install's `keyhold`. */
+/** The unit in contrib/systemd with ExecStart's program set to this node running this install's `keyhold`. */
 export function unitForThisInstall(): string {
   const text = readCapped(UNIT_TEMPLATE, 256 * 1024, 'unit template', {
     regularFile: true,
     missing: () => new KeyholdError(`no unit template at ${UNIT_TEMPLATE}`, 'reinstall keyhold (the package ships contrib/systemd)'),
   }).toString('utf8');
-  const install = thisInstall();
   // systemd reads `%` as a specifier and splits words at spaces.
-  const escaped = install.replace(/%/g, '%%');
-  const program = /[\s"'\\]/.test(escaped) ? `"${escaped.replace(/["\\]/g, '\\$&')}"` : escaped;
+  const word = (path: string) => {
+    const escaped = path.replace(/%/g, '%%');
+    return /[\s"'\\]/.test(escaped) ? `"${escaped.replace(/["\\]/g, '\\$&')}"` : escaped;
+  };
+  // This node, by its path: bin/keyhold's `#!/usr/bin/env node` finds none where systemd's PATH
+  // lacks it (node from nvm or a tarball under $HOME).
+  const program = `${word(process.execPath)} ${word(thisInstall())}`;
   let replaced = 0;
   const unit = text.replace(/^(\s*ExecStart\s*=\s*[-@:+!|]*)(\S+)/gm, (_all, head: string) => {
     replaced++;

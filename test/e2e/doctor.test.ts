@@ -286,13 +286,20 @@ describe('keyhold doctor', () => {
     const execStarts = unit.split('\n').filter((l) => /^ExecStart=/.test(l));
     expect(execStarts.length).toBeGreaterThan(0);
     for (const line of execStarts) {
-      const program = line.slice('ExecStart='.length).replace(/^[-@:+!|]+/, '').split(/\s+/)[0]!;
-      expect(program.startsWith('/')).toBe(true);
-      expect(existsSync(program)).toBe(true);
-      expect(realpathSync(program)).toBe(realpathSync(KEYHOLD_BIN));
+      // This node, then this install's bin/keyhold: no PATH lookup of node under systemd.
+      const [node, program] = line.slice('ExecStart='.length).replace(/^[-@:+!|]+/, '').split(/\s+/);
+      expect(node).toBe(process.execPath);
+      expect(program!.startsWith('/')).toBe(true);
+      expect(existsSync(program!)).toBe(true);
+      expect(realpathSync(program!)).toBe(realpathSync(KEYHOLD_BIN));
     }
     // Everything but ExecStart's program is the template's.
     const strip = (text: string) => text.replace(/^(ExecStart=[-@:+!|]*)\S+/gm, '$1');
-    expect(strip(unit)).toBe(strip(template));
+    expect(strip(unit).replace(/^(ExecStart=) \S+/gm, '$1')).toBe(strip(template));
+    // The doctor's own unit check finds such a unit is this install.
+    const units = join(k.env.XDG_CONFIG_HOME!, 'systemd', 'user');
+    mkdirSync(units, { recursive: true });
+    writeFileSync(join(units, 'keyhold.service'), unit);
+    expect(keyhold(k, ['doctor']).stdout).toMatch(/✔ unit: .*ExecStart runs this install/);
   });
 });
