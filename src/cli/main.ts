@@ -16,6 +16,7 @@ import { envCommand } from './env.js';
 import { auditCommand } from './audit.js';
 import { approvalsCommand, approveCommand, denyCommand } from './approvals.js';
 import { policyCommand } from './policy.js';
+import { missingArgumentError, type UsageLines } from './usage-errors.js';
 
 /** Options whose value may be `-` (stdin), which yargs would otherwise take for an argument. */
 const FILE_OPTIONS = new Set(['--passphrase-file', '--key-passphrase-file', '--token-file', '--value-file', '--new-passphrase-file']);
@@ -66,6 +67,10 @@ function checkOptionValues(argv: string[]): void {
   }
 }
 
+function oneLineMessage(message: string | undefined): string {
+  return (message ?? 'invalid arguments').split('\n').map((l) => l.trim()).filter(Boolean).join(' ');
+}
+
 export async function main(argv: string[]): Promise<number> {
   // Everything keyhold creates (vault, key file, sockets, runtime dir) is private to the user.
   process.umask(0o077);
@@ -106,9 +111,9 @@ export async function main(argv: string[]): Promise<number> {
       .alias('help', 'h')
       .version()
       .wrap(Math.min(100, process.stdout.columns || 100))
-      .fail((message, err) => {
-        const oneLine = (message ?? 'invalid arguments').split('\n').map((l) => l.trim()).filter(Boolean).join(' ');
-        throw err ?? usageError(oneLine, 'see `keyhold --help`');
+      .fail((message, err, usage) => {
+        if (err) throw err;
+        throw missingArgumentError(message ?? '', usage as unknown as UsageLines) ?? usageError(oneLineMessage(message), 'see `keyhold --help`');
       })
       .parseAsync();
     return EXIT.OK;
