@@ -111,7 +111,7 @@ async function checkUpstream(address: ListenAddress, handshake: Buffer): Promise
 export function bridgeCommand(yargs: Argv<GlobalArgs>) {
   return yargs.command(
     'bridge',
-    'container side: serve a plain agent socket that forwards to the token-gated signer',
+    'container side: serve a plain agent socket that forwards to the token-gated signer; the token is checked first (exit 4 refused, 1 signer unreachable)',
     (c) =>
       c
         .option('connect', { type: 'string', demandOption: true, describe: 'the signer: unix:PATH or tcp:HOST:PORT' })
