@@ -16,7 +16,7 @@ import { envCommand } from './env.js';
 import { auditCommand } from './audit.js';
 import { approvalsCommand, approveCommand, denyCommand } from './approvals.js';
 import { policyCommand } from './policy.js';
-import { missingArgumentError, type UsageLines } from './usage-errors.js';
+import { usageFailure, type UsageLines } from './usage-errors.js';
 
 /** Options whose value may be `-` (stdin), which yargs would otherwise take for an argument. */
 const FILE_OPTIONS = new Set(['--passphrase-file', '--key-passphrase-file', '--token-file', '--value-file', '--new-passphrase-file']);
@@ -67,10 +67,6 @@ function checkOptionValues(argv: string[]): void {
   }
 }
 
-function oneLineMessage(message: string | undefined): string {
-  return (message ?? 'invalid arguments').split('\n').map((l) => l.trim()).filter(Boolean).join(' ');
-}
-
 export async function main(argv: string[]): Promise<number> {
   // Everything keyhold creates (vault, key file, sockets, runtime dir) is private to the user.
   process.umask(0o077);
@@ -112,8 +108,7 @@ export async function main(argv: string[]): Promise<number> {
       .version()
       .wrap(Math.min(100, process.stdout.columns || 100))
       .fail((message, err, usage) => {
-        if (err) throw err;
-        throw missingArgumentError(message ?? '', usage as unknown as UsageLines) ?? usageError(oneLineMessage(message), 'see `keyhold --help`');
+        throw err ?? usageFailure(message, usage as unknown as UsageLines);
       })
       .parseAsync();
     return EXIT.OK;

@@ -28,3 +28,9 @@ export function missingArgumentError(message: string, usage: UsageLines | undefi
   if (!missing) return null;
   return usageError(`${command.replace(/^keyhold /, '')}: missing ${missing}`, `usage: ${line}; see \`${command} --help\``);
 }
+
+/** What yargs' `.fail()` reports, as one keyhold usage error (exit 2). */
+export function usageFailure(message: string | undefined, usage: UsageLines | undefined): KeyholdError {
+  const oneLine = (message ?? 'invalid arguments').split('\n').map((l) => l.trim()).filter(Boolean).join(' ');
+  return missingArgumentError(oneLine, usage) ?? usageError(oneLine, 'see `keyhold --help`');
+}
