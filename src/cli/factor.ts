@@ -7,7 +7,7 @@ import { describeFactor, enrollPassphrase, readKeyring, type Factor, type Passph
 import { vaultPaths } from '../vault/paths.js';
 import { enrollSshAgent } from '../vault/ssh-agent-factor.js';
 import { printJson, printLines, table, withVault, type GlobalArgs } from './common.js';
-import { fallbackPassphrase, readPassphraseFile } from './passphrase.js';
+import { checkNewPassphrase, fallbackPassphrase, readPassphraseFile } from './passphrase.js';
 
 function factorJson(factor: Factor, policy: string) {
   return {
@@ -25,10 +25,10 @@ async function newPassphrase(args: GlobalArgs & { 'new-passphrase-file'?: string
   if (file === '-' && args['passphrase-file'] === '-') {
     throw usageError('--passphrase-file and --new-passphrase-file cannot both read stdin', 'put one of them in a file');
   }
-  if (file) return readPassphraseFile(file, 'new passphrase file');
+  if (file) return checkNewPassphrase(readPassphraseFile(file, 'new passphrase file'));
   const typed = await fallbackPassphrase({ env: {}, confirm: true, prompt: 'New passphrase: ' });
   if (!typed) throw usageError('no new passphrase', 'pass --new-passphrase-file F (- for stdin), or run on a terminal');
-  return typed;
+  return checkNewPassphrase(typed);
 }
 
 function report(args: GlobalArgs, factor: Factor, policy: string, verb: string): void {

@@ -6,7 +6,7 @@ import { vaultPaths } from '../vault/paths.js';
 import { enrollSshAgent } from '../vault/ssh-agent-factor.js';
 import { Vault } from '../vault/vault.js';
 import { printJson, type GlobalArgs } from './common.js';
-import { explicitPassphrase, readPassphrase } from './passphrase.js';
+import { checkNewPassphrase, explicitPassphrase, readPassphrase } from './passphrase.js';
 
 export function initCommand(yargs: Argv<GlobalArgs>) {
   return yargs.command(
@@ -56,6 +56,7 @@ export function initCommand(yargs: Argv<GlobalArgs>) {
           passphrase = explicitPassphrase(request) ?? (process.env.KEYHOLD_PASSPHRASE !== undefined ? await readPassphrase(request) : null);
         }
         if (passphrase) {
+          if (!generated) checkNewPassphrase(passphrase);
           try {
             enrolled.push(await enrollPassphrase(passphrase));
           } finally {

@@ -4,7 +4,7 @@ import { basename } from 'node:path';
 import type { Argv } from 'yargs';
 import { authorizedKeyLine, fingerprint } from '../agent-protocol/public-key.js';
 import { readCapped } from '../read-capped.js';
-import { notFound, usageError } from '../errors.js';
+import { EXIT, KeyholdError, notFound, usageError } from '../errors.js';
 import {
   describeSupportedKey,
   KEY_TYPES,
@@ -188,7 +188,19 @@ export function keyCommand(yargs: Argv<GlobalArgs>) {
         (c) => c.positional('scope', { type: 'string', demandOption: true }),
         async (args) => {
           const scope = checkScopeName(args.scope);
-          const keys = await withVault(args, (api) => api.listKeys(scope));
+          // The public keys are inside the vault, which SQLCipher encrypts as a whole; a clear-text
+          // copy beside it would leak the scopes and could be swapped unnoticed (pasted into
+          // authorized_keys), so `pub` reads them from a running, unlocked daemon or opens the vault.
+          const keys = await withVault(args, (api) => api.listKeys(scope)).catch((err: unknown) => {
+            if (err instanceof KeyholdError && err.exitCode === EXIT.LOCKED) {
+              throw new KeyholdError(
+                `cannot read the public keys of ${scope}, which are inside the encrypted vault: ${err.message}`,
+                `run \`keyhold unlock\` once: while the daemon stays unlocked \`key pub\` needs no passphrase; or ${err.hint ?? 'give a passphrase source'}`,
+                EXIT.LOCKED,
+              );
+            }
+            throw err;
+          });
           if (keys.length === 0) throw notFound(`scope ${scope} has no keys`, `generate one with \`keyhold key generate ${scope}\``);
           if (args.json) return printJson(keys.map(keyJson));
           printLines(keys.map((k) => authorizedKeyLine(k.publicBlob, k.comment)));

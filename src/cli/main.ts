@@ -4,6 +4,7 @@ import { hideBin } from 'yargs/helpers';
 import { EXIT, formatError, KeyholdError, oneLine, QuietExit, usageError } from '../errors.js';
 import { globalOptions, STDIN_ARGUMENT, type GlobalArgs } from './common.js';
 import { COMMANDS } from './commands.js';
+import { usageFailure, type UsageLines } from './usage-errors.js';
 
 /** Options whose value may be `-` (stdin), which yargs would otherwise take for an argument. */
 const FILE_OPTIONS = new Set(['--passphrase-file', '--key-passphrase-file', '--token-file', '--value-file', '--new-passphrase-file']);
@@ -74,9 +75,8 @@ export async function main(argv: string[]): Promise<number> {
       .alias('help', 'h')
       .version()
       .wrap(Math.min(100, process.stdout.columns || 100))
-      .fail((message, err) => {
-        const oneLine = (message ?? 'invalid arguments').split('\n').map((l) => l.trim()).filter(Boolean).join(' ');
-        throw err ?? usageError(oneLine, 'see `keyhold --help`');
+      .fail((message, err, usage) => {
+        throw err ?? usageFailure(message, usage as unknown as UsageLines);
       })
       .parseAsync();
     return EXIT.OK;

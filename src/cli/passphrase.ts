@@ -29,6 +29,22 @@ function readSecretFile(path: string, what: string): Buffer {
   return readCapped(path, 64 * 1024, what);
 }
 
+/** As OpenSSH refuses a key passphrase of fewer than 5 bytes ("passphrase too short"), in characters here. */
+export const MIN_NEW_PASSPHRASE_CHARS = 5;
+
+/** A passphrase about to protect the vault (init, factor add, passphrase change): long enough. */
+export function checkNewPassphrase(passphrase: Buffer): Buffer {
+  const chars = [...passphrase.toString('utf8')].length;
+  if (chars < MIN_NEW_PASSPHRASE_CHARS) {
+    passphrase.fill(0);
+    throw usageError(
+      `passphrase too short (${chars} character${chars === 1 ? '' : 's'}; at least ${MIN_NEW_PASSPHRASE_CHARS})`,
+      'use a longer one, or `--generate-passphrase` at init',
+    );
+  }
+  return passphrase;
+}
+
 function nonEmpty(passphrase: Buffer): Buffer {
   if (passphrase.length === 0) throw usageError('empty passphrase refused', 'use a non-empty passphrase');
   return passphrase;

@@ -87,6 +87,7 @@ export function secretCommand(yargs: Argv<GlobalArgs>) {
           const name = checkSecretName(args.name);
           await withVault(args, (api) => api.removeSecret(scope, name));
           if (args.json) printJson({ scope, name, removed: true });
+          else process.stderr.write(`keyhold: removed secret ${name} of ${scope}\n`);
         },
       )
       .demandCommand(1, 'name a secret command: set, get, list, rm'),

@@ -73,12 +73,14 @@ export function tokenCommand(yargs: Argv<GlobalArgs>) {
             .option('subject', { type: 'string' }),
         async (args) => {
           if ((args.id === undefined) === (args.scope === undefined)) {
-            throw usageError('name a token id or --scope, not both', 'keyhold token revoke ID | --scope S [--subject N]');
+            const what = args.id === undefined ? 'token revoke: missing argument <id> or option --scope' : 'name a token id or --scope, not both';
+            throw usageError(what, 'usage: keyhold token revoke ID | --scope S [--subject N]');
           }
           if (args.subject !== undefined && args.scope === undefined) throw usageError('--subject goes with --scope');
           if (args.id !== undefined) {
             const record = await withVault(args, (api) => api.revokeToken(args.id!));
             if (args.json) printJson(tokenJson(record));
+            else process.stderr.write(`keyhold: revoked ${record.id} (scope ${record.scope}${record.subject ? `, subject ${record.subject}` : ''}); its open connections end\n`);
             return;
           }
           const count = await withVault(args, (api) => api.revokeTokens(checkScopeName(args.scope!), args.subject));

@@ -195,6 +195,7 @@ export function lockCommand(yargs: Argv<GlobalArgs>) {
         daemon.client.close();
       }
       if (args.json) printJson(status);
+      else process.stderr.write(`keyhold: locked (daemon pid ${status.pid}): keys and master key dropped\n`);
     },
   );
 }

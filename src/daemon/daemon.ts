@@ -195,7 +195,10 @@ export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
           const tokens = session.tokens();
           if (!tokens) return 'locked';
           const record = tokens.lookup(token);
-          if (!record) return null;
+          if (!record) {
+            const why = tokens.refusal(token);
+            return why.reason === 'unknown' ? { refused: 'unknown token' } : { refused: `token ${why.reason}`, tokenId: why.tokenId };
+          }
           return {
             scope: record.scope,
             tokenId: record.id,
@@ -204,7 +207,7 @@ export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
             stillValid: () => session.tokens()?.usable(record.id) ?? false,
           };
         },
-        onHandshakeFailure(peer, reason, repeated) {
+        onHandshakeFailure(peer, reason, repeated, tokenId) {
           // A blocked source, or a client over a cap, can knock as fast as it likes: its knocks
           // are logged and recorded once a minute per source.
           if (repeated) {
@@ -215,8 +218,9 @@ export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
             quietKnocks.set(source, Date.now());
             reason = `${reason} (repeated; further ones from this source are not recorded for a minute)`;
           }
-          log.info({ peer, reason }, 'token handshake failed');
-          void record({ event: 'handshake-failed', peer, reason });
+          const token = tokenId === undefined ? {} : { token_id: tokenId };
+          log.info({ peer, reason, ...token }, 'token handshake failed');
+          void record({ event: 'handshake-failed', peer, reason, ...token });
         },
       }).catch((err: Error) => {
         throw new KeyholdError(`cannot listen on ${where}: ${err.message}`, 'pick another address or stop what holds it');

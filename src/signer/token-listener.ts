@@ -39,15 +39,22 @@ export interface TokenListenerOptions {
   idleTimeoutMs: number;
   maxPendingWrite: number;
   /**
-   * Looks a presented token up; null when it is unknown, revoked or expired; 'locked' when the
-   * vault is locked and no token can be checked (closed, but not counted against the source).
+   * Looks a presented token up; a refusal says why (unknown, revoked or expired, with the token's
+   * id when the vault knows it); 'locked' when the vault is locked and no token can be checked
+   * (closed, but not counted against the source).
    */
-  authenticate(token: Buffer): TokenSession | null | 'locked';
+  authenticate(token: Buffer): TokenSession | TokenRefused | 'locked';
   /**
    * A handshake that did not become a session. `repeated`: its source is blocked, or a cap refused
    * it; such reports can come as fast as a client can connect, so the receiver should thin them.
    */
-  onHandshakeFailure?(peer: Peer, reason: string, repeated: boolean): void;
+  onHandshakeFailure?(peer: Peer, reason: string, repeated: boolean, tokenId?: string): void;
+}
+
+/** A token the listener closes on: the reason goes to the daemon's log, never to the client. */
+export interface TokenRefused {
+  refused: string;
+  tokenId?: string;
 }
 
 export type ListenAddress = { kind: 'tcp'; host: string; port: number } | { kind: 'unix'; path: string };
@@ -129,7 +136,7 @@ function handleConnection(socket: Socket, kind: 'tcp' | 'unix', options: TokenLi
   let received: Buffer = Buffer.alloc(0);
   let done = false;
   /** Ends a handshake that did not become a session; a failure's close may be held a while. */
-  const end = (outcome: 'failed' | 'neutral', reason: string, how: { repeated?: boolean; closeNow?: boolean } = {}) => {
+  const end = (outcome: 'failed' | 'neutral', reason: string, how: { repeated?: boolean; closeNow?: boolean; tokenId?: string } = {}) => {
     if (done) return;
     done = true;
     clearTimeout(timer);
@@ -137,11 +144,11 @@ function handleConnection(socket: Socket, kind: 'tcp' | 'unix', options: TokenLi
     socket.pause();
     const wasBlocked = guard.isBlocked(source);
     const delay = guard.finish(pending, outcome);
-    options.onHandshakeFailure?.(peer, reason, (how.repeated ?? false) || wasBlocked);
+    options.onHandshakeFailure?.(peer, reason, (how.repeated ?? false) || wasBlocked, how.tokenId);
     if (how.closeNow) socket.destroy();
     else guard.delayClose(delay, () => socket.destroy(), source);
   };
-  const fail = (reason: string) => end('failed', reason);
+  const fail = (reason: string, tokenId?: string) => end('failed', reason, tokenId === undefined ? {} : { tokenId });
   // An evicted handshake frees its socket at once: that is what the eviction is for.
   const pending = guard.begin(source, () => end('failed', 'evicted while pending', { closeNow: true }));
   const timer = setTimeout(() => fail('handshake timeout'), guard.timeoutFor(source, HANDSHAKE_TIMEOUT_MS));
@@ -156,7 +163,7 @@ function handleConnection(socket: Socket, kind: 'tcp' | 'unix', options: TokenLi
     const session = options.authenticate(token);
     received = Buffer.alloc(0);
     if (session === 'locked') return end('neutral', 'vault locked', { closeNow: true });
-    if (!session) return fail('invalid token');
+    if ('refused' in session) return fail(session.refused, session.tokenId);
     const admission = connections.openSession(socket, session.tokenId, source);
     if (!admission.ok) return end('neutral', admission.reason, { repeated: true, closeNow: true });
     done = true;

@@ -8,10 +8,14 @@ interface LiveToken {
   expiresAt: number;
 }
 
+/** Why a presented token was refused, for the daemon's log (the id when the vault knows the token). */
+export type TokenRefusal = { reason: 'revoked' | 'expired'; tokenId: string } | { reason: 'unknown' };
+
 export class TokenCache {
   private builtFrom = -1;
   private byHash = new Map<string, LiveToken>();
   private byId = new Map<string, LiveToken>();
+  private revokedByHash = new Map<string, string>();
 
   /** `observe` reads the vault's version counter (the daemon passes a cheaper, per-turn one). */
   constructor(
@@ -22,9 +26,10 @@ export class TokenCache {
   refresh(): void {
     const version = this.observe();
     if (version === this.builtFrom) return;
-    let rows;
+    let rows, revoked;
     try {
       rows = this.vault.activeTokens();
+      revoked = this.vault.revokedTokenHashes();
     } catch {
       // The vault cannot be read right now (busy, an I/O error): keep what we have, try again at
       // the next request. A handshake must never throw out of the listener.
@@ -39,6 +44,7 @@ export class TokenCache {
     }
     this.byHash = byHash;
     this.byId = byId;
+    this.revokedByHash = new Map(revoked.map(({ id, hash }) => [hash.toString('latin1'), id]));
     this.builtFrom = version;
   }
 
@@ -47,6 +53,17 @@ export class TokenCache {
     this.refresh();
     const live = this.byHash.get(tokenHash(token).toString('latin1'));
     return live && live.expiresAt > now ? live.record : null;
+  }
+
+  /** Why `lookup` found nothing for this token (call it only then). */
+  refusal(token: Buffer, now = Date.now()): TokenRefusal {
+    this.refresh();
+    const hash = tokenHash(token).toString('latin1');
+    const live = this.byHash.get(hash);
+    if (live && live.expiresAt <= now) return { reason: 'expired', tokenId: live.record.id };
+    const revoked = this.revokedByHash.get(hash);
+    if (revoked !== undefined) return { reason: 'revoked', tokenId: revoked };
+    return { reason: 'unknown' };
   }
 
   usable(id: string, now = Date.now()): boolean {

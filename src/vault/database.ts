@@ -4,7 +4,7 @@ import Database from 'better-sqlite3-multiple-ciphers';
 import { accessSync, closeSync, constants, openSync, statSync } from 'node:fs';
 import { checkPrivateMode } from '../read-capped.js';
 import { dirname } from 'node:path';
-import { KeyholdError } from '../errors.js';
+import { EXIT, KeyholdError } from '../errors.js';
 
 export type Db = Database.Database;
 
@@ -220,7 +220,7 @@ export function checkDatabaseFile(path: string): void {
     stat = statSync(path);
   } catch (err) {
     const code = (err as NodeJS.ErrnoException).code;
-    if (code === 'ENOENT') throw new KeyholdError(`no vault database at ${path}`, 'create a vault with `keyhold init`, or pass --vault');
+    if (code === 'ENOENT') throw new KeyholdError(`no vault database at ${path}`, 'create a vault with `keyhold init`, or pass --vault', EXIT.NOT_FOUND);
     throw new KeyholdError(`cannot open ${path}: ${code ?? 'error'}`, 'check the path and its permissions');
   }
   if (!stat.isFile()) throw new KeyholdError(`${path} is not a file`, 'pass the vault file with --vault');

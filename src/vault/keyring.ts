@@ -5,6 +5,7 @@
 // Policy `any`: every factor wraps the master key on its own; any one of them unlocks.
 // Policy `all`: one wrap under a KEK derived from every factor's KEK together; all are needed.
 // Changing factors rewraps the master key; the database is never re-encrypted.
+import { existsSync } from 'node:fs';
 import { createCipheriv, createDecipheriv, hkdfSync, randomBytes, scrypt as scryptCb, type ScryptOptions } from 'node:crypto';
 import * as v from 'valibot';
 import { readCapped } from '../read-capped.js';
@@ -537,7 +538,11 @@ export function readKeyring(path: string): Keyring {
   const bytes = readCapped(path, MAX_KEYRING_BYTES, 'vault key file', {
     regularFile: true,
     privateFile: true,
-    missing: () => new KeyholdError(`no vault key file at ${path}`, 'create a vault with `keyhold init`, or pass --vault'),
+    // Not found (5): no vault here yet. Beside an existing database it is a loss, not a fresh start.
+    missing: () =>
+      existsSync(path.replace(/\.keys$/, ''))
+        ? new KeyholdError(`no vault key file at ${path}`, 'restore vault.db.keys from the backup of this vault.db: the vault cannot be opened without it', EXIT.NOT_FOUND)
+        : new KeyholdError(`no vault at ${path.replace(/\.keys$/, '')}`, 'create one with `keyhold init`, or pass --vault / set KEYHOLD_VAULT', EXIT.NOT_FOUND),
   });
   return parseKeyring(bytes.toString('utf8'));
 }

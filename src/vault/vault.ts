@@ -945,6 +945,14 @@ export class Vault {
       .all() as (TokenRecord & { hash: Buffer })[];
   }
 
+  /**
+   * Revoked tokens' ids by hash: the daemon's log names a refused token as revoked (by id) rather
+   * than unknown. Nothing here can authenticate.
+   */
+  revokedTokenHashes(): { id: string; hash: Buffer }[] {
+    return this.db.prepare('SELECT id, hash FROM tokens WHERE revoked_at IS NOT NULL').all() as { id: string; hash: Buffer }[];
+  }
+
   revokeToken(id: string): TokenRecord {
     const select = this.db.prepare(`SELECT ${Vault.TOKEN_COLUMNS} FROM tokens WHERE id = ?`);
     return this.write(() => {

@@ -312,14 +312,16 @@ describe('errors: `keyhold: <msg> (<hint>)`, exit codes, no stack trace', () => 
     expectErrorLine(keyhold(k, ['key', 'pub', 'nothing-here']), 5);
   });
 
-  it('no vault → 1, naming the path', () => {
+  it('no vault → 5 (not found), naming the path and `keyhold init`', () => {
     const missingVault = join(k.dir, 'nowhere', 'vault.db');
     const r = keyhold(k, ['key', 'list', '--vault', missingVault]);
-    expectErrorLine(r, 1, /keyhold init/);
+    expectErrorLine(r, 5, /keyhold init/);
     expect(r.stderr).toContain(missingVault);
     expect(existsSync(missingVault)).toBe(false);
-    const viaEnv = keyhold(k, ['scope', 'list'], { env: { KEYHOLD_VAULT: missingVault } });
-    expectErrorLine(viaEnv, 1);
+    for (const args of [['scope', 'list'], ['key', 'pub', 'web'], ['lock'], ['socket', 'web'], ['serve']]) {
+      const viaEnv = keyhold(k, args, { env: { KEYHOLD_VAULT: missingVault } });
+      expectErrorLine(viaEnv, 5, /keyhold init/);
+    }
   });
 
   it('a key file that is not JSON → 1 with a hint, no stack', () => {

@@ -226,17 +226,16 @@ describe('keyhold bridge', () => {
     }
   });
 
-  it('with an unknown token ssh-add -l gets no keys and fails', async () => {
+  it('with an unknown token the bridge never listens: exit 4 (see bridge-feedback.test.ts)', async () => {
     const listen = sockPath('bridge-bad');
     const bad = 'khp_' + randomBytes(32).toString('base64url');
-    const bridge = await startBridge(['--connect', `tcp:127.0.0.1:${port}`, '--listen', listen], { KEYHOLD_TOKEN: bad });
-    try {
-      const { r, fingerprints } = await sshAddList(listen);
-      expect(r.code, diagnostics(r, bridge)).not.toBe(0);
-      expect(fingerprints).toEqual([]);
-    } finally {
-      await bridge.stop();
-    }
+    const r = await run(process.execPath, [KEYHOLD_BIN, 'bridge', '--connect', `tcp:127.0.0.1:${port}`, '--listen', listen], {
+      env: cleanEnv({ KEYHOLD_TOKEN: bad }),
+      timeoutMs: 20_000,
+    });
+    expect(r.code, diagnostics(r)).toBe(4);
+    expect(r.stdout).not.toContain('SSH_AUTH_SOCK=');
+    expect(existsSync(listen)).toBe(false);
   });
 
   it('--token on argv is refused with exit 2 (both spellings), without echoing it and without creating the socket', async () => {
@@ -271,7 +270,7 @@ describe('keyhold bridge', () => {
     expect(existsSync(listen)).toBe(false);
   });
 
-  it('started before the daemon: retries, and serves once the daemon is up (Unix and TCP)', async () => {
+  it('started before the daemon: retries, says ready once the daemon is up, and serves (Unix and TCP)', async () => {
     const k2 = makeKeyholdEnv('keyhold-container-late-');
     try {
       initVault(k2);
@@ -283,35 +282,31 @@ describe('keyhold bridge', () => {
       const unixListen = sockPath('late-unix');
       const tcpListen = sockPath('late-tcp');
       const started = Date.now();
-      const bridges = await Promise.all([
+      // The bridges check their token before they say ready, so they wait for the signer.
+      const ready = Promise.all([
         startBridge(['--connect', `unix:${lateSigner}`, '--listen', unixListen], { KEYHOLD_TOKEN: token }),
         startBridge(['--connect', `tcp:127.0.0.1:${latePort}`, '--listen', tcpListen], { KEYHOLD_TOKEN: token }),
       ]);
+      let settled = false;
+      void ready.finally(() => (settled = true)).catch(() => {});
+      await sleep(Math.max(300, started + 900 - Date.now()));
+      expect(existsSync(lateSigner)).toBe(false);
+      expect(settled, 'a bridge said ready (or gave up) before the daemon was started').toBe(false);
+      expect(existsSync(unixListen) || existsSync(tcpListen), 'a bridge socket before the token was checked').toBe(false);
+      const late = await startServe(k2, ['--listen', `tcp:127.0.0.1:${latePort}`, '--listen', `unix:${lateSigner}`]);
       try {
-        // Clients that connect while the signer is still down.
-        let settled = 0;
-        const pending = [sshAddList(unixListen), sshAddList(tcpListen)].map((p) => p.finally(() => settled++));
-        await sleep(Math.max(300, started + 900 - Date.now()));
-        expect(existsSync(lateSigner)).toBe(false);
-        expect(settled, 'ssh-add finished before the daemon was started').toBe(0);
-        const late = await startServe(k2, ['--listen', `tcp:127.0.0.1:${latePort}`, '--listen', `unix:${lateSigner}`]);
+        const started2 = await ready;
         try {
-          const results = await Promise.all(pending);
-          for (const [i, { r, fingerprints }] of results.entries()) {
-            expect(r.code, `${i === 0 ? 'unix' : 'tcp'}: ${r.stderr}\n${bridges[i]!.stderr()}\n${late.stderr().slice(-2000)}`).toBe(0);
-            expect(fingerprints).toEqual(lateFps);
-          }
-          // And later clients too.
           for (const listen of [unixListen, tcpListen]) {
             const { r, fingerprints } = await sshAddList(listen);
-            expect(r.code, r.stderr).toBe(0);
+            expect(r.code, `${r.stderr}\n${late.stderr().slice(-2000)}`).toBe(0);
             expect(fingerprints).toEqual(lateFps);
           }
         } finally {
-          await late.stop();
+          await Promise.all(started2.map((b) => b.stop()));
         }
       } finally {
-        await Promise.all(bridges.map((b) => b.stop()));
+        await late.stop();
       }
     } finally {
       k2.cleanup();

@@ -706,15 +706,15 @@ describe('the token listener while the vault is locked', () => {
     await Promise.all(Array.from({ length: 20 }, () => badHandshake(BLAMED)));
     // Now that source is blocked: its next failure is logged as a repeated one...
     await badHandshake(BLAMED);
-    expect(serve.stderr()).toMatch(/"address":"127\.0\.0\.78"[^\n]*"reason":"invalid token \(repeated/);
+    expect(serve.stderr()).toMatch(/"address":"127\.0\.0\.78"[^\n]*"reason":"unknown token \(repeated/);
     // ...yet a valid token from it is still served (a valid token is never refused for its source)...
     const blamed = await tokenSession(BLAMED);
     expect(blamed.identities).toHaveLength(1);
     blamed.conn.close();
     // ...while the source that only met a locked vault is not blocked: its first failure is a plain one.
     await badHandshake(SOURCE);
-    expect(serve.stderr()).toMatch(/"address":"127\.0\.0\.77"[^\n]*"reason":"invalid token"/);
-    expect(serve.stderr()).not.toMatch(/"address":"127\.0\.0\.77"[^\n]*"reason":"invalid token \(repeated/);
+    expect(serve.stderr()).toMatch(/"address":"127\.0\.0\.77"[^\n]*"reason":"unknown token"/);
+    expect(serve.stderr()).not.toMatch(/"address":"127\.0\.0\.77"[^\n]*"reason":"unknown token \(repeated/);
   });
 });
 

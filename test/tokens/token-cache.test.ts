@@ -198,3 +198,22 @@ describe('TokenCache and revocation by another Vault instance', () => {
     expect(cache.lookup(Buffer.from(token))).not.toBeNull();
   });
 });
+
+describe('TokenCache.refusal (why a token was refused, for the daemon log)', () => {
+  it('says revoked or expired with the token id, and unknown for a token the vault never issued', async () => {
+    const [daemon, cli] = await daemonAndCli();
+    const cache = new TokenCache(daemon);
+    const revoked = cli.issueToken('web', 'r', null);
+    const expiring = cli.issueToken('web', 'e', 60_000);
+    cli.revokeToken(revoked.record.id);
+    expect(cache.lookup(Buffer.from(revoked.token))).toBeNull();
+    expect(cache.refusal(Buffer.from(revoked.token))).toEqual({ reason: 'revoked', tokenId: revoked.record.id });
+    const after = Date.parse(expiring.record.expires!) + 1;
+    expect(cache.lookup(Buffer.from(expiring.token), after)).toBeNull();
+    expect(cache.refusal(Buffer.from(expiring.token), after)).toEqual({ reason: 'expired', tokenId: expiring.record.id });
+    expect(cache.refusal(Buffer.from(mintToken()))).toEqual({ reason: 'unknown' });
+    // Both revoked and past its expiry: revoked (the act the operator took) is what the log says.
+    cli.revokeToken(expiring.record.id);
+    expect(cache.refusal(Buffer.from(expiring.token), after)).toEqual({ reason: 'revoked', tokenId: expiring.record.id });
+  });
+});
