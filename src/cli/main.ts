@@ -16,6 +16,7 @@ import { envCommand } from './env.js';
 import { auditCommand } from './audit.js';
 import { approvalsCommand, approveCommand, denyCommand } from './approvals.js';
 import { policyCommand } from './policy.js';
+import { packageVersion } from '../version.js';
 
 /** Options whose value may be `-` (stdin), which yargs would otherwise take for an argument. */
 const FILE_OPTIONS = new Set(['--passphrase-file', '--key-passphrase-file', '--token-file', '--value-file', '--new-passphrase-file']);
@@ -104,7 +105,7 @@ export async function main(argv: string[]): Promise<number> {
       .recommendCommands()
       .help()
       .alias('help', 'h')
-      .version()
+      .version(packageVersion())
       .wrap(Math.min(100, process.stdout.columns || 100))
       .fail((message, err) => {
         const oneLine = (message ?? 'invalid arguments').split('\n').map((l) => l.trim()).filter(Boolean).join(' ');
