@@ -3,7 +3,7 @@
 // done. Runs in a copy of the checkout (its own dist/ and node_modules: start.sh builds and may
 // reinstall) with a temp HOME and XDG dirs.
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { cpSync, existsSync, mkdirSync, mkdtempSync, rmSync, utimesSync } from 'node:fs';
+import { chmodSync, cpSync, existsSync, mkdirSync, mkdtempSync, rmSync, symlinkSync, utimesSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -139,4 +139,24 @@ describe('npm start', () => {
     await waitFor(() => !processAlive(pid!), 5000, 'the daemon to stop');
     expect(existsSync(socket())).toBe(false);
   }, 90_000);
+});
+
+describe('scripts/lib.sh', () => {
+  it('names the packages a native build needs when it cannot install them (not root)', () => {
+    // A PATH with `id` and nothing of a toolchain, and a user who may not run apt-get.
+    const bin = mkdtempSync(join(tmpdir(), 'keyhold-bare-bin-'));
+    chmodSync(bin, 0o755);
+    symlinkSync('/usr/bin/id', join(bin, 'id'));
+    const script = `. scripts/lib.sh && PATH=${bin} ensure_os_packages "\${NATIVE_BUILD_PACKAGES[@]}"`;
+    let result;
+    try {
+      result = spawnSync('runuser', ['-u', 'nobody', '--', '/bin/bash', '-c', script], { cwd: REPO, encoding: 'utf8', timeout: 10_000 });
+    } finally {
+      rmSync(bin, { recursive: true, force: true });
+    }
+    expect(result.status).toBe(1);
+    expect(result.stderr).toBe(
+      'keyhold: missing build-essential make python3 (install them: sudo apt-get install build-essential make python3)\n',
+    );
+  });
 });
