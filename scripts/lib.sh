@@ -24,13 +24,27 @@ ensure_os_packages() {
   fi
 }
 
-# npm dependencies (native modules build from source: better-sqlite3-multiple-ciphers, koffi).
+# What node-gyp needs to build better-sqlite3-multiple-ciphers from source, which it does wherever
+# its prebuilt binary cannot be downloaded from GitHub (koffi's binaries come from npm itself).
+NATIVE_BUILD_PACKAGES=(g++:build-essential make:make python3:python3)
+
+# npm dependencies, installed when node_modules is missing or older than the lockfile.
 ensure_node_deps() {
   if [ ! -f node_modules/.package-lock.json ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
+    ensure_os_packages "${NATIVE_BUILD_PACKAGES[@]}"
+    echo "keyhold: installing npm dependencies (native modules build from source: about a minute)…" >&2
     npm ci --no-audit --no-fund
   fi
 }
 
 build() {
   npx --no-install tsc -p tsconfig.json
+}
+
+# tsc takes a while on a small machine: skip it when dist/ is newer than everything it is built from.
+build_if_stale() {
+  if [ ! -f dist/cli/main.js ] || [ -n "$(find src tsconfig.json package-lock.json -newer dist/cli/main.js -print -quit)" ]; then
+    echo "keyhold: building…" >&2
+    build
+  fi
 }

@@ -5,6 +5,7 @@ import { EXIT, formatError, KeyholdError, oneLine, QuietExit, usageError } from 
 import { globalOptions, STDIN_ARGUMENT, type GlobalArgs } from './common.js';
 import { COMMANDS } from './commands.js';
 import { usageFailure, type UsageLines } from './usage-errors.js';
+import { packageVersion } from '../version.js';
 
 /** Options whose value may be `-` (stdin), which yargs would otherwise take for an argument. */
 const FILE_OPTIONS = new Set(['--passphrase-file', '--key-passphrase-file', '--token-file', '--value-file', '--new-passphrase-file']);
@@ -73,7 +74,7 @@ export async function main(argv: string[]): Promise<number> {
       .recommendCommands()
       .help()
       .alias('help', 'h')
-      .version()
+      .version(packageVersion())
       .wrap(Math.min(100, process.stdout.columns || 100))
       .fail((message, err, usage) => {
         throw err ?? usageFailure(message, usage as unknown as UsageLines);
