@@ -1,7 +1,7 @@
 // The contrib/systemd units as an install would have them, and a throwaway systemd user manager to
 // run them in: real systemd-analyze, real systemd, no PID 1 systemd needed.
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { cpSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { REPO, waitFor } from './keyhold.js';
 
@@ -150,3 +150,18 @@ export function makeHome(): string {
   mkdirSync('/home', { recursive: true });
   return mkdtempSync('/home/keyhold-systemd-test-');
 }
+
+/**
+ * This checkout's keyhold copied into `home` (bin, dist, node_modules, package.json), and the path
+ * of its entry: where a real install would be for the service, whatever the checkout's place (a
+ * clone under /tmp is hidden from the service by PrivateTmp=).
+ */
+export function installForService(home: string): string {
+  const target = join(home, '.local', 'lib', 'keyhold');
+  mkdirSync(target, { recursive: true });
+  for (const part of ['bin', 'dist', 'node_modules', 'package.json']) {
+    cpSync(join(REPO, part), join(target, part), { recursive: true, verbatimSymlinks: true });
+  }
+  return join(target, 'bin', 'keyhold');
+}
+

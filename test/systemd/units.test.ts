@@ -6,7 +6,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { KEYHOLD_BIN, waitFor } from '../helpers/keyhold.js';
-import { exposure, installedUnitText, makeHome, run, SHIPPED_PROGRAM, startUserManager, unitText, type UserManager } from '../helpers/systemd.js';
+import { exposure, installedUnitText, installForService, makeHome, run, SHIPPED_PROGRAM, startUserManager, unitText, type UserManager } from '../helpers/systemd.js';
 
 /** What `systemd-analyze security` calls "OK" at most (its scale: 0 SAFE … 10 UNSAFE). */
 const MAX_EXPOSURE = 3.0;
@@ -129,7 +129,9 @@ describe('keyhold.service under a real systemd user manager', () => {
 
     const unitDir = join(home, '.config', 'systemd', 'user');
     mkdirSync(join(unitDir, 'keyhold.service.d'), { recursive: true });
-    writeFileSync(join(unitDir, 'keyhold.service'), installedUnitText('keyhold.service', KEYHOLD_BIN));
+    // The service runs a copy under this $HOME, as an install would be: the checkout may be under
+    // /tmp, which PrivateTmp= hides from it.
+    writeFileSync(join(unitDir, 'keyhold.service'), installedUnitText('keyhold.service', installForService(home)));
     // No journal here: the daemon's log goes to a file the test can show.
     writeFileSync(join(unitDir, 'keyhold.service.d', 'test-log.conf'), `[Service]\nStandardError=file:${join(home, 'keyhold.log')}\n`);
 
