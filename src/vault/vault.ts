@@ -196,6 +196,11 @@ export interface AddKeyResult {
 
 const now = () => new Date().toISOString();
 
+/** expires_at, confirm and destinations: ssh-add's constraints as key_scopes and certificates store them. */
+function constraintColumns(constraints: StoredConstraints): [string | null, number, string | null] {
+  return [constraints.expiresAt, constraints.confirm ? 1 : 0, constraints.destinations === null ? null : JSON.stringify(constraints.destinations)];
+}
+
 export class Vault {
   private readonly statements;
   private lastDataVersion: number;
@@ -541,9 +546,7 @@ export class Vault {
             scope,
             stored.id,
             now(),
-            constraints.expiresAt,
-            constraints.confirm ? 1 : 0,
-            constraints.destinations === null ? null : JSON.stringify(constraints.destinations),
+            ...constraintColumns(constraints),
           );
       } else {
         this.db
@@ -606,9 +609,7 @@ export class Vault {
             cert.blob,
             comment,
             now(),
-            constraints.expiresAt,
-            constraints.confirm ? 1 : 0,
-            constraints.destinations === null ? null : JSON.stringify(constraints.destinations),
+            ...constraintColumns(constraints),
           );
       } else {
         this.db
