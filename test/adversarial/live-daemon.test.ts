@@ -118,6 +118,16 @@ function expectIdentities(resp: AgentResponse, what: string): void {
   expect(got, what).toEqual(ourBlobs().map((b) => b.toString('base64')).sort());
 }
 
+/**
+ * ssh-add's operations change what the daemon holds: a fuzzed remove-all (19) unassigns the
+ * fixture's keys, a lock (22) locks the daemon, for every later run. On the scope socket, where
+ * they are the owner's to use, the fuzzing leaves them to their own tests
+ * (test/signer/connection-key-operations, test/agent-protocol/add-fuzz, test/e2e/ssh-add-*);
+ * through a token they are refused, and checked so below.
+ */
+const KEY_OPERATION_TYPES: ReadonlySet<number> = new Set([17, 18, 19, 22, 23, 25]);
+const asksKeyOperation = (chunks: Buffer[]): boolean => modelFrames(Buffer.concat(chunks)).frames.some((f) => KEY_OPERATION_TYPES.has(f[0]!));
+
 /** Checks `reply` against the request frame `request`: well-formed, and the answer a correct agent gives. */
 function expectReply(request: Buffer, reply: Buffer, what: string): void {
   let resp: AgentResponse;
@@ -155,6 +165,9 @@ function expectReply(request: Buffer, reply: Buffer, what: string): void {
       }
       return;
     case 'unsupported':
+      return void expect(resp.type, ctx).toBe('failure');
+    default:
+      // A key operation: only a token connection gets here (see KEY_OPERATION_TYPES), refused.
       return void expect(resp.type, ctx).toBe('failure');
   }
 }
@@ -345,6 +358,7 @@ describe('scope socket: property-based streams', () => {
     let answered = 0;
     await fc.assert(
       fc.asyncProperty(withCuts(randomStreamArb), async (chunks) => {
+        fc.pre(!asksKeyOperation(chunks));
         const model = modelFrames(Buffer.concat(chunks));
         if (model.error) closes++;
         if (model.frames.length > 0) answered++;
@@ -362,6 +376,7 @@ describe('scope socket: property-based streams', () => {
     let signed = 0;
     await fc.assert(
       fc.asyncProperty(withCuts(mutatedStreamArb), async (chunks) => {
+        fc.pre(!asksKeyOperation(chunks));
         const model = modelFrames(Buffer.concat(chunks));
         signed += model.frames.filter((f) => f[0] === 13).length;
         await checkStream(scopeTarget, chunks);
