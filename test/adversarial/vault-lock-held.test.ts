@@ -1,12 +1,13 @@
 // A second process holds the vault's write lock (BEGIN IMMEDIATE) for 11 s, longer than SQLite's
 // busy timeout: the daemon must keep signing from its cache (each signature audited: the audit
 // log needs no database lock), keep answering the owner, make a change wait for the lock rather
-// than fail or freeze, and never die (PRODUCT.md, "Guarantees").
+// than fail or freeze, and never die (PRODUCT.md, "Guarantees"); an ssh-add -t lifetime that ends
+// meanwhile is hidden at once and swept out of the vault once the lock is gone.
 import { afterEach, describe, expect, it } from 'vitest';
-import { spawn, type ChildProcess } from 'node:child_process';
+import { execFileSync, spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { join } from 'node:path';
 import { pathToFileURL } from 'node:url';
-import { bare, completeEntries, expectAuditVerifies, killLaunched, launch, sleep, SigningLoad, unauditedSignatures } from '../helpers/audit.js';
+import { auditLines, bare, completeEntries, expectAuditVerifies, killLaunched, launch, sleep, SigningLoad, unauditedSignatures } from '../helpers/audit.js';
 import { initVault, keyhold, keyholdOk, makeKeyholdEnv, REPO, startServe, stopAllServes, waitFor, type KeyholdEnv } from '../helpers/keyhold.js';
 
 const HOLD_MS = 11_000;
@@ -123,5 +124,33 @@ describe("another process holds the audit log's own lock", () => {
     expect(unauditedSignatures(k, load.received)).toEqual([]);
     expect(completeEntries(k).some((e) => e.event === 'audit-resumed' && e.reason === 'locked by another process')).toBe(true);
     await expectAuditVerifies(k);
+  }, 60_000);
+});
+
+describe('another process holds the vault write lock when an ssh-add -t lifetime ends', () => {
+  it('the key is hidden at once; the sweep says it failed and retries, and removes it once the lock is gone', async () => {
+    const k = makeKeyholdEnv('kh-lock-expiry-');
+    envs.push(k);
+    initVault(k);
+    keyholdOk(k, ['key', 'generate', 'web']);
+    const serve = await startServe(k);
+    const keyFile = join(k.dir, 'id_expiring');
+    execFileSync('ssh-keygen', ['-q', '-t', 'ed25519', '-N', '', '-C', 'expiring', '-f', keyFile], { stdio: 'ignore' });
+    const fingerprint = execFileSync('ssh-keygen', ['-l', '-f', `${keyFile}.pub`], { encoding: 'utf8' }).split(' ')[1]!;
+    const sshAdd = (args: string[]) => spawnSync('ssh-add', args, { env: { ...process.env, SSH_AUTH_SOCK: serve.socket('web') }, encoding: 'utf8', timeout: 15_000 });
+    const added = sshAdd(['-t', '2', keyFile]);
+    expect(added.status, added.stderr).toBe(0);
+
+    // Held from before the expiry until after the first sweep has given up (10 s of waiting).
+    const { released } = await holdWriteLock(k, 14_000);
+    await sleep(2_500);
+    expect(sshAdd(['-l']).stdout, 'the expired key is hidden before the vault can be changed').not.toContain(fingerprint);
+    await waitFor(() => serve.stderr().includes('could not remove keys whose ssh-add lifetime ended; retrying'), 15_000, 'the failed sweep to say so');
+    expect(keyhold(bare(k), ['status', '--quiet']).status).toBe(0);
+    expect(await released).toBe(0);
+    await waitFor(() => auditLines(k).some((line) => line.includes('"event":"key-expired"') && line.includes(fingerprint)), 15_000, 'the retried sweep to remove it');
+    const listed = JSON.parse(keyholdOk(bare(k), ['key', 'list', '--json'])) as { fingerprint: string; scopes: string[] }[];
+    expect(listed.find((key) => key.fingerprint === fingerprint)?.scopes, 'still in the vault, no longer in web').toEqual([]);
+    expect(serve.proc.exitCode).toBeNull();
   }, 60_000);
 });
