@@ -1,0 +1,88 @@
+// One unlock factor kind (passphrase, ssh-agent, secret-service, …) behind one interface, in the
+// manner of age's Identity/Recipient: each kind is one file that knows how to enroll a factor,
+// describe it, and prove it (derive its KEK); "not mine" is an empty answer, so the caller tries
+// the next kind. `keyring.ts` knows only the file format and the any/all policy; `kinds.ts` lists
+// the kinds, so a new kind is one file here plus one line there.
+import type * as v from 'valibot';
+import type { Options } from 'yargs';
+import type { Keyring, Wrap } from '../vault/keyring.js';
+
+/** What every factor in `vault.db.keys` has; a kind adds its own fields. */
+export interface FactorBase {
+  /** The kind's two-letter prefix, a dash and 4 random bytes in hex: `pp-1a2b3c4d`. */
+  id: string;
+  type: string;
+  created: string;
+  /** Present under policy `any`: the master key wrapped under this factor's KEK. */
+  wrap?: Wrap;
+}
+
+/** A factor as enrolment makes it, before sealing gives it (under policy `any`) its own wrap. */
+export type Unsealed<F extends FactorBase> = Omit<F, 'wrap'> & { wrap?: never };
+
+/** A factor before it is sealed into a keyring, with the KEK its secret derives. */
+export interface EnrolledFactor<F extends FactorBase = FactorBase> {
+  factor: Unsealed<F>;
+  kek: Buffer;
+}
+
+/** KEKs by factor id: what a caller proves to unlock. */
+export type FactorKeks = Map<string, Buffer>;
+
+export interface EnrollContext {
+  vaultId: string;
+  /** The keyring the new factor joins; absent at `init`. */
+  keyring?: Keyring | undefined;
+  env: NodeJS.ProcessEnv;
+  /** The values of this kind's `addOptions`, as the command line gave them (undefined when absent). */
+  options: Record<string, unknown>;
+  /** The global `--passphrase-file` (a kind reading stdin must not take it twice). */
+  passphraseFile?: string | undefined;
+}
+
+export interface ProveContext {
+  keyring: Keyring;
+  env: NodeJS.ProcessEnv;
+  /** The global `--passphrase-file`. */
+  passphraseFile?: string | undefined;
+  /**
+   * Set by `unlock --factor KIND` and by policy `all`: an absent source is then an error (exit 3
+   * when there is nothing to ask, 4 when it refuses), not "not mine".
+   */
+  required: boolean;
+  /** Extra sources to name when nothing applies (for the exit-3 message). */
+  alternatives?: string[] | undefined;
+}
+
+export interface FactorKind<F extends FactorBase = FactorBase> {
+  readonly type: F['type'];
+  /** Two lowercase letters, unique among kinds: the start of this kind's factor ids. */
+  readonly idPrefix: string;
+  /** One line for `--help`: what this factor is. */
+  readonly summary: string;
+  /** Where `unlock` looks for it, for the message when no source applies. */
+  readonly source: string;
+  /** This kind's own fields as stored (not id, type, created or wrap): checked on every read. */
+  readonly fields: v.ObjectEntries;
+  /** `factor add TYPE` options of this kind (yargs definitions, merged into the command). */
+  readonly addOptions: Record<string, Options>;
+  /** For messages: `sa-1a2b3c4d (ssh-agent SHA256:…)`. */
+  describe(factor: F): string;
+  /** `factor list`: the KEY column (`-` when none) and the extra JSON fields. */
+  details(factor: F): { column: string; json: Record<string, unknown> };
+  /** A new factor and its KEK, not yet sealed into the keyring. */
+  enroll(context: EnrollContext): Promise<EnrolledFactor<F>>;
+  /**
+   * KEKs for those of `factors` (the vault's factors of this kind) that this process can prove
+   * without asking a person. Empty when this kind's source is absent (unless `required`); throws
+   * when the source is there but refuses or misbehaves.
+   */
+  prove(factors: F[], context: ProveContext): Promise<FactorKeks>;
+  /** A source that asks a person (a prompt), tried only after every kind's `prove` found nothing. */
+  ask?(factors: F[], context: ProveContext): Promise<FactorKeks>;
+  /** After `factor rm`: remove what the factor kept outside the key file. Best effort, never throws. */
+  forget?(factor: F, context: { vaultId: string; env: NodeJS.ProcessEnv }): Promise<void>;
+}
+
+/** The factor type a kind handles. */
+export type FactorOf<K> = K extends FactorKind<infer F> ? F : never;
