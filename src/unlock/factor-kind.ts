@@ -91,6 +91,13 @@ export interface FactorKind<F extends FactorBase = FactorBase> {
   forget?(factor: F, context: { vaultId: string; env: NodeJS.ProcessEnv }): Promise<void>;
 }
 
+/** Canonical base64 only (of `bytes` bytes when given): a spelling that decodes to the same bytes is still an edit. */
+export function isCanonicalBase64(value: unknown, bytes?: number): value is string {
+  if (typeof value !== 'string') return false;
+  const decoded = Buffer.from(value, 'base64');
+  return decoded.toString('base64') === value && (bytes === undefined || decoded.length === bytes);
+}
+
 /** A new factor id: the kind's prefix and 4 random bytes in hex. */
 export function newFactorId(prefix: string): string {
   return `${prefix}-${randomBytes(4).toString('hex')}`;

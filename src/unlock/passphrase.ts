@@ -5,7 +5,7 @@ import { randomBytes, scrypt as scryptCb, type ScryptOptions } from 'node:crypto
 import * as v from 'valibot';
 import { EXIT, KeyholdError, usageError } from '../errors.js';
 import { checkNewPassphrase, explicitPassphrase, fallbackPassphrase, noPassphraseSource, readPassphrase, readPassphraseFile } from '../cli/passphrase.js';
-import { newFactorId, type EnrolledFactor, type FactorBase, type FactorKeks, type FactorKind, type ProveContext } from './factor-kind.js';
+import { isCanonicalBase64, newFactorId, type EnrolledFactor, type FactorBase, type FactorKeks, type FactorKind, type ProveContext } from './factor-kind.js';
 
 export interface ScryptParams {
   name: 'scrypt';
@@ -43,7 +43,6 @@ export function defaultScryptCost(env: NodeJS.ProcessEnv = process.env): { log2n
   return { ...DEFAULT_SCRYPT, log2n };
 }
 
-const isCanonicalBase64 = (s: string) => Buffer.from(s, 'base64').toString('base64') === s;
 const integerWithin = ([lo, hi]: readonly [number, number]) => v.pipe(v.number(), v.integer(), v.minValue(lo), v.maxValue(hi));
 
 export const scryptParamsSchema = v.pipe(

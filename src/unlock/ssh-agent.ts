@@ -10,7 +10,7 @@ import type { Identity } from '../agent-protocol/messages.js';
 import { blobKeyType, fingerprint, FINGERPRINT_PATTERN, publicKeyFromBlob } from '../agent-protocol/public-key.js';
 import { parseSignatureBlob, SIGN_FLAG_RSA_SHA2_512, verifySsh } from '../agent-protocol/signature.js';
 import { EXIT, KeyholdError, notFound, usageError } from '../errors.js';
-import { newFactorId, type EnrolledFactor, type FactorBase, type FactorKeks, type FactorKind, type Unsealed } from './factor-kind.js';
+import { isCanonicalBase64, newFactorId, type EnrolledFactor, type FactorBase, type FactorKeks, type FactorKind, type Unsealed } from './factor-kind.js';
 
 /** The SSH key a factor asks the agent to sign with. */
 export interface AgentKeyRef {
@@ -228,8 +228,6 @@ async function sshAgentKeks(vaultId: string, factors: SshAgentFactor[], socketPa
   }
 }
 
-const isB64 = (s: string) => Buffer.from(s, 'base64').toString('base64') === s;
-
 /** The fingerprint and type are derived data: they must describe the blob the agent is asked for. */
 function describesBlob(key: AgentKeyRef): boolean {
   const blob = Buffer.from(key.blob, 'base64');
@@ -244,7 +242,7 @@ const agentKeySchema = v.pipe(
   v.object({
     type: v.picklist(['ssh-ed25519', 'ssh-rsa']),
     fingerprint: v.pipe(v.string(), v.regex(FINGERPRINT_PATTERN)),
-    blob: v.pipe(v.string(), v.maxLength(4096), v.check(isB64)),
+    blob: v.pipe(v.string(), v.maxLength(4096), v.check((s) => isCanonicalBase64(s))),
   }),
   v.check(describesBlob),
 );
@@ -256,7 +254,7 @@ export const sshAgentKind: FactorKind<SshAgentFactor> = {
   source: 'an SSH agent (SSH_AUTH_SOCK, or ssh -A) holding an enrolled key',
   fields: {
     key: agentKeySchema,
-    challenge: v.pipe(v.string(), v.check((s) => isB64(s) && Buffer.from(s, 'base64').length === 32)),
+    challenge: v.pipe(v.string(), v.check((s) => isCanonicalBase64(s, 32))),
     kdf: v.object({ name: v.literal('hkdf-sha256'), info: v.literal(SSH_AGENT_KDF_INFO) }),
   },
   addOptions: {

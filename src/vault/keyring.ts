@@ -11,7 +11,7 @@ import * as v from 'valibot';
 import { readCapped } from '../read-capped.js';
 import { EXIT, KeyholdError, usageError } from '../errors.js';
 import { writeFileAtomic } from './atomic-file.js';
-import type { EnrolledFactor as EnrolledFactorOf, FactorKeks } from '../unlock/factor-kind.js';
+import { isCanonicalBase64, type EnrolledFactor as EnrolledFactorOf, type FactorKeks } from '../unlock/factor-kind.js';
 import { describeFactor, kindOf, sealedFactorSchemaOf, unsealedFactorSchemaOf, type Factor } from '../unlock/kinds.js';
 
 export type { FactorKeks } from '../unlock/factor-kind.js';
@@ -231,16 +231,10 @@ function malformed(detail: string): KeyholdError {
 }
 
 const isObject = (value: unknown): value is Record<string, unknown> => typeof value === 'object' && value !== null && !Array.isArray(value);
-/** Canonical base64 only: a spelling that decodes to the same bytes is still an edit. */
-const isB64 = (value: unknown, bytes?: number): value is string => {
-  if (typeof value !== 'string') return false;
-  const decoded = Buffer.from(value, 'base64');
-  return decoded.toString('base64') === value && (bytes === undefined || decoded.length === bytes);
-};
 
 // ---- the schemas of what the file holds; a factor sent to the daemon is checked by the same ones ----
 
-const base64Of = (bytes?: number) => v.pipe(v.string(), v.check((s) => isB64(s, bytes)));
+const base64Of = (bytes?: number) => v.pipe(v.string(), v.check((s) => isCanonicalBase64(s, bytes)));
 
 const wrapSchema = v.object({ alg: v.literal('A256GCM'), nonce: base64Of(12), ciphertext: base64Of(MASTER_KEY_BYTES), tag: base64Of(16) });
 
