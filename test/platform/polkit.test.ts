@@ -10,7 +10,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { completeEntries } from '../helpers/audit.js';
-import { initVault, keyholdOk, makeKeyholdEnv, REPO, startServe, waitFor, type KeyholdEnv, type ServeHandle } from '../helpers/keyhold.js';
+import { initVault, KEYHOLD_BIN, keyholdOk, makeKeyholdEnv, REPO, startServe, waitFor, type KeyholdEnv, type ServeHandle } from '../helpers/keyhold.js';
 
 const POLKITD = '/usr/lib/polkit-1/polkitd';
 const ACTION_SOURCE = join(REPO, 'contrib', 'polkit', 'org.keyhold.policy');
@@ -179,6 +179,7 @@ describe('polkit: the org.keyhold.sign action and keyhold-confirm-polkit, with a
     let k: KeyholdEnv;
     let serve: ServeHandle | undefined;
     let pubFile: string;
+    let token: string;
 
     beforeAll(async () => {
       await installAction(actionWithOwner(), (out) => out.includes('unix-user:nobody'));
@@ -188,12 +189,13 @@ describe('polkit: the org.keyhold.sign action and keyhold-confirm-polkit, with a
       pubFile = join(k.dir, 'web.pub');
       writeFileSync(pubFile, `${pub}\n`);
       keyholdOk(k, ['policy', 'set', 'web', '-'], { input: 'default = "deny"\n\n[[rule]]\naction = "confirm"\npurpose = "sshsig"\n' });
+      token = (JSON.parse(keyholdOk(k, ['token', 'issue', 'web', '--subject', 'ci-polkit', '--json'])) as { token: string }).token;
       // The set-up the README gives: confirm_program in [serve] of the user's config.toml.
       mkdirSync(join(k.env.XDG_CONFIG_HOME!, 'keyhold'), { recursive: true });
       writeFileSync(join(k.env.XDG_CONFIG_HOME!, 'keyhold', 'config.toml'), `[serve]\nconfirm_program = "${PROGRAM}"\nconfirm_timeout = "10s"\n`, { mode: 0o600 });
       chownTree(k.dir, NOBODY);
       k.env.HOME = k.dir;
-      serve = await startServe(k, [], { DBUS_SYSTEM_BUS_ADDRESS: busAddress }, NOBODY);
+      serve = await startServe(k, ['--listen', `unix:${join(k.dir, 'signer.sock')}`], { DBUS_SYSTEM_BUS_ADDRESS: busAddress }, NOBODY);
     }, 60_000);
 
     afterAll(async () => {
@@ -201,12 +203,12 @@ describe('polkit: the org.keyhold.sign action and keyhold-confirm-polkit, with a
       k?.cleanup();
     });
 
-    /** `ssh-keygen -Y sign -n NAMESPACE` through the scope socket, as uid 65534. */
-    function sign(namespace: string) {
+    /** `ssh-keygen -Y sign -n NAMESPACE` through the scope socket (or `sock`), as uid 65534. */
+    function sign(namespace: string, sock = serve!.socket('web')) {
       const msg = join(k.dir, `msg-${namespace}`);
       writeFileSync(msg, `signed in ${namespace}\n`);
       chownSync(msg, NOBODY.uid, NOBODY.gid);
-      const env = { PATH: process.env.PATH, HOME: k.dir, SSH_AUTH_SOCK: serve!.socket('web') };
+      const env = { PATH: process.env.PATH, HOME: k.dir, SSH_AUTH_SOCK: sock };
       const r = spawnSync('ssh-keygen', ['-Y', 'sign', '-n', namespace, '-f', pubFile, msg], { env, encoding: 'utf8', timeout: 20_000, ...NOBODY });
       return { status: r.status, stderr: r.stderr, pid: r.pid, signed: existsSync(`${msg}.sig`) };
     }
@@ -232,6 +234,32 @@ describe('polkit: the org.keyhold.sign action and keyhold-confirm-polkit, with a
       expect(r.signed).toBe(false);
       expect(lastSign()).toMatchObject({ event: 'sign-refused', reason: 'denied', denied_by: { channel: 'program', program: PROGRAM } });
       expect(ruleSaw().slice(before)).toEqual([expect.stringContaining(`pid ${r.pid} namespace file`)]);
+    });
+
+    it('through a container token there is no local process to ask about: polkit is asked about the daemon, which acts for its user', async () => {
+      const bridgeSock = join(k.dir, 'bridge.sock');
+      const env = { PATH: process.env.PATH, HOME: k.dir, KEYHOLD_TOKEN: token };
+      const bridge = spawn(process.execPath, [KEYHOLD_BIN, 'bridge', '--connect', `unix:${join(k.dir, 'signer.sock')}`, '--listen', bridgeSock], {
+        env,
+        stdio: ['ignore', 'pipe', 'pipe'],
+        ...NOBODY,
+      });
+      let said = '';
+      bridge.stdout!.on('data', (d: Buffer) => (said += d.toString()));
+      bridge.stderr!.on('data', (d: Buffer) => (said += d.toString()));
+      try {
+        await waitFor(() => said.includes('SSH_AUTH_SOCK=') || bridge.exitCode !== null, 10_000, 'keyhold bridge');
+        expect(bridge.exitCode, said).toBe(null);
+        const before = ruleSaw().length;
+        const r = sign('git', bridgeSock);
+        expect(r.status, `${r.stderr}\n${serve!.stderr().slice(-2000)}`).toBe(0);
+        expect(lastSign()).toMatchObject({ event: 'sign', approved_by: { channel: 'program', program: PROGRAM } });
+        expect(ruleSaw().slice(before)).toEqual([
+          expect.stringMatching(new RegExp(`^keyhold-test: user nobody pid ${serve!.proc.pid} namespace git message keyhold: allow container token \\S+ subject ci-polkit`)),
+        ]);
+      } finally {
+        await stopChild(bridge);
+      }
     });
   });
 });
