@@ -105,6 +105,11 @@ beforeAll(async () => {
   await waitFor(() => existsSync(socket) || bus!.exitCode !== null, 10_000, 'the private system bus');
   if (!existsSync(socket)) throw new Error(`dbus-daemon exited ${bus.exitCode}: ${busErr}`);
 
+  // A run killed before its afterAll left its rule behind: it must not keep saying yes.
+  for (const name of readdirSync('/etc/polkit-1/rules.d')) {
+    const pid = /^49-keyhold-test-(\d+)\.rules$/.exec(name)?.[1];
+    if (pid && !existsSync(`/proc/${pid}`)) rmSync(join('/etc/polkit-1/rules.d', name), { force: true });
+  }
   actionBefore = existsSync(ACTION_INSTALLED) ? readFileSync(ACTION_INSTALLED) : null;
   writeFileSync(RULES_INSTALLED, RULES, { mode: 0o644 });
   // Its output goes to a file, read synchronously: the tests run the asking processes with spawnSync.
@@ -169,6 +174,16 @@ describe('polkit: the org.keyhold.sign action and keyhold-confirm-polkit, with a
     const reused = confirm('keyhold: allow it?', { KEYHOLD_CONFIRM_PROCESS: `${pid},${Number(start) + 1},${uid}`, KEYHOLD_CONFIRM_NAMESPACE: 'git' });
     expect(reused.status).toBe(1);
     expect(ruleSaw().slice(before)).toHaveLength(2);
+    // Run as OpenSSH's ssh-agent runs SSH_ASKPASS (no KEYHOLD_CONFIRM_*): polkit is asked about its parent.
+    const agentLike = spawnSync('sh', ['-c', '"$0" "ssh-agent: allow use of key?"; echo "$? $$"', PROGRAM], {
+      env: busEnv({ SSH_ASKPASS_PROMPT: 'confirm' }),
+      encoding: 'utf8',
+      timeout: 15_000,
+      ...NOBODY,
+    });
+    const [answer, parent] = agentLike.stdout.trim().split(' ');
+    expect(answer, agentLike.stderr).toBe('0');
+    expect(ruleSaw().slice(before).at(-1)).toBe(`keyhold-test: user nobody pid ${parent} namespace undefined message ssh-agent: allow use of key?`);
     // A passphrase prompt (SSH_ASKPASS without SSH_ASKPASS_PROMPT=confirm) is never answered.
     const passphrase = spawnSync(PROGRAM, ['Enter passphrase:'], { env: busEnv(), encoding: 'utf8', timeout: 10_000, ...NOBODY });
     expect(passphrase.status).toBe(1);
