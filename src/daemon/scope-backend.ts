@@ -75,7 +75,10 @@ function permittedIdentities(scopeKeys: ScopeKeys, context: RequestContext) {
 /** Who asks, as a confirmation question names them. */
 function callerOf(context: RequestContext): Caller {
   const peer = context.peer;
-  const where: Caller = peer.kind === 'unix' ? { pid: peer.pid, uid: peer.uid, exe: peer.exe } : { address: `${peer.address}:${peer.port}` };
+  const where: Caller =
+    peer.kind === 'unix'
+      ? { pid: peer.pid, uid: peer.uid, exe: peer.exe, ...(context.processStart ? { start_time: context.processStart } : {}) }
+      : { address: `${peer.address}:${peer.port}` };
   if (context.tokenId) return { ...where, token_id: context.tokenId, subject: context.tokenSubject ?? '' };
   return where;
 }

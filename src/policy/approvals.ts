@@ -18,6 +18,8 @@ export interface Caller {
   pid?: number;
   uid?: number;
   exe?: string | null;
+  /** Unix peers: field 22 of /proc/PID/stat when it connected (names that process, not a later one with its pid). */
+  start_time?: string;
   subject?: string;
   token_id?: string;
   address?: string;
@@ -52,7 +54,8 @@ export type ApprovalOutcome =
 /** A channel besides the control socket: asked once per request; null abstains. */
 export interface ConfirmChannel {
   readonly approver: Approver;
-  ask(question: string, cancelled: AbortSignal): Promise<boolean | null>;
+  /** `about`: the request the question describes, for a channel that needs its parts (pkcheck needs the process). */
+  ask(question: string, cancelled: AbortSignal, about?: PendingApproval): Promise<boolean | null>;
 }
 
 export interface ApprovalsOptions {
@@ -179,7 +182,7 @@ export class Approvals {
       this.changed();
       const program = this.options.program;
       if (program) {
-        program.ask(describeQuestion(pending), cancelProgram.signal).then(
+        program.ask(describeQuestion(pending), cancelProgram.signal, pending).then(
           (answer) => {
             if (answer === true) entry.settle({ approved: true, by: program.approver });
             else if (answer === false) entry.settle({ approved: false, reason: 'denied', by: program.approver });

@@ -85,11 +85,12 @@ export interface ServeHandle {
 
 const running = new Set<ServeHandle>();
 
-/** Starts `keyhold serve` and waits until it reports ready. */
-export async function startServe(k: KeyholdEnv, args: string[] = [], env: NodeJS.ProcessEnv = {}): Promise<ServeHandle> {
+/** Starts `keyhold serve` and waits until it reports ready; `as`: another user runs it (the test runs as root). */
+export async function startServe(k: KeyholdEnv, args: string[] = [], env: NodeJS.ProcessEnv = {}, as?: { uid: number; gid: number }): Promise<ServeHandle> {
   const proc = spawn(process.execPath, [KEYHOLD_BIN, 'serve', ...args], {
     env: { ...k.env, ...env },
     stdio: ['ignore', 'pipe', 'pipe'],
+    ...as,
   });
   let stderr = '';
   proc.stderr!.on('data', (d: Buffer) => (stderr += d.toString()));

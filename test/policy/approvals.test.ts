@@ -175,6 +175,50 @@ describe('ConfirmProgram (real programs)', () => {
     await expect(new ConfirmProgram(script('no', 'exit 1'), log).ask('q', new AbortController().signal)).resolves.toBe(false);
   });
 
+  it('the program gets the request in KEYHOLD_CONFIRM_*: the caller as pkcheck names a process (pid,start-time,uid), or the daemon itself for a token or another uid; nothing inherited', async () => {
+    const seen = join(dir, 'seen-env');
+    const dump = script('dump-env', `env | grep '^KEYHOLD_CONFIRM_' | sort > '${seen}'; exit 0`);
+    const uid = process.getuid!();
+    const stat = readFileSync('/proc/self/stat', 'latin1');
+    const daemonStart = stat.slice(stat.lastIndexOf(') ') + 2).split(' ')[22 - 3];
+    const asked = async (q: ApprovalQuestion) => {
+      const { log } = recordingLogger();
+      const { approvals } = registry({ program: new ConfirmProgram(dump, log) });
+      await expect(approvals.ask(q, 'p')).resolves.toMatchObject({ approved: true });
+      return Object.fromEntries(
+        readFileSync(seen, 'utf8')
+          .trim()
+          .split('\n')
+          .map((line) => [line.slice(0, line.indexOf('=')), line.slice(line.indexOf('=') + 1)]),
+      ) as Record<string, string>;
+    };
+    process.env.KEYHOLD_CONFIRM_PROCESS = '1,1,0';
+    process.env.KEYHOLD_CONFIRM_HOST = 'inherited';
+    try {
+      const local = await asked({ ...question, namespace: 'git\nevil', caller: { pid: 4242, uid, exe: '/usr/bin/ssh-keygen', start_time: '987' } });
+      expect(local).toEqual({
+        KEYHOLD_CONFIRM_REQUEST: expect.stringMatching(/^[a-z2-7]{8}$/),
+        KEYHOLD_CONFIRM_SCOPE: 'web',
+        KEYHOLD_CONFIRM_KEY: question.key.fingerprint,
+        KEYHOLD_CONFIRM_PURPOSE: 'sshsig',
+        KEYHOLD_CONFIRM_NAMESPACE: 'git\\nevil',
+        KEYHOLD_CONFIRM_RULE: '2',
+        KEYHOLD_CONFIRM_PID: '4242',
+        KEYHOLD_CONFIRM_EXE: '/usr/bin/ssh-keygen',
+        KEYHOLD_CONFIRM_PROCESS: `4242,987,${uid}`,
+      });
+      const daemon = `${process.pid},${daemonStart},${uid}`;
+      const token = await asked({ ...question, purpose: 'ssh-login', host: 'SHA256:h', user: 'git', caller: { pid: 77, uid, start_time: '5', subject: 'ci-42', token_id: 'tok1' } });
+      expect(token).toMatchObject({ KEYHOLD_CONFIRM_SUBJECT: 'ci-42', KEYHOLD_CONFIRM_TOKEN_ID: 'tok1', KEYHOLD_CONFIRM_HOST: 'SHA256:h', KEYHOLD_CONFIRM_USER: 'git', KEYHOLD_CONFIRM_PROCESS: daemon });
+      expect(token).not.toHaveProperty('KEYHOLD_CONFIRM_PID');
+      const otherUser = await asked({ ...question, caller: { pid: 4242, uid: uid + 1, exe: null, start_time: '987' } });
+      expect(otherUser.KEYHOLD_CONFIRM_PROCESS).toBe(daemon);
+    } finally {
+      delete process.env.KEYHOLD_CONFIRM_PROCESS;
+      delete process.env.KEYHOLD_CONFIRM_HOST;
+    }
+  });
+
   it('a program that hangs is killed, with what it started, once the request is answered elsewhere', async () => {
     const pidFile = join(dir, 'sleeper.pid');
     const hang = script('hang', `sleep 30 & echo $! > '${pidFile}'; wait`);
