@@ -15,6 +15,7 @@ import { scopeSocketPath } from '../signer/scope-sockets.js';
 import { readKeyring, zeroKeks, type Keyring } from '../vault/keyring.js';
 import { vaultPaths, type VaultPaths } from '../vault/paths.js';
 import { checkScopeName } from '../vault/vault.js';
+import { RememberedKey } from '../daemon/remembered-unlock.js';
 import { printJson, type GlobalArgs } from './common.js';
 import { optionalDuration } from './serve.js';
 import { FACTOR_TYPES, type FactorType } from '../unlock/kinds.js';
@@ -81,6 +82,21 @@ function lastLogLine(runtime: string): string | null {
   }
 }
 
+/** Starts the background daemon for this vault (see startBackgroundDaemon) and checks it serves it. */
+async function startDaemonFor(paths: VaultPaths, runtime: string, keyring: Keyring): Promise<{ client: ControlClient; status: DaemonStatus }> {
+  const client = await startBackgroundDaemon(paths, runtime);
+  try {
+    const status = await client.status();
+    if (status.vault_id !== keyring.vault_id) {
+      throw new KeyholdError(`the daemon in ${runtime} serves another vault, ${status.vault}`, 'set KEYHOLD_RUNTIME_DIR');
+    }
+    return { client, status };
+  } catch (err) {
+    client.close();
+    throw err;
+  }
+}
+
 /** The daemon for this vault: null when none runs; an error when it serves another vault. */
 async function connectDaemon(runtime: string, keyring: Keyring): Promise<{ client: ControlClient; status: DaemonStatus } | null> {
   const client = await ControlClient.connect(runtime);
@@ -105,6 +121,7 @@ function describeStatus(status: DaemonStatus): string[] {
   if (!status.locked) {
     if (status.lock_at) lines.push(`locks at ${status.lock_at}`);
     if (status.idle_ms !== null) lines.push(`locks after ${Math.round(status.idle_ms / 1000)}s without requests (next: ${status.idle_lock_at})`);
+    if (status.remembered_until) lines.push(`a restarted daemon comes back unlocked until ${status.remembered_until} (kernel keyring)`);
   }
   for (const socket of status.sockets) lines.push(`socket ${socket}`);
   return lines;
@@ -119,17 +136,26 @@ export function unlockCommand(yargs: Argv<GlobalArgs>) {
         .option('factor', { choices: FACTOR_TYPES, describe: 'unlock with this factor only' })
         .option('ttl', { type: 'string', describe: 'lock again after this long, whatever the activity (90s, 30m, 8h, 7d)' })
         .option('idle', { type: 'string', describe: 'lock again after this long without requests' })
+        .option('remember', {
+          type: 'string',
+          describe: 'for this long (at most --ttl), a restarted daemon comes back unlocked without a factor (kernel keyring); lock and stop end it',
+        })
         .option('scope', { type: 'string', describe: "print `export SSH_AUTH_SOCK=…` for this scope's socket" })
         .option('c', { type: 'boolean', describe: 'with --scope: print csh syntax (`setenv SSH_AUTH_SOCK …;`), as ssh-agent -c' })
         .option('s', { type: 'boolean', describe: 'with --scope: print Bourne shell syntax, as ssh-agent -s (the default unless $SHELL ends in csh)' })
         .conflicts('c', 's')
         .example('eval "$(keyhold unlock --scope web --ttl 8h)"', '')
+        .example('keyhold unlock --remember 8h', 'systemd restarting the daemon keeps it unlocked for 8 h')
         .example('eval "`keyhold unlock --scope web -c`"', 'csh, tcsh')
         .example('ssh -A host keyhold unlock --factor ssh-agent', ''),
     async (args) => {
       const scope = args.scope === undefined ? undefined : checkScopeName(args.scope);
       const ttlMs = optionalDuration(args.ttl, '--ttl');
       const idleMs = optionalDuration(args.idle, '--idle');
+      const rememberMs = optionalDuration(args.remember, '--remember');
+      if (rememberMs !== null && ttlMs !== null && rememberMs > ttlMs) {
+        process.stderr.write('keyhold: note: --remember ends with --ttl: a restart after the lock stays locked\n');
+      }
       const paths = vaultPaths(args.vault);
       const keyring = readKeyring(paths.keys);
       const runtime = runtimeDir();
@@ -139,22 +165,29 @@ export function unlockCommand(yargs: Argv<GlobalArgs>) {
       let daemon = await connectDaemon(runtime, keyring);
       let status = daemon?.status;
       try {
+        // A remembered unlock (`--remember`) in the kernel keyring: the daemon comes back unlocked
+        // by itself, no factor asked.
+        let startedLocked = false;
+        if (!daemon && new RememberedKey(keyring.vault_id).present()) {
+          daemon = await startDaemonFor(paths, runtime, keyring);
+          status = daemon.status;
+          // Locked: the remembered unlock was unusable (its log says why); the factors are asked as usual.
+          startedLocked = status.locked;
+          if (!status.locked) process.stderr.write('keyhold: unlocked from the remembered unlock (kernel keyring); no factor asked\n');
+        }
         if (daemon && !daemon.status.locked) {
-          if (ttlMs !== null || idleMs !== null) {
+          if (ttlMs !== null || idleMs !== null || rememberMs !== null) {
             process.stderr.write('keyhold: already unlocked; its lock times are unchanged (lock first to set new ones)\n');
           }
         } else {
           // Prove the factors first: a failure then leaves no daemon behind.
-          const keks = await collectKeks(keyring, { file: args['passphrase-file'], factor: args.factor as FactorType | undefined });
+          const keks = await collectKeks(keyring, { file: args['passphrase-file'], factor: args.factor as FactorType | undefined }).catch(async (err: unknown) => {
+            if (startedLocked) await daemon!.client.call({ op: 'stop' }).catch(() => undefined);
+            throw err;
+          });
           try {
-            if (!daemon) {
-              const client = await startBackgroundDaemon(paths, runtime);
-              daemon = { client, status: await client.status() };
-              if (daemon.status.vault_id !== keyring.vault_id) {
-                throw new KeyholdError(`the daemon in ${runtime} serves another vault, ${daemon.status.vault}`, 'set KEYHOLD_RUNTIME_DIR');
-              }
-            }
-            status = await daemon.client.call<DaemonStatus>({ op: 'unlock', vaultId: keyring.vault_id, keks: Object.fromEntries(keks), idleMs, ttlMs });
+            daemon ??= await startDaemonFor(paths, runtime, keyring);
+            status = await daemon.client.call<DaemonStatus>({ op: 'unlock', vaultId: keyring.vault_id, keks: Object.fromEntries(keks), idleMs, ttlMs, rememberMs });
           } finally {
             zeroKeks(keks);
           }
@@ -169,6 +202,7 @@ export function unlockCommand(yargs: Argv<GlobalArgs>) {
       if (args.json) return printJson({ ...status, ...(socket ? { socket } : {}) });
       if (exportLine) process.stdout.write(`${exportLine}\n`);
       else process.stderr.write(`keyhold: unlocked (daemon pid ${status.pid})\n`);
+      if (rememberMs !== null && status.remembered_until) process.stderr.write(`keyhold: a restarted daemon comes back unlocked until ${status.remembered_until}\n`);
     },
   );
 }

@@ -34,6 +34,8 @@ export interface DaemonStatus {
   /** When the idle limit locks if nothing happens before. */
   idle_lock_at: string | null;
   sockets: string[];
+  /** Until when a restarted daemon comes back unlocked (`unlock --remember`); null: it does not. */
+  remembered_until: string | null;
 }
 
 export type ControlResponse =

@@ -138,6 +138,7 @@ const envelope = v.variant('op', [
     keks,
     idleMs: v.optional(v.nullable(duration), null),
     ttlMs: v.optional(v.nullable(duration), null),
+    rememberMs: v.optional(v.nullable(duration), null),
   }),
   v.object({ op: v.literal('call'), vaultId, method: v.picklist(VAULT_METHODS), args: v.unknown() }),
   v.object({
@@ -149,7 +150,15 @@ const envelope = v.variant('op', [
   v.object({ op: v.literal('deny'), id: lookupKey }),
 ]);
 
-export type UnlockRequest = { op: 'unlock'; vaultId: string; keks: Record<string, Buffer>; idleMs?: number | null; ttlMs?: number | null };
+export type UnlockRequest = {
+  op: 'unlock';
+  vaultId: string;
+  keks: Record<string, Buffer>;
+  idleMs?: number | null;
+  ttlMs?: number | null;
+  /** `unlock --remember`: a restarted daemon comes back unlocked within this long. */
+  rememberMs?: number | null;
+};
 /** Confirmations: list (a long-poll with `after` and `waitMs`), approve, deny. */
 export type ApprovalRequest =
   | { op: 'approvals'; after?: number; waitMs?: number }

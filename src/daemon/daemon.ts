@@ -26,7 +26,8 @@ import { isBusyError } from '../vault/database.js';
 import { keyOperations, UnlockAttempts } from './key-operations.js';
 import { scopeBackend } from './scope-backend.js';
 import { SignPool } from './sign-pool.js';
-import { VaultSession } from './vault-session.js';
+import { RememberedKey } from './remembered-unlock.js';
+import { VaultSession, type UnlockTimers } from './vault-session.js';
 
 export interface DaemonOptions {
   paths: VaultPaths;
@@ -75,7 +76,7 @@ export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
   if (!hardening.dumpable || !hardening.coreLimit) log.warn(hardening, 'could not fully disable core dumps and ptrace');
   ensurePrivateDir(runtimeDir);
   let lock: PidLock = acquirePidLock(pidFilePath(runtimeDir));
-  const session = new VaultSession(options.paths, options.vaultId, log, options.lockTimers ?? { idleMs: null, ttlMs: null });
+  const session = new VaultSession(options.paths, options.vaultId, log, options.lockTimers ?? { idleMs: null, ttlMs: null }, new RememberedKey(options.vaultId));
   const servers: { server: Server; unlinkPath?: string }[] = [];
   const closeServers = async () => {
     for (const { server, unlinkPath } of servers.splice(0)) {
@@ -91,7 +92,8 @@ export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
   };
   try {
     ensurePrivateDir(scopesDir(runtimeDir));
-    const initial = await options.unlockWith?.();
+    // A remembered unlock (`unlock --remember`) in the kernel keyring first: no factor asked.
+    const initial = session.unlockRemembered() ? null : await options.unlockWith?.();
     if (initial) {
       try {
         await session.unlock(initial, {}, thisProcess());
@@ -358,6 +360,8 @@ export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
           session.lock('keyhold lock', actor);
           return session.status(sockets.paths());
         case 'stop':
+          // Unlike a SIGTERM (systemd's restart must come back unlocked), `keyhold stop` ends the remembered unlock.
+          session.forgetRemembered();
           // Once this answer is written (the control server writes it when this returns), not before.
           setImmediate(() => requestStop(actor));
           return { pid: process.pid };
@@ -365,7 +369,7 @@ export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
           checkVault(request.vaultId);
           const keks: FactorKeks = new Map(Object.entries(request.keks));
           try {
-            await unlockSession(keks, { idleMs: request.idleMs ?? null, ttlMs: request.ttlMs ?? null }, actor);
+            await unlockSession(keks, { idleMs: request.idleMs ?? null, ttlMs: request.ttlMs ?? null, rememberMs: request.rememberMs ?? null }, actor);
           } finally {
             for (const kek of keks.values()) kek.fill(0);
           }
@@ -391,7 +395,7 @@ export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
       }
     };
     /** Unlocks with these KEKs (the caller zeroes them), then serves the scopes the vault has. */
-    const unlockSession = async (keks: FactorKeks, timers: Partial<LockTimers>, actor: AuditPeer): Promise<void> => {
+    const unlockSession = async (keks: FactorKeks, timers: UnlockTimers, actor: AuditPeer): Promise<void> => {
       try {
         await session.unlock(keks, timers, actor);
       } catch (err) {

@@ -5,14 +5,15 @@ import type { Logger } from 'pino';
 import { EXIT, KeyholdError } from '../errors.js';
 import type { DaemonStatus, LockTimers } from '../control/protocol.js';
 import { TokenCache } from '../tokens/token-cache.js';
-import { localVaultApi, type DaemonVaultApi } from '../vault/api.js';
+import { localVaultApi, thisProcess, type DaemonVaultApi } from '../vault/api.js';
 import { MAX_PENDING_EVENTS, auditUnavailable, type AuditEvent, type AuditFailure, type AuditPeer } from '../audit/audit-log.js';
 import { KeyCache } from '../vault/key-cache.js';
 import type { CompiledPolicy } from '../policy/compile.js';
 import { NO_POLICY_COMPILED, PolicyCache } from '../policy/policy-cache.js';
-import type { FactorKeks } from '../vault/keyring.js';
+import { readKeyring, type FactorKeks } from '../vault/keyring.js';
 import type { VaultPaths } from '../vault/paths.js';
 import { Vault } from '../vault/vault.js';
+import { encodeRemembered, type RememberedKey } from './remembered-unlock.js';
 
 interface Unlocked {
   vault: Vault;
@@ -22,7 +23,17 @@ interface Unlocked {
   unlockedAt: number;
   lockAt: number | null;
   idleMs: number | null;
+  /** Until when a restarted daemon comes back unlocked (`unlock --remember`); null: it does not. */
+  rememberedUntil: number | null;
 }
+
+/** An unlock's timers; `rememberMs`: keep it in the kernel keyring for a restarted daemon. */
+export interface UnlockTimers extends Partial<LockTimers> {
+  rememberMs?: number | null;
+}
+
+/** The factor name an unlock from the kernel keyring is audited with. */
+export const REMEMBERED_FACTOR = 'remembered';
 
 /** setTimeout's limit; longer waits are re-armed. */
 const MAX_TIMER_MS = 2 ** 31 - 1;
@@ -41,6 +52,8 @@ export class VaultSession {
     readonly vaultId: string,
     private readonly log: Logger,
     private readonly defaults: LockTimers,
+    /** The kernel keyring's remembered unlock of this vault; null: none (no `--remember`). */
+    private readonly remembered: RememberedKey | null = null,
   ) {}
 
   get unlocked(): boolean {
@@ -166,10 +179,15 @@ export class VaultSession {
     this.current?.vault.countAuditRefusal();
   }
 
-  /** Unlocks with the KEKs a client proved; exit 4 if they do not open the vault. */
-  async unlock(keks: FactorKeks, timers: Partial<LockTimers> = {}, actor?: AuditPeer): Promise<void> {
+  /**
+   * Unlocks with the KEKs a client proved; exit 4 if they do not open the vault. With
+   * `rememberMs`, the unlock is also kept in the kernel keyring, or, if it cannot be, the vault
+   * stays locked (exit 1).
+   */
+  async unlock(keks: FactorKeks, timers: UnlockTimers = {}, actor?: AuditPeer): Promise<void> {
     if (this.current) return;
     const factors = [...keks.keys()];
+    const failed = (err: unknown) => void this.record({ event: 'unlock-failed', reason: (err as Error).message, names: factors, ...(actor ? { peer: actor } : {}) });
     let vault: Vault;
     try {
       vault = await Vault.openWithKeks(this.paths, async (keyring) => {
@@ -179,18 +197,97 @@ export class VaultSession {
         return keks;
       });
     } catch (err) {
-      void this.record({ event: 'unlock-failed', reason: (err as Error).message, names: factors, ...(actor ? { peer: actor } : {}) });
+      failed(err);
       throw err;
     }
+    if (this.current) {
+      vault.close();
+      return;
+    }
+    const now = Date.now();
+    const ttlMs = timers.ttlMs !== undefined && timers.ttlMs !== null ? timers.ttlMs : this.defaults.ttlMs;
+    const idleMs = timers.idleMs !== undefined && timers.idleMs !== null ? timers.idleMs : this.defaults.idleMs;
+    const lockAt = ttlMs === null ? null : now + ttlMs;
+    let rememberedUntil: number | null = null;
+    if (timers.rememberMs) {
+      try {
+        rememberedUntil = this.remember(vault, { rememberedUntil: Math.min(now + timers.rememberMs, lockAt ?? Infinity), lockAt, idleMs });
+      } catch (err) {
+        vault.close({ flushAudit: false });
+        failed(err);
+        throw err;
+      }
+    }
+    this.begin(vault, { names: factors, lockAt, idleMs, rememberedUntil }, actor);
+  }
+
+  /** Keeps the unlock in the kernel keyring until `rememberedUntil` (never past the session's own deadline). */
+  private remember(vault: Vault, session: { rememberedUntil: number; lockAt: number | null; idleMs: number | null }): number {
+    if (!this.remembered) throw new KeyholdError('this daemon cannot remember an unlock', 'unlock without --remember');
+    const payload = vault.withMasterKey((key) => encodeRemembered(session, key));
+    this.remembered.store(payload, Math.ceil((session.rememberedUntil - Date.now()) / 1000));
+    this.log.info({ rememberedUntil: new Date(session.rememberedUntil).toISOString() }, 'unlock remembered in the kernel keyring');
+    return session.rememberedUntil;
+  }
+
+  /**
+   * At start: unlocks with the kernel keyring's remembered unlock of this vault, if one is there
+   * and still valid, keeping the deadlines of the session that stored it. One that does not open
+   * this vault (another master key, garbage) is removed and the daemon stays locked.
+   */
+  unlockRemembered(): boolean {
+    if (this.current || !this.remembered) return false;
+    const found = this.remembered.lookup();
+    switch (found.kind) {
+      case 'none':
+        return false;
+      case 'expired':
+        this.log.info('the remembered unlock has expired: starting locked');
+        return false;
+      case 'unavailable':
+        this.log.debug({ reason: found.reason }, 'no kernel keyring: no remembered unlock');
+        return false;
+      case 'unusable':
+        this.remembered.forget();
+        this.log.warn({ reason: found.reason, key: this.remembered.description }, 'the remembered unlock in the kernel keyring cannot be used: removed; starting locked');
+        return false;
+    }
+    const { session, masterKey } = found;
+    let vault: Vault;
+    try {
+      const keyring = readKeyring(this.paths.keys);
+      if (keyring.vault_id !== this.vaultId) throw new KeyholdError(`${this.paths.keys} now belongs to another vault`);
+      vault = Vault.openWithMasterKey(this.paths, keyring, masterKey);
+    } catch (err) {
+      this.remembered.forget();
+      this.log.warn({ err: (err as Error).message, key: this.remembered.description }, 'the remembered unlock in the kernel keyring does not open this vault: removed; starting locked');
+      void this.record({ event: 'unlock-failed', reason: 'the remembered unlock does not open this vault', names: [REMEMBERED_FACTOR], peer: thisProcess() });
+      return false;
+    } finally {
+      masterKey.fill(0);
+    }
+    if (session.lockAt !== null && session.lockAt <= Date.now()) {
+      vault.close();
+      this.remembered.forget();
+      this.log.info('the remembered session has passed its lock deadline: starting locked');
+      return false;
+    }
+    this.begin(vault, { names: [REMEMBERED_FACTOR], ...session }, thisProcess());
+    this.log.info({ rememberedUntil: new Date(session.rememberedUntil).toISOString() }, 'unlocked from the remembered unlock in the kernel keyring; no factor asked');
+    return true;
+  }
+
+  /** Serves `vault`, just opened: the audit events kept while locked are written, the caches filled, the timers armed. */
+  private begin(
+    vault: Vault,
+    session: { names: string[]; lockAt: number | null; idleMs: number | null; rememberedUntil: number | null },
+    actor?: AuditPeer,
+  ): void {
     vault.serveAudit(this.log);
     if (this.droppedWhileLocked > 0) void vault.record({ event: 'events-dropped', count: this.droppedWhileLocked });
     for (const { event, time } of this.pending) void vault.record(event, time);
     this.pending = [];
     this.droppedWhileLocked = 0;
-    if (this.current) {
-      vault.close();
-      return;
-    }
     this.turnVersion = null;
     const observe = () => this.observeVersion(vault);
     const keys = new KeyCache(vault, observe);
@@ -203,26 +300,43 @@ export class VaultSession {
       vault.close({ flushAudit: false });
       throw err;
     }
+    const { lockAt, idleMs, rememberedUntil } = session;
     const now = Date.now();
-    const ttlMs = timers.ttlMs !== undefined && timers.ttlMs !== null ? timers.ttlMs : this.defaults.ttlMs;
-    const idleMs = timers.idleMs !== undefined && timers.idleMs !== null ? timers.idleMs : this.defaults.idleMs;
     this.current = {
       vault,
       keys,
       policies,
       tokens: new TokenCache(vault, observe),
       unlockedAt: now,
-      lockAt: ttlMs === null ? null : now + ttlMs,
+      lockAt,
       idleMs,
+      rememberedUntil,
     };
     this.lastActivity = now;
-    void vault.record({ event: 'unlock', names: factors, ...(actor ? { peer: actor } : {}) });
+    const remembered = rememberedUntil === null ? {} : { remembered_until: new Date(rememberedUntil).toISOString() };
+    void vault.record({ event: 'unlock', names: session.names, ...remembered, ...(actor ? { peer: actor } : {}) });
     this.armTimer();
-    this.log.info({ lockAt: this.current.lockAt && new Date(this.current.lockAt).toISOString(), idleMs }, 'vault unlocked');
+    this.log.info({ lockAt: lockAt && new Date(lockAt).toISOString(), idleMs }, 'vault unlocked');
     for (const listener of this.listeners) listener(true);
   }
 
+  /** Takes the remembered unlock out of the kernel keyring (`keyhold stop`; every lock does it too). */
+  forgetRemembered(): void {
+    if (!this.remembered) return;
+    if (this.current) this.current.rememberedUntil = null;
+    if (this.remembered.forget()) this.log.info({ key: this.remembered.description }, 'remembered unlock revoked from the kernel keyring');
+  }
+
+  /**
+   * Locks (`keyhold lock`, ssh-add -x, the idle and ttl limits): the remembered unlock goes too,
+   * or a restart would undo the lock.
+   */
   lock(reason: string, actor?: AuditPeer): void {
+    this.forgetRemembered();
+    this.drop(reason, actor);
+  }
+
+  private drop(reason: string, actor?: AuditPeer): void {
     const current = this.current;
     if (!current) return;
     void current.vault.record({ event: 'lock', reason, ...(actor ? { peer: actor } : {}) });
@@ -260,6 +374,7 @@ export class VaultSession {
       idle_ms: current?.idleMs ?? null,
       idle_lock_at: idleLockAt === null ? null : new Date(idleLockAt).toISOString(),
       sockets,
+      remembered_until: current?.rememberedUntil != null ? new Date(current.rememberedUntil).toISOString() : null,
     };
   }
 
@@ -294,7 +409,11 @@ export class VaultSession {
     this.armTimer();
   }
 
+  /**
+   * The daemon stopping (SIGTERM, a failed start): locked, but the remembered unlock stays, so
+   * that systemd's restart or the next start comes back unlocked. `keyhold stop` forgets it first.
+   */
   close(reason = 'daemon stopping', actor?: AuditPeer): void {
-    this.lock(reason, actor);
+    this.drop(reason, actor);
   }
 }

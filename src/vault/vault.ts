@@ -237,6 +237,11 @@ export class Vault {
     return this.currentKeyring;
   }
 
+  /** Lends the master key to `fn` (remembered unlock): copy nothing out of it that outlives the call unzeroed. */
+  withMasterKey<T>(fn: (key: Buffer) => T): T {
+    return fn(this.masterKey);
+  }
+
   /** Refuses to create a vault over existing files. */
   static checkAbsent(paths: VaultPaths): void {
     for (const file of [paths.db, paths.keys]) {

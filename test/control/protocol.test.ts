@@ -206,7 +206,8 @@ describe('parseControlRequest', () => {
     const unlock = parseControlRequest({ op: 'unlock', vaultId: 'vid', keks: { 'pp-00000001': kek(), 'sa-00000002': kek() }, idleMs: 2000, ttlMs: null });
     expect(unlock).toMatchObject({ op: 'unlock', vaultId: 'vid', idleMs: 2000, ttlMs: null });
     expect(Object.keys((unlock as Extract<ControlRequest, { op: 'unlock' }>).keks)).toEqual(['pp-00000001', 'sa-00000002']);
-    expect(parseControlRequest({ op: 'unlock', vaultId: 'vid', keks: {} })).toEqual({ op: 'unlock', vaultId: 'vid', keks: {}, idleMs: null, ttlMs: null });
+    expect(parseControlRequest({ op: 'unlock', vaultId: 'vid', keks: {} })).toEqual({ op: 'unlock', vaultId: 'vid', keks: {}, idleMs: null, ttlMs: null, rememberMs: null });
+    expect(parseControlRequest({ op: 'unlock', vaultId: 'vid', keks: {}, rememberMs: 5000 })).toMatchObject({ rememberMs: 5000 });
     expect(parseControlRequest({ op: 'unlock', vaultId: 'vid', keks: {}, ttlMs: MAX_DURATION_MS })).toMatchObject({ ttlMs: MAX_DURATION_MS });
     // Past what `--ttl` can say: the daemon would compute a date that does not exist.
     usageFailure({ op: 'unlock', vaultId: 'vid', keks: {}, ttlMs: Number.MAX_SAFE_INTEGER });

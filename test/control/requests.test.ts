@@ -216,6 +216,8 @@ describe('status, lock, stop and unlock requests', () => {
       [{ op: 'unlock', vaultId: 'v', keks: Object.fromEntries(Array.from({ length: 65 }, (_, i) => [`pp-${i.toString(16).padStart(8, '0')}`, kek()])) }, 'unlock: keks'],
       [{ op: 'unlock', vaultId: 'v', keks: {}, idleMs: 0 }, 'unlock: idleMs'],
       [{ op: 'unlock', vaultId: 'v', keks: {}, ttlMs: 1e16 }, 'unlock: ttlMs'],
+      [{ op: 'unlock', vaultId: 'v', keks: {}, rememberMs: 0 }, 'unlock: rememberMs'],
+      [{ op: 'unlock', vaultId: 'v', keks: {}, rememberMs: '5s' }, 'unlock: rememberMs'],
       [{ op: 'call', vaultId: null, method: 'scopes', args: [] }, 'call: vaultId'],
     ];
     for (const [request, field] of cases) expect(refusal(request), field).toBe(`bad control request: ${field}`);
