@@ -99,6 +99,12 @@ async function connectDaemon(runtime: string, keyring: Keyring): Promise<{ clien
   }
 }
 
+const MEMORY_WORDS: Record<string, string> = {
+  secret: 'memfd_secret',
+  locked: "mlock'ed, non-dumpable (no memfd_secret)",
+  plain: 'ordinary (swappable, dumpable)',
+};
+
 function describeStatus(status: DaemonStatus): string[] {
   const lines = [`${status.locked ? 'locked' : 'unlocked'}: ${status.vault} (daemon pid ${status.pid})`];
   if (!status.locked) {
@@ -106,6 +112,7 @@ function describeStatus(status: DaemonStatus): string[] {
     if (status.idle_ms !== null) lines.push(`locks after ${Math.round(status.idle_ms / 1000)}s without requests (next: ${status.idle_lock_at})`);
   }
   for (const socket of status.sockets) lines.push(`socket ${socket}`);
+  if (status.memory) lines.push(`keys in ${MEMORY_WORDS[status.memory] ?? status.memory} memory`);
   return lines;
 }
 

@@ -13,6 +13,7 @@ import { NO_POLICY_COMPILED, PolicyCache } from '../policy/policy-cache.js';
 import type { FactorKeks } from '../vault/keyring.js';
 import type { VaultPaths } from '../vault/paths.js';
 import { Vault } from '../vault/vault.js';
+import { secretMemory } from '../platform/secret-memory.js';
 
 interface Unlocked {
   vault: Vault;
@@ -260,6 +261,7 @@ export class VaultSession {
       idle_ms: current?.idleMs ?? null,
       idle_lock_at: idleLockAt === null ? null : new Date(idleLockAt).toISOString(),
       sockets,
+      memory: secretMemory().kind,
     };
   }
 
