@@ -116,6 +116,12 @@ async function connectDaemon(runtime: string, keyring: Keyring): Promise<{ clien
   }
 }
 
+const MEMORY_WORDS: Record<string, string> = {
+  secret: 'memfd_secret',
+  locked: "mlock'ed, non-dumpable (no memfd_secret)",
+  plain: 'ordinary (swappable, dumpable)',
+};
+
 function describeStatus(status: DaemonStatus): string[] {
   const lines = [`${status.locked ? 'locked' : 'unlocked'}: ${status.vault} (daemon pid ${status.pid})`];
   if (!status.locked) {
@@ -124,6 +130,7 @@ function describeStatus(status: DaemonStatus): string[] {
     if (status.remembered_until) lines.push(`a restarted daemon comes back unlocked until ${status.remembered_until} (kernel keyring)`);
   }
   for (const socket of status.sockets) lines.push(`socket ${socket}`);
+  if (status.memory) lines.push(`keys in ${MEMORY_WORDS[status.memory] ?? status.memory} memory`);
   return lines;
 }
 

@@ -3,6 +3,7 @@
 import { join } from 'node:path';
 import { frame } from '../agent-protocol/framing.js';
 import { EXIT, KeyholdError, usageError, type ExitCode } from '../errors.js';
+import type { MemoryKind } from '../platform/secret-memory.js';
 
 export const CONTROL_SOCKET = 'control.sock';
 /** Large enough for a 1 MiB value in base64 plus its envelope. */
@@ -36,6 +37,8 @@ export interface DaemonStatus {
   sockets: string[];
   /** Until when a restarted daemon comes back unlocked (`unlock --remember`); null: it does not. */
   remembered_until: string | null;
+  /** Where the master key and KEKs live (platform/secret-memory.ts): memfd_secret, mlock'ed, or ordinary memory. */
+  memory: MemoryKind;
 }
 
 export type ControlResponse =

@@ -8,6 +8,7 @@ import { KeyholdError, notFound } from '../errors.js';
 import { Approvals, DEFAULT_CONFIRM_TIMEOUT_MS, type Approver } from '../policy/approvals.js';
 import { ConfirmProgram, confirmProgramFor } from '../policy/confirm-program.js';
 import { hardenProcess } from '../libc.js';
+import { secretMemory } from '../platform/secret-memory.js';
 import { acquirePidLock, ensurePrivateDir, pidFilePath, scopesDir, type PidLock } from '../runtime-dir.js';
 import { controlSocketPath, type ControlRequest, type LockTimers } from '../control/protocol.js';
 import { callVaultMethod } from '../control/requests.js';
@@ -70,10 +71,19 @@ export interface Daemon {
   stop(reason?: string, actor?: AuditPeer): Promise<void>;
 }
 
+/** Maps the first page of secret memory now, so that a step down is said at start, before any key arrives. */
+function warnUnlessSecretMemory(log: Logger): void {
+  const memory = secretMemory();
+  if (memory.kind !== 'secret') {
+    log.warn({ memory: memory.kind, reason: memory.fallbackReason }, `master key and KEKs in ${memory.kind === 'locked' ? "mlock'ed, non-dumpable" : 'ordinary'} memory, not memfd_secret`);
+  }
+}
+
 export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
   const { runtimeDir, log } = options;
   const hardening = hardenProcess();
   if (!hardening.dumpable || !hardening.coreLimit) log.warn(hardening, 'could not fully disable core dumps and ptrace');
+  warnUnlessSecretMemory(log);
   ensurePrivateDir(runtimeDir);
   let lock: PidLock = acquirePidLock(pidFilePath(runtimeDir));
   const session = new VaultSession(options.paths, options.vaultId, log, options.lockTimers ?? { idleMs: null, ttlMs: null }, new RememberedKey(options.vaultId));

@@ -14,6 +14,7 @@ import { readKeyring, type FactorKeks } from '../vault/keyring.js';
 import type { VaultPaths } from '../vault/paths.js';
 import { Vault } from '../vault/vault.js';
 import { encodeRemembered, type RememberedKey } from './remembered-unlock.js';
+import { secretMemory } from '../platform/secret-memory.js';
 
 interface Unlocked {
   vault: Vault;
@@ -375,6 +376,7 @@ export class VaultSession {
       idle_lock_at: idleLockAt === null ? null : new Date(idleLockAt).toISOString(),
       sockets,
       remembered_until: current?.rememberedUntil != null ? new Date(current.rememberedUntil).toISOString() : null,
+      memory: secretMemory().kind,
     };
   }
 

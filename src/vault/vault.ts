@@ -35,6 +35,7 @@ import {
 } from './keyring.js';
 import type { VaultPaths } from './paths.js';
 import { enrollPassphrase, passphraseKeks } from '../unlock/passphrase.js';
+import { secretMemory } from '../platform/secret-memory.js';
 import { checkPolicyDocument, MAX_POLICY_SOURCE, type PolicyDocument } from '../policy/policy.js';
 import type { StoredConstraints, StoredDestination } from '../policy/ssh-add-constraints.js';
 import { mintToken, newTokenId, TOKEN_SHOWN_CHARS, tokenHash, type TokenRecord } from '../tokens/tokens.js';
@@ -205,11 +206,14 @@ export class Vault {
   private lastDataVersion: number;
   private lastSeenVersion: number;
   private currentKeyring: Keyring;
-  /** Held while open for factor changes (and zeroed at close): the master key, and the KEKs proved. */
-  private readonly masterKey: Buffer;
+  /**
+   * Held while open for factor changes, in secret memory (platform/secret-memory.ts), freed (zeroed)
+   * at close: the master key, the KEKs proved, and the audit MAC key derived from the master key.
+   */
+  private masterKey: Buffer;
   private readonly keks: FactorKeks;
   private readonly audit: AuditWriter;
-  private readonly auditMacKey: Buffer;
+  private auditMacKey: Buffer;
 
   private constructor(
     readonly paths: VaultPaths,
@@ -219,18 +223,26 @@ export class Vault {
     keks: FactorKeks,
   ) {
     this.currentKeyring = keyring;
-    this.masterKey = Buffer.alloc(MASTER_KEY_BYTES);
-    masterKey.copy(this.masterKey);
-    this.keks = new Map([...keks].map(([id, kek]) => [id, Buffer.from(kek)]));
-    this.auditMacKey = auditKey(masterKey, keyring.vault_id);
-    this.audit = new AuditWriter(paths.audit, db, this.auditMacKey);
-    this.statements = {
-      dataVersion: db.prepare('PRAGMA data_version').pluck(),
-      version: db.prepare(`SELECT value FROM meta WHERE name = 'version'`).pluck(),
-      bump: db.prepare(`UPDATE meta SET value = value + 1 WHERE name = 'version'`),
-    };
-    this.lastDataVersion = this.statements.dataVersion.get() as number;
-    this.lastSeenVersion = this.version();
+    const memory = secretMemory();
+    this.masterKey = memory.copyOf(masterKey);
+    this.keks = new Map([...keks].map(([id, kek]) => [id, memory.copyOf(kek)]));
+    const derived = auditKey(masterKey, keyring.vault_id);
+    this.auditMacKey = memory.copyOf(derived);
+    derived.fill(0);
+    try {
+      this.audit = new AuditWriter(paths.audit, db, this.auditMacKey);
+      this.statements = {
+        dataVersion: db.prepare('PRAGMA data_version').pluck(),
+        version: db.prepare(`SELECT value FROM meta WHERE name = 'version'`).pluck(),
+        bump: db.prepare(`UPDATE meta SET value = value + 1 WHERE name = 'version'`),
+      };
+      this.lastDataVersion = this.statements.dataVersion.get() as number;
+      this.lastSeenVersion = this.version();
+    } catch (err) {
+      // No close() will come for a vault that never opened: its slots would stay taken, keys in them.
+      for (const held of [this.masterKey, this.auditMacKey, ...this.keks.values()]) memory.free(held);
+      throw err;
+    }
   }
 
   get keyring(): Keyring {
@@ -384,7 +396,7 @@ export class Vault {
       (current) => withFactorAdded(current, this.masterKey, enrolled, this.keksForRewrap(current)),
       { event: 'factor-added', factor: enrolled.factor.id, type: enrolled.factor.type, ...(peer ? { peer } : {}) },
     );
-    this.keks.set(enrolled.factor.id, Buffer.from(enrolled.kek));
+    this.keks.set(enrolled.factor.id, secretMemory().copyOf(enrolled.kek));
     return this.factor(enrolled.factor.id);
   }
 
@@ -393,8 +405,7 @@ export class Vault {
       (current) => withFactorRemoved(current, this.masterKey, id, this.keksForRewrap(current, id)),
       { event: 'factor-removed', factor: id, ...(peer ? { peer } : {}) },
     );
-    this.keks.get(id)?.fill(0);
-    this.keks.delete(id);
+    this.forgetKek(id);
   }
 
   /** Replaces a factor's secret in place (same id): a passphrase change. */
@@ -404,9 +415,15 @@ export class Vault {
       (current) => withFactorReplaced(current, this.masterKey, enrolled, this.keksForRewrap(current, id)),
       { event: 'factor-changed', factor: id, type: enrolled.factor.type, ...(peer ? { peer } : {}) },
     );
-    this.keks.get(id)?.fill(0);
-    this.keks.set(id, Buffer.from(enrolled.kek));
+    this.forgetKek(id);
+    this.keks.set(id, secretMemory().copyOf(enrolled.kek));
     return this.factor(id);
+  }
+
+  private forgetKek(id: string): void {
+    const kek = this.keks.get(id);
+    if (kek) secretMemory().free(kek);
+    this.keks.delete(id);
   }
 
   private factor(id: string): Factor {
@@ -487,9 +504,13 @@ export class Vault {
     } finally {
       this.audit.close();
       if (this.db.open) this.db.close();
-      this.masterKey.fill(0);
-      this.auditMacKey.fill(0);
-      zeroKeks(this.keks);
+      // Emptied too: a second close must not zero a slot that a later vault now holds.
+      const memory = secretMemory();
+      memory.free(this.masterKey);
+      memory.free(this.auditMacKey);
+      this.masterKey = Buffer.alloc(0);
+      this.auditMacKey = Buffer.alloc(0);
+      for (const id of [...this.keks.keys()]) this.forgetKek(id);
     }
   }
 
