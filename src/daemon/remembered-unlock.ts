@@ -8,6 +8,7 @@
 // on disk for the same user guards against no one who can read the kernel key. The kernel keeps
 // the payload in its own memory, never swapped to a file, and destroys it at expiry or revocation.
 import { KeyholdError } from '../errors.js';
+import { MASTER_KEY_BYTES } from '../vault/keyring.js';
 import {
   addUserKey,
   describeKeyError,
@@ -22,7 +23,6 @@ import {
   type KeyErrorCode,
 } from '../platform/kernel-keyring.js';
 
-export const MASTER_KEY_BYTES = 32;
 const MAGIC = Buffer.from('khr1');
 /** magic, remembered until (ms), lock deadline (ms, 0: none), idle limit (ms, 0: none), master key. */
 const PAYLOAD_BYTES = MAGIC.length + 3 * 8 + MASTER_KEY_BYTES;
