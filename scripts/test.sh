@@ -5,7 +5,7 @@ cd "$(dirname "$0")/.."
 . scripts/lib.sh
 ensure_os_packages sshd:openssh-server ssh:openssh-client ssh-agent:openssh-client git:git openssl:openssl socat:socat unshare:util-linux flock:util-linux mount:mount tcsh:tcsh \
   /usr/lib/openssh/regress/run-tests:openssh-tests sudo:sudo gdb:gdb runuser:util-linux rev:util-linux \
-  dbus-daemon:dbus-daemon busctl:systemd groff:groff-base man:man-db systemd-analyze:systemd /usr/lib/systemd/systemd:systemd \
+  dbus-daemon:dbus-daemon gnome-keyring-daemon:gnome-keyring busctl:systemd groff:groff-base man:man-db systemd-analyze:systemd /usr/lib/systemd/systemd:systemd \
   "${NATIVE_BUILD_PACKAGES[@]}"
 ensure_node_deps
 build
