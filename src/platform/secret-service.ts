@@ -309,6 +309,47 @@ export class SecretServiceClient {
   }
 }
 
+export interface SecretServicePresence {
+  /** `running`: something owns org.freedesktop.secrets; `activatable`: the bus would start it. */
+  provider: 'running' | 'activatable' | 'absent';
+  /** When running: the state of the collection behind the `default` alias. */
+  defaultCollection?: 'unlocked' | 'locked' | 'none';
+}
+
+/**
+ * What `keyhold doctor` reports: asks the bus who provides the Secret Service and, when one runs,
+ * whether its default collection is locked. Never starts a provider (an activatable one stays
+ * unstarted) and opens no session. Throws `no-bus` / `timeout` SecretServiceErrors.
+ */
+export async function probeSecretService(options: SecretServiceOptions = {}): Promise<SecretServicePresence> {
+  const timeoutMs = options.timeoutMs ?? DEFAULT_TIMEOUT_MS;
+  const socket = sessionBusSocket(options.env ?? process.env);
+  let lastError: Error | undefined;
+  const bus = dbus.createClient({ socket, authMethods: ['EXTERNAL'], plainValues: true, variants: 'plain' });
+  bus.connection.on('error', (err: Error) => {
+    lastError = err;
+  });
+  bus.connection.on('handlerError', (err: Error) => {
+    lastError = err;
+    bus.connection.stream.destroy();
+  });
+  const call = new Caller(bus, timeoutMs, () => lastError);
+  const busCall = <T>(member: string, signature: string, body: unknown[]) =>
+    call.invoke<T>('/org/freedesktop/DBus', 'org.freedesktop.DBus', member, signature, body, 'org.freedesktop.DBus');
+  try {
+    if (!(await busCall<boolean>('NameHasOwner', 's', [SECRET_SERVICE_BUS_NAME]))) {
+      const activatable = await busCall<string[]>('ListActivatableNames', '', []);
+      return { provider: activatable.includes(SECRET_SERVICE_BUS_NAME) ? 'activatable' : 'absent' };
+    }
+    const collection = await call.invoke<string>(SECRET_SERVICE_PATH, SERVICE_IFACE, 'ReadAlias', 's', ['default']);
+    if (collection === NO_OBJECT) return { provider: 'running', defaultCollection: 'none' };
+    const locked = await call.invoke<unknown>(collection, PROPERTIES_IFACE, 'Get', 'ss', [COLLECTION_IFACE, 'Locked']);
+    return { provider: 'running', defaultCollection: locked === true ? 'locked' : 'unlocked' };
+  } finally {
+    bus.connection.stream.destroy();
+  }
+}
+
 /** Opens a client, runs `fn`, and closes it however `fn` ends. */
 export async function withSecretService<T>(options: SecretServiceOptions, fn: (client: SecretServiceClient) => Promise<T>): Promise<T> {
   const client = await SecretServiceClient.open(options);
@@ -327,10 +368,10 @@ class Caller {
     private readonly connectionError: () => Error | undefined,
   ) {}
 
-  async invoke<T>(path: string, iface: string, member: string, signature: string, body: unknown[]): Promise<T> {
+  async invoke<T>(path: string, iface: string, member: string, signature: string, body: unknown[], destination = SECRET_SERVICE_BUS_NAME): Promise<T> {
     try {
       return await this.bus.invoke<T>(
-        { destination: SECRET_SERVICE_BUS_NAME, path, interface: iface, member, ...(signature ? { signature, body } : {}) },
+        { destination, path, interface: iface, member, ...(signature ? { signature, body } : {}) },
         { timeout: this.timeoutMs },
       );
     } catch (err) {
