@@ -8,7 +8,7 @@ import { readKeyring } from '../vault/keyring.js';
 import { vaultPaths } from '../vault/paths.js';
 import { Vault } from '../vault/vault.js';
 import { hasExplicitPassphrase } from './passphrase.js';
-import { collectKeks, type UnlockRequest } from './unlock-sources.js';
+import { collectKeks, type UnlockRequest } from '../unlock/prove.js';
 
 export interface GlobalArgs {
   vault?: string | undefined;

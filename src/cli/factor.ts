@@ -1,34 +1,17 @@
 // `keyhold factor add|list|rm` and `keyhold passphrase change`: rewrap the master key, never
 // re-encrypt the database. Secrets for new factors are taken here; the vault (in this process or in
 // the daemon) only wraps.
-import type { Argv } from 'yargs';
+import type { Argv, Options } from 'yargs';
 import { KeyholdError, notFound, usageError } from '../errors.js';
-import { describeFactor, enrollPassphrase, readKeyring, type Factor, type PassphraseFactor } from '../vault/keyring.js';
+import { readKeyring, type EnrolledFactor } from '../vault/keyring.js';
 import { vaultPaths } from '../vault/paths.js';
-import { enrollSshAgent } from '../vault/ssh-agent-factor.js';
+import type { FactorKind } from '../unlock/factor-kind.js';
+import { describeFactor, FACTOR_KINDS, FACTOR_TYPES, kindOf, type Factor } from '../unlock/kinds.js';
+import { enrollPassphrase, passphraseKind, readNewPassphrase, type PassphraseFactor } from '../unlock/passphrase.js';
 import { printJson, printLines, table, withVault, type GlobalArgs } from './common.js';
-import { checkNewPassphrase, fallbackPassphrase, readPassphraseFile } from './passphrase.js';
 
 function factorJson(factor: Factor, policy: string) {
-  return {
-    id: factor.id,
-    type: factor.type,
-    created: factor.created,
-    policy,
-    ...(factor.type === 'ssh-agent' ? { key_type: factor.key.type, fingerprint: factor.key.fingerprint } : {}),
-  };
-}
-
-/** A new passphrase: `--new-passphrase-file`, else asked twice on the terminal. */
-async function newPassphrase(args: GlobalArgs & { 'new-passphrase-file'?: string | undefined }): Promise<Buffer> {
-  const file = args['new-passphrase-file'];
-  if (file === '-' && args['passphrase-file'] === '-') {
-    throw usageError('--passphrase-file and --new-passphrase-file cannot both read stdin', 'put one of them in a file');
-  }
-  if (file) return checkNewPassphrase(readPassphraseFile(file, 'new passphrase file'));
-  const typed = await fallbackPassphrase({ env: {}, confirm: true, prompt: 'New passphrase: ' });
-  if (!typed) throw usageError('no new passphrase', 'pass --new-passphrase-file F (- for stdin), or run on a terminal');
-  return checkNewPassphrase(typed);
+  return { id: factor.id, type: factor.type, created: factor.created, policy, ...kindOf(factor.type).details(factor).json };
 }
 
 function report(args: GlobalArgs, factor: Factor, policy: string, verb: string): void {
@@ -36,40 +19,35 @@ function report(args: GlobalArgs, factor: Factor, policy: string, verb: string):
   else process.stderr.write(`keyhold: ${verb} factor ${describeFactor(factor)}\n`);
 }
 
+const kinds = FACTOR_KINDS as unknown as readonly FactorKind[];
+
+/** Every kind's `factor add` options, each named as belonging to its kind. */
+const addOptions: [string, Options, FactorKind][] = kinds.flatMap((kind) => Object.entries(kind.addOptions).map(([name, option]) => [name, option, kind] as [string, Options, FactorKind]));
+
 export function factorCommand(yargs: Argv<GlobalArgs>) {
-  return yargs.command('factor', 'manage the unlock factors (passphrase, ssh-agent)', (y) =>
+  return yargs.command('factor', `manage the unlock factors (${FACTOR_TYPES.join(', ')})`, (y) =>
     y
       .command(
         'add <type>',
-        'add an unlock factor: ssh-agent (a key in the agent at SSH_AUTH_SOCK) or passphrase',
-        (c) =>
-          c
-            .positional('type', { choices: ['ssh-agent', 'passphrase'] as const, demandOption: true })
-            .option('key', { type: 'string', describe: 'ssh-agent: the key, as SHA256:fingerprint or a .pub file' })
-            .option('new-passphrase-file', { type: 'string', describe: 'passphrase: read it from this file (- for stdin)' })
-            .example('keyhold factor add ssh-agent --key ~/.ssh/id_ed25519.pub', ''),
+        `add an unlock factor: ${kinds.map((kind) => `${kind.type}, ${kind.summary}`).join('; ')}`,
+        (c) => {
+          let command = c.positional('type', { choices: FACTOR_TYPES, demandOption: true });
+          for (const [name, option] of addOptions) command = command.option(name, option);
+          return command.example('keyhold factor add ssh-agent --key ~/.ssh/id_ed25519.pub', '');
+        },
         async (args) => {
+          const kind = kindOf(args.type);
+          const values = args as unknown as Record<string, unknown>;
+          for (const [name, , owner] of addOptions) {
+            if (owner !== kind && values[name] !== undefined) throw usageError(`--${name} goes with ${owner.type}`);
+          }
           const keyring = readKeyring(vaultPaths(args.vault).keys);
-          if (args.type === 'ssh-agent' && args['new-passphrase-file'] !== undefined) throw usageError('--new-passphrase-file goes with passphrase');
-          if (args.type === 'passphrase' && args.key !== undefined) throw usageError('--key goes with ssh-agent');
-          const factor = await withVault(args, async (api) => {
-            if (args.type === 'ssh-agent') {
-              const enrolled = await enrollSshAgent(keyring.vault_id, process.env.SSH_AUTH_SOCK || undefined, args.key);
-              const fp = enrolled.factor.type === 'ssh-agent' ? enrolled.factor.key.fingerprint : '';
-              const existing = readKeyring(vaultPaths(args.vault).keys).factors.find((f) => f.type === 'ssh-agent' && f.key.fingerprint === fp);
-              if (existing) {
-                enrolled.kek.fill(0);
-                throw new KeyholdError(`${fp} is already enrolled as ${existing.id}`, 'nothing was changed');
-              }
-              return api.addFactor(enrolled);
-            }
-            const passphrase = await newPassphrase(args);
-            try {
-              return api.addFactor(await enrollPassphrase(passphrase));
-            } finally {
-              passphrase.fill(0);
-            }
-          });
+          const options = Object.fromEntries(Object.keys(kind.addOptions).map((name) => [name, values[name]]));
+          const factor = await withVault(args, async (api) =>
+            api.addFactor(
+              (await kind.enroll({ vaultId: keyring.vault_id, keyring, env: process.env, options, passphraseFile: args['passphrase-file'] })) as EnrolledFactor,
+            ),
+          );
           report(args, factor, keyring.policy, 'added');
         },
       )
@@ -84,7 +62,7 @@ export function factorCommand(yargs: Argv<GlobalArgs>) {
             `policy: ${keyring.policy} (${keyring.policy === 'any' ? 'any one factor unlocks' : 'every factor is needed'})`,
             ...table(
               ['ID', 'TYPE', 'CREATED', 'KEY'],
-              keyring.factors.map((f) => [f.id, f.type, f.created, f.type === 'ssh-agent' ? `${f.key.fingerprint} (${f.key.type})` : '-']),
+              keyring.factors.map((f) => [f.id, f.type, f.created, kindOf(f.type).details(f).column]),
             ),
           ]);
         },
@@ -101,6 +79,7 @@ export function factorCommand(yargs: Argv<GlobalArgs>) {
             throw new KeyholdError(`${args.id} is the last unlock factor; removing it would lock the vault for good`, 'add another factor first');
           }
           await withVault(args, (api) => api.removeFactor(args.id));
+          await kindOf(factor.type).forget?.(factor, { vaultId: keyring.vault_id, env: process.env });
           report(args, factor, keyring.policy, 'removed');
         },
       )
@@ -120,7 +99,7 @@ export function passphraseCommand(yargs: Argv<GlobalArgs>) {
             .option('factor', { type: 'string', describe: 'which passphrase factor, when the vault has several' }),
         async (args) => {
           const keyring = readKeyring(vaultPaths(args.vault).keys);
-          const candidates = keyring.factors.filter((f): f is PassphraseFactor => f.type === 'passphrase');
+          const candidates = keyring.factors.filter((f): f is PassphraseFactor => f.type === passphraseKind.type);
           if (candidates.length === 0) {
             throw notFound('this vault has no passphrase factor', 'add one with `keyhold factor add passphrase`');
           }
@@ -135,7 +114,7 @@ export function passphraseCommand(yargs: Argv<GlobalArgs>) {
             throw usageError('this vault has several passphrase factors', `name one with --factor: ${candidates.map((f) => f.id).join(', ')}`);
           }
           const factor = await withVault(args, async (api) => {
-            const passphrase = await newPassphrase(args);
+            const passphrase = await readNewPassphrase(args['new-passphrase-file'], args['passphrase-file']);
             try {
               return api.replaceFactor(await enrollPassphrase(passphrase, undefined, target.id));
             } finally {

@@ -1,9 +1,10 @@
 import { randomBytes } from 'node:crypto';
 import type { Argv } from 'yargs';
 import { usageError } from '../errors.js';
-import { enrollPassphrase, newVaultId, POLICIES, type EnrolledFactor, type Policy } from '../vault/keyring.js';
+import { newVaultId, POLICIES, type EnrolledFactor, type Policy } from '../vault/keyring.js';
+import { enrollPassphrase } from '../unlock/passphrase.js';
 import { vaultPaths } from '../vault/paths.js';
-import { enrollSshAgent } from '../vault/ssh-agent-factor.js';
+import { enrollSshAgent } from '../unlock/ssh-agent.js';
 import { Vault } from '../vault/vault.js';
 import { printJson, type GlobalArgs } from './common.js';
 import { checkNewPassphrase, explicitPassphrase, readPassphrase } from './passphrase.js';

@@ -13,7 +13,7 @@ import { vaultPaths } from '../vault/paths.js';
 import { existsSync } from 'node:fs';
 import type { AuditPeer } from '../audit/audit-log.js';
 import type { GlobalArgs } from './common.js';
-import { collectKeks } from './unlock-sources.js';
+import { collectKeks } from '../unlock/prove.js';
 
 /**
  * The last line of defence: a fault that no handler caught is logged and the daemon goes on

@@ -17,7 +17,8 @@ import { vaultPaths, type VaultPaths } from '../vault/paths.js';
 import { checkScopeName } from '../vault/vault.js';
 import { printJson, type GlobalArgs } from './common.js';
 import { optionalDuration } from './serve.js';
-import { collectKeks, type FactorChoice } from './unlock-sources.js';
+import { FACTOR_TYPES, type FactorType } from '../unlock/kinds.js';
+import { collectKeks } from '../unlock/prove.js';
 
 const BIN = fileURLToPath(new URL('../../bin/keyhold', import.meta.url));
 const START_TIMEOUT_MS = 15_000;
@@ -115,7 +116,7 @@ export function unlockCommand(yargs: Argv<GlobalArgs>) {
     'unlock the vault in the daemon (starting it if none runs); with --scope, print the export line for eval',
     (c) =>
       c
-        .option('factor', { choices: ['passphrase', 'ssh-agent'] as const, describe: 'unlock with this factor only' })
+        .option('factor', { choices: FACTOR_TYPES, describe: 'unlock with this factor only' })
         .option('ttl', { type: 'string', describe: 'lock again after this long, whatever the activity (90s, 30m, 8h, 7d)' })
         .option('idle', { type: 'string', describe: 'lock again after this long without requests' })
         .option('scope', { type: 'string', describe: "print `export SSH_AUTH_SOCK=…` for this scope's socket" })
@@ -144,7 +145,7 @@ export function unlockCommand(yargs: Argv<GlobalArgs>) {
           }
         } else {
           // Prove the factors first: a failure then leaves no daemon behind.
-          const keks = await collectKeks(keyring, { file: args['passphrase-file'], factor: args.factor as FactorChoice | undefined });
+          const keks = await collectKeks(keyring, { file: args['passphrase-file'], factor: args.factor as FactorType | undefined });
           try {
             if (!daemon) {
               const client = await startBackgroundDaemon(paths, runtime);

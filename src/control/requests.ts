@@ -9,7 +9,8 @@ import { TOKEN_SUBJECT_PATTERN } from '../tokens/tokens.js';
 import { VAULT_METHODS, type VaultApi, type VaultMethod } from '../vault/api.js';
 import { MAX_CERT_BYTES } from '../agent-protocol/certificate.js';
 import { ECDSA_BITS, KEY_TYPES, RSA_BITS } from '../vault/key-material.js';
-import { enrolledFactorSchema, FACTOR_ID_PATTERN, fieldPath, kekSchema } from '../vault/keyring.js';
+import { enrolledFactorSchema, fieldPath, kekSchema } from '../vault/keyring.js';
+import { FACTOR_ID_PATTERN } from '../unlock/kinds.js';
 import { MAX_POLICY_SOURCE, policyDocumentSchema } from '../policy/policy.js';
 import { MAX_SECRET_BYTES, SCOPE_PATTERN, SECRET_NAME_PATTERN } from '../vault/vault.js';
 

@@ -15,7 +15,8 @@ import type { AgentBackend, RequestContext } from '../signer/backend.js';
 import type { AuditedConstraints, DaemonVaultApi } from '../vault/api.js';
 import { destinationHostNames, storedConstraints } from '../policy/ssh-add-constraints.js';
 import { describeSupportedKey, toPkcs8 } from '../vault/key-material.js';
-import { passphraseKeks, readKeyring, zeroKeks, type FactorKeks } from '../vault/keyring.js';
+import { readKeyring, zeroKeks, type FactorKeks } from '../vault/keyring.js';
+import { passphraseKeks } from '../unlock/passphrase.js';
 import type { VaultSession } from './vault-session.js';
 
 export interface KeyOperationsOptions {

@@ -3,6 +3,7 @@
 // describe it, and prove it (derive its KEK); "not mine" is an empty answer, so the caller tries
 // the next kind. `keyring.ts` knows only the file format and the any/all policy; `kinds.ts` lists
 // the kinds, so a new kind is one file here plus one line there.
+import { randomBytes } from 'node:crypto';
 import type * as v from 'valibot';
 import type { Options } from 'yargs';
 import type { Keyring, Wrap } from '../vault/keyring.js';
@@ -18,7 +19,7 @@ export interface FactorBase {
 }
 
 /** A factor as enrolment makes it, before sealing gives it (under policy `any`) its own wrap. */
-export type Unsealed<F extends FactorBase> = Omit<F, 'wrap'> & { wrap?: never };
+export type Unsealed<F extends FactorBase> = F extends FactorBase ? Omit<F, 'wrap'> & { wrap?: never } : never;
 
 /** A factor before it is sealed into a keyring, with the KEK its secret derives. */
 export interface EnrolledFactor<F extends FactorBase = FactorBase> {
@@ -60,8 +61,12 @@ export interface FactorKind<F extends FactorBase = FactorBase> {
   readonly idPrefix: string;
   /** One line for `--help`: what this factor is. */
   readonly summary: string;
-  /** Where `unlock` looks for it, for the message when no source applies. */
+  /** What `unlock` needs for it, for the messages when no source applies: `the passphrase`. */
   readonly source: string;
+  /** The message when every factor tried was of this kind and none unwrapped: `wrong passphrase`. */
+  readonly refusedMessage?: string;
+  /** Set when policy `all` takes at most one factor of this kind; the text says why. */
+  readonly singleUnderAllPolicy?: string;
   /** This kind's own fields as stored (not id, type, created or wrap): checked on every read. */
   readonly fields: v.ObjectEntries;
   /** `factor add TYPE` options of this kind (yargs definitions, merged into the command). */
@@ -80,8 +85,22 @@ export interface FactorKind<F extends FactorBase = FactorBase> {
   prove(factors: F[], context: ProveContext): Promise<FactorKeks>;
   /** A source that asks a person (a prompt), tried only after every kind's `prove` found nothing. */
   ask?(factors: F[], context: ProveContext): Promise<FactorKeks>;
+  /** The exit-3 error when no kind found a source, naming `otherSources` too; else a generic one. */
+  noSource?(context: ProveContext, otherSources: string[]): Error;
   /** After `factor rm`: remove what the factor kept outside the key file. Best effort, never throws. */
   forget?(factor: F, context: { vaultId: string; env: NodeJS.ProcessEnv }): Promise<void>;
+}
+
+/** Canonical base64 only (of `bytes` bytes when given): a spelling that decodes to the same bytes is still an edit. */
+export function isCanonicalBase64(value: unknown, bytes?: number): value is string {
+  if (typeof value !== 'string') return false;
+  const decoded = Buffer.from(value, 'base64');
+  return decoded.toString('base64') === value && (bytes === undefined || decoded.length === bytes);
+}
+
+/** A new factor id: the kind's prefix and 4 random bytes in hex. */
+export function newFactorId(prefix: string): string {
+  return `${prefix}-${randomBytes(4).toString('hex')}`;
 }
 
 /** The factor type a kind handles. */

@@ -6,12 +6,18 @@
 // Policy `all`: one wrap under a KEK derived from every factor's KEK together; all are needed.
 // Changing factors rewraps the master key; the database is never re-encrypted.
 import { existsSync } from 'node:fs';
-import { createCipheriv, createDecipheriv, hkdfSync, randomBytes, scrypt as scryptCb, type ScryptOptions } from 'node:crypto';
+import { createCipheriv, createDecipheriv, hkdfSync, randomBytes } from 'node:crypto';
 import * as v from 'valibot';
 import { readCapped } from '../read-capped.js';
 import { EXIT, KeyholdError, usageError } from '../errors.js';
 import { writeFileAtomic } from './atomic-file.js';
-import { blobKeyType, fingerprint, FINGERPRINT_PATTERN } from '../agent-protocol/public-key.js';
+import { isCanonicalBase64, type EnrolledFactor as EnrolledFactorOf, type FactorKeks } from '../unlock/factor-kind.js';
+import { describeFactor, kindOf, sealedFactorSchemaOf, unsealedFactorSchemaOf, type Factor } from '../unlock/kinds.js';
+
+export type { FactorKeks } from '../unlock/factor-kind.js';
+export type { Factor, FactorType, UnsealedFactor } from '../unlock/kinds.js';
+/** A factor of any kind before it is sealed into a keyring, with its KEK. */
+export type EnrolledFactor = EnrolledFactorOf<Factor>;
 
 export const KEYRING_FORMAT = 'keyhold-keys';
 export const KEYRING_VERSION = 1;
@@ -19,55 +25,12 @@ export const MASTER_KEY_BYTES = 32;
 export const POLICIES = ['any', 'all'] as const;
 export type Policy = (typeof POLICIES)[number];
 
-export interface ScryptParams {
-  name: 'scrypt';
-  log2n: number;
-  r: number;
-  p: number;
-  salt: string;
-}
-
 export interface Wrap {
   alg: 'A256GCM';
   nonce: string;
   ciphertext: string;
   tag: string;
 }
-
-export interface PassphraseFactor {
-  id: string;
-  type: 'passphrase';
-  created: string;
-  kdf: ScryptParams;
-  /** Present under policy `any`. */
-  wrap?: Wrap;
-}
-
-/** The SSH key a factor asks the agent to sign with. */
-export interface AgentKeyRef {
-  type: 'ssh-ed25519' | 'ssh-rsa';
-  fingerprint: string;
-  /** The public key blob, base64. */
-  blob: string;
-}
-
-export interface SshAgentFactor {
-  id: string;
-  type: 'ssh-agent';
-  created: string;
-  key: AgentKeyRef;
-  /** Random bytes (base64) that go into the message the agent signs. */
-  challenge: string;
-  kdf: { name: 'hkdf-sha256'; info: typeof SSH_AGENT_KDF_INFO };
-  wrap?: Wrap;
-}
-
-export type Factor = PassphraseFactor | SshAgentFactor;
-export type FactorType = Factor['type'];
-export const FACTOR_TYPES: readonly FactorType[] = ['passphrase', 'ssh-agent'];
-const FACTOR_ID_PREFIX: Record<FactorType, string> = { passphrase: 'pp', 'ssh-agent': 'sa' };
-/** A factor id: the type's prefix and 4 random bytes in hex. */
-export const FACTOR_ID_PATTERN = /^(?:pp|sa)-[0-9a-f]{8}$/;
 
 export interface Keyring {
   format: typeof KEYRING_FORMAT;
@@ -79,61 +42,7 @@ export interface Keyring {
   wrap?: Wrap;
 }
 
-/** A factor as enrolment makes it, before sealing gives it (under policy `any`) its own wrap. */
-export type Unsealed<F extends Factor> = Omit<F, 'wrap'> & { wrap?: never };
-export type UnsealedFactor = Unsealed<PassphraseFactor> | Unsealed<SshAgentFactor>;
-
-/** A factor before it is sealed into a keyring, with the KEK its secret derives. */
-export interface EnrolledFactor {
-  factor: UnsealedFactor;
-  kek: Buffer;
-}
-
-/** KEKs by factor id: what a caller proves to unlock. */
-export type FactorKeks = Map<string, Buffer>;
-
-export const SSH_AGENT_KDF_INFO = 'keyhold-ssh-agent-factor-v1';
-const SSH_AGENT_MESSAGE_PREFIX = 'keyhold-unlock-v1';
 const ALL_POLICY_INFO = 'keyhold-all-factors-v1';
-
-/**
- * scrypt cost bounds, enforced on every file we read: a tampered file must not make us spend
- * minutes or gigabytes (upper bound) or accept a trivially brute-forced KEK (lower bound).
- */
-export const SCRYPT_BOUNDS = { log2n: [14, 20], r: [1, 32], p: [1, 16] } as const;
-const SCRYPT_MAX_MEMORY = 1024 * 1024 * 1024;
-export const DEFAULT_SCRYPT = { log2n: 17, r: 8, p: 1 } as const;
-
-/** Default scrypt cost; KEYHOLD_KDF_LOG2N lowers it (within bounds) for test suites. */
-export function defaultScryptCost(env: NodeJS.ProcessEnv = process.env): { log2n: number; r: number; p: number } {
-  const override = env.KEYHOLD_KDF_LOG2N;
-  if (!override) return { ...DEFAULT_SCRYPT };
-  const log2n = Number(override);
-  if (!Number.isInteger(log2n) || log2n < SCRYPT_BOUNDS.log2n[0] || log2n > SCRYPT_BOUNDS.log2n[1]) {
-    throw new KeyholdError(
-      `KEYHOLD_KDF_LOG2N must be an integer from ${SCRYPT_BOUNDS.log2n[0]} to ${SCRYPT_BOUNDS.log2n[1]}`,
-      'unset it to use the default cost',
-      EXIT.USAGE,
-    );
-  }
-  return { ...DEFAULT_SCRYPT, log2n };
-}
-
-function checkScrypt(params: ScryptParams): void {
-  if (!v.is(scryptParamsSchema, params)) throw malformed('scrypt parameters out of bounds');
-}
-
-function deriveScrypt(secret: Buffer, params: ScryptParams): Promise<Buffer> {
-  const options: ScryptOptions = {
-    N: 2 ** params.log2n,
-    r: params.r,
-    p: params.p,
-    maxmem: 128 * params.r * 2 ** params.log2n + 16 * 1024 * 1024,
-  };
-  return new Promise((resolve, reject) =>
-    scryptCb(secret, Buffer.from(params.salt, 'base64'), 32, options, (err, key) => (err ? reject(err) : resolve(key))),
-  );
-}
 
 function factorAad(vaultId: string, factorId: string): Buffer {
   return Buffer.from(`keyhold-keys-v1\0${vaultId}\0${factorId}`);
@@ -189,50 +98,6 @@ export function newVaultId(): string {
   return randomBytes(16).toString('base64url');
 }
 
-export function newFactorId(type: FactorType): string {
-  return `${FACTOR_ID_PREFIX[type]}-${randomBytes(4).toString('hex')}`;
-}
-
-/** A new passphrase factor (not yet sealed) and its KEK. */
-export async function enrollPassphrase(passphrase: Buffer, cost = defaultScryptCost(), id = newFactorId('passphrase')): Promise<EnrolledFactor> {
-  const kdf: ScryptParams = { name: 'scrypt', ...cost, salt: randomBytes(16).toString('base64') };
-  checkScrypt(kdf);
-  return { factor: { id, type: 'passphrase', created: new Date().toISOString(), kdf }, kek: await deriveScrypt(passphrase, kdf) };
-}
-
-/** The KEK a passphrase gives for one passphrase factor (right or wrong: the unwrap tells). */
-export function passphraseKek(factor: PassphraseFactor, passphrase: Buffer): Promise<Buffer> {
-  return deriveScrypt(passphrase, factor.kdf);
-}
-
-/**
- * What the agent signs for an ssh-agent factor: domain-separated, so it is neither an SSH
- * userauth request nor an SSHSIG blob, and bound to this vault and factor.
- */
-export function sshAgentMessage(vaultId: string, factorId: string, challenge: string): Buffer {
-  return Buffer.concat([
-    Buffer.from(`${SSH_AGENT_MESSAGE_PREFIX}\0${vaultId}\0${factorId}\0`),
-    Buffer.from(challenge, 'base64'),
-  ]);
-}
-
-/** KEK = HKDF-SHA256(signature, salt = vault id, info = versioned label + factor id). */
-export function sshAgentKek(vaultId: string, factorId: string, signature: Buffer): Buffer {
-  return Buffer.from(hkdfSync('sha256', signature, Buffer.from(vaultId), `${SSH_AGENT_KDF_INFO}\0${factorId}`, 32));
-}
-
-/** A new ssh-agent factor's public part; its KEK comes from the agent's signature over the challenge. */
-export function newSshAgentFactor(key: AgentKeyRef, id = newFactorId('ssh-agent')): Unsealed<SshAgentFactor> {
-  return {
-    id,
-    type: 'ssh-agent',
-    created: new Date().toISOString(),
-    key,
-    challenge: randomBytes(32).toString('base64'),
-    kdf: { name: 'hkdf-sha256', info: SSH_AGENT_KDF_INFO },
-  };
-}
-
 /** Builds a keyring around a new master key's wraps. Every factor's KEK is needed. */
 export function sealKeyring(vaultId: string, policy: Policy, enrolled: EnrolledFactor[], masterKey: Buffer): Keyring {
   checkFactorSet(policy, enrolled.map((e) => e.factor));
@@ -263,8 +128,11 @@ function stripWrap<F extends Factor>(factor: F): F {
 function checkFactorSet(policy: Policy, factors: Factor[]): void {
   if (factors.length === 0) throw usageError('a vault needs at least one unlock factor');
   if (new Set(factors.map((f) => f.id)).size !== factors.length) throw new Error('duplicate factor id');
-  if (policy === 'all' && factors.filter((f) => f.type === 'passphrase').length > 1) {
-    throw usageError('policy all takes at most one passphrase factor', 'one passphrase unlocks every passphrase factor anyway');
+  if (policy === 'all') {
+    for (const type of new Set(factors.map((f) => f.type))) {
+      const why = kindOf(type).singleUnderAllPolicy;
+      if (why && factors.filter((f) => f.type === type).length > 1) throw usageError(`policy all takes at most one ${type} factor`, why);
+    }
   }
 }
 
@@ -298,17 +166,15 @@ export function unwrapMasterKey(keyring: Keyring, keks: FactorKeks): Buffer {
     if (key) return key;
   }
   const tried = keyring.factors.filter((f) => keks.has(f.id));
-  const onlyPassphrases = tried.length > 0 && tried.every((f) => f.type === 'passphrase');
+  const triedTypes = new Set(tried.map((f) => f.type));
+  const oneKind = triedTypes.size === 1 ? kindOf([...triedTypes][0]!) : undefined;
   throw new KeyholdError(
-    onlyPassphrases ? 'wrong passphrase' : 'wrong passphrase or refused factor',
+    oneKind?.refusedMessage ?? 'wrong passphrase or refused factor',
     'nothing was changed; try again',
     EXIT.DENIED,
   );
 }
 
-export function describeFactor(factor: Factor): string {
-  return factor.type === 'passphrase' ? `${factor.id} (passphrase)` : `${factor.id} (ssh-agent ${factor.key.fingerprint})`;
-}
 
 /**
  * Adds a factor. Under `any` only the new factor's KEK is needed; under `all` the combined wrap
@@ -353,43 +219,9 @@ export function withFactorReplaced(keyring: Keyring, masterKey: Buffer, replacem
   return { ...keyring, factors, wrap: sealAll(keyring.vault_id, factors, all, masterKey) };
 }
 
-// ---- the simple passphrase-only helpers the spine started with ----
-
-/** A passphrase factor already wrapping `masterKey` (policy `any`). */
-export async function passphraseFactor(vaultId: string, masterKey: Buffer, passphrase: Buffer, cost = defaultScryptCost()): Promise<PassphraseFactor> {
-  const enrolled = await enrollPassphrase(passphrase, cost);
-  try {
-    return sealKeyring(vaultId, 'any', [enrolled], masterKey).factors[0] as PassphraseFactor;
-  } finally {
-    enrolled.kek.fill(0);
-  }
-}
-
-/** The KEK of every passphrase factor for one passphrase (policy `all` has at most one). */
-export async function passphraseKeks(keyring: Keyring, passphrase: Buffer): Promise<FactorKeks> {
-  const keks: FactorKeks = new Map();
-  for (const factor of keyring.factors) {
-    if (factor.type === 'passphrase') keks.set(factor.id, await passphraseKek(factor, passphrase));
-  }
-  return keks;
-}
-
 export function zeroKeks(keks: FactorKeks): void {
   for (const kek of keks.values()) kek.fill(0);
   keks.clear();
-}
-
-/** Tries every passphrase factor; exit 4 when none accepts the passphrase. */
-export async function unwrapWithPassphrase(keyring: Keyring, passphrase: Buffer): Promise<Buffer> {
-  if (!keyring.factors.some((f) => f.type === 'passphrase')) {
-    throw new KeyholdError('this vault has no passphrase factor', 'unlock it with another factor', EXIT.DENIED);
-  }
-  const keks = await passphraseKeks(keyring, passphrase);
-  try {
-    return unwrapMasterKey(keyring, keks);
-  } finally {
-    zeroKeks(keks);
-  }
 }
 
 // ---- reading and writing the file ----
@@ -399,80 +231,18 @@ function malformed(detail: string): KeyholdError {
 }
 
 const isObject = (value: unknown): value is Record<string, unknown> => typeof value === 'object' && value !== null && !Array.isArray(value);
-/** Canonical base64 only: a spelling that decodes to the same bytes is still an edit. */
-const isB64 = (value: unknown, bytes?: number): value is string => {
-  if (typeof value !== 'string') return false;
-  const decoded = Buffer.from(value, 'base64');
-  return decoded.toString('base64') === value && (bytes === undefined || decoded.length === bytes);
-};
 
 // ---- the schemas of what the file holds; a factor sent to the daemon is checked by the same ones ----
 
-const base64Of = (bytes?: number) => v.pipe(v.string(), v.check((s) => isB64(s, bytes)));
-const integerWithin = ([lo, hi]: readonly [number, number]) => v.pipe(v.number(), v.integer(), v.minValue(lo), v.maxValue(hi));
+const base64Of = (bytes?: number) => v.pipe(v.string(), v.check((s) => isCanonicalBase64(s, bytes)));
 
 const wrapSchema = v.object({ alg: v.literal('A256GCM'), nonce: base64Of(12), ciphertext: base64Of(MASTER_KEY_BYTES), tag: base64Of(16) });
 
-const scryptParamsSchema = v.pipe(
-  v.object({
-    name: v.literal('scrypt'),
-    log2n: integerWithin(SCRYPT_BOUNDS.log2n),
-    r: integerWithin(SCRYPT_BOUNDS.r),
-    p: integerWithin(SCRYPT_BOUNDS.p),
-    salt: v.pipe(v.string(), v.check((s) => isB64(s) && Buffer.from(s, 'base64').length >= 16)),
-  }),
-  v.check((k) => 128 * k.r * 2 ** k.log2n <= SCRYPT_MAX_MEMORY),
-);
-
-const factorIdOf = (type: FactorType) =>
-  v.pipe(v.string(), v.regex(FACTOR_ID_PATTERN), v.startsWith(`${FACTOR_ID_PREFIX[type]}-`));
-
-/** The fingerprint and type are derived data: they must describe the blob the agent is asked for. */
-function describesBlob(key: AgentKeyRef): boolean {
-  const blob = Buffer.from(key.blob, 'base64');
-  try {
-    return blobKeyType(blob) === key.type && fingerprint(blob) === key.fingerprint;
-  } catch {
-    return false;
-  }
-}
-
-const agentKeySchema = v.pipe(
-  v.object({
-    type: v.picklist(['ssh-ed25519', 'ssh-rsa']),
-    fingerprint: v.pipe(v.string(), v.regex(FINGERPRINT_PATTERN)),
-    blob: v.pipe(v.string(), v.maxLength(4096), v.check((s) => isB64(s))),
-  }),
-  v.check(describesBlob),
-);
-
-const passphraseFields = {
-  id: factorIdOf('passphrase'),
-  type: v.literal('passphrase'),
-  created: v.string(),
-  kdf: scryptParamsSchema,
-};
-const sshAgentFields = {
-  id: factorIdOf('ssh-agent'),
-  type: v.literal('ssh-agent'),
-  created: v.string(),
-  key: agentKeySchema,
-  challenge: base64Of(32),
-  kdf: v.object({ name: v.literal('hkdf-sha256'), info: v.literal(SSH_AGENT_KDF_INFO) }),
-};
-const noWrap = { wrap: v.exactOptional(v.never()) };
-
 /** A factor as enrolment makes it and a policy-`all` file stores it: without a wrap of its own. */
-export const unsealedFactorSchema = v.variant('type', [
-  v.object({ ...passphraseFields, ...noWrap }),
-  v.object({ ...sshAgentFields, ...noWrap }),
-]) satisfies v.GenericSchema<unknown, UnsealedFactor>;
+export const unsealedFactorSchema = unsealedFactorSchemaOf();
 
 /** A factor of a policy-`any` file: it wraps the master key itself. */
-const sealedFactorSchema = v.variant('type', [
-  v.object({ ...passphraseFields, wrap: wrapSchema }),
-  v.object({ ...sshAgentFields, wrap: wrapSchema }),
-]) satisfies v.GenericSchema<unknown, Factor>;
+const sealedFactorSchema = sealedFactorSchemaOf(wrapSchema);
 
 /** A key-encryption key: 32 bytes. */
 export const kekSchema = v.pipe(

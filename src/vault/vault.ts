@@ -15,10 +15,8 @@ import { EXIT, KeyholdError, notFound, usageError } from '../errors.js';
 import { checkDatabaseFile, openDatabase, type Db } from './database.js';
 import { describeSupportedKey, toPkcs8 } from './key-material.js';
 import {
-  enrollPassphrase,
   MASTER_KEY_BYTES,
   newVaultId,
-  passphraseKeks,
   readKeyring,
   sealKeyring,
   serializeKeyring,
@@ -36,6 +34,7 @@ import {
   type Policy,
 } from './keyring.js';
 import type { VaultPaths } from './paths.js';
+import { enrollPassphrase, passphraseKeks } from '../unlock/passphrase.js';
 import { checkPolicyDocument, MAX_POLICY_SOURCE, type PolicyDocument } from '../policy/policy.js';
 import type { StoredConstraints, StoredDestination } from '../policy/ssh-add-constraints.js';
 import { mintToken, newTokenId, TOKEN_SHOWN_CHARS, tokenHash, type TokenRecord } from '../tokens/tokens.js';

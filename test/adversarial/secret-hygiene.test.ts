@@ -26,7 +26,8 @@ import {
 } from '../helpers/keyhold.js';
 import { generateKeyPair, startSshAgent, stopAllSshAgents, type KeyPair } from '../helpers/ssh-agent.js';
 import { auditKey } from '../../src/audit/audit-log.js';
-import { passphraseKeks, readKeyring, unwrapMasterKey } from '../../src/vault/keyring.js';
+import { passphraseKeks } from '../../src/unlock/passphrase.js';
+import { readKeyring, unwrapMasterKey } from '../../src/vault/keyring.js';
 import { vaultPaths } from '../../src/vault/paths.js';
 import { Vault } from '../../src/vault/vault.js';
 

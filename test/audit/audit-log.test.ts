@@ -25,7 +25,8 @@ import {
   type VerifyResult,
 } from '../../src/audit/audit-log.js';
 import { openDatabase, type Db } from '../../src/vault/database.js';
-import { passphraseKeks, readKeyring, unwrapMasterKey } from '../../src/vault/keyring.js';
+import { passphraseKeks } from '../../src/unlock/passphrase.js';
+import { readKeyring, unwrapMasterKey } from '../../src/vault/keyring.js';
 import { vaultPaths, type VaultPaths } from '../../src/vault/paths.js';
 import { Vault } from '../../src/vault/vault.js';
 

@@ -3,7 +3,9 @@
 import { generateKeyPairSync, randomBytes } from 'node:crypto';
 import { describeKey, fingerprint } from '../../src/agent-protocol/public-key.js';
 import type { VaultMethod } from '../../src/vault/api.js';
-import { enrollPassphrase, newSshAgentFactor, type EnrolledFactor } from '../../src/vault/keyring.js';
+import { enrollPassphrase } from '../../src/unlock/passphrase.js';
+import { newSshAgentFactor } from '../../src/unlock/ssh-agent.js';
+import { type EnrolledFactor } from '../../src/vault/keyring.js';
 
 export const FP = fingerprint(randomBytes(40));
 

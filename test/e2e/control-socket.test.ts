@@ -9,7 +9,8 @@ import { join } from 'node:path';
 import { encodeRequest, parseResponse, type Identity } from '../../src/agent-protocol/messages.js';
 import { frame } from '../../src/agent-protocol/framing.js';
 import { fingerprint } from '../../src/agent-protocol/public-key.js';
-import { passphraseKeks, readKeyring } from '../../src/vault/keyring.js';
+import { passphraseKeks } from '../../src/unlock/passphrase.js';
+import { readKeyring } from '../../src/vault/keyring.js';
 import {
   frameBytes,
   initVault,

@@ -7,30 +7,23 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describeKey, fingerprint } from '../../src/agent-protocol/public-key.js';
 import { EXIT, KeyholdError } from '../../src/errors.js';
+import { enrollPassphrase, passphraseKek, passphraseKeks, type PassphraseFactor } from '../../src/unlock/passphrase.js';
+import { newSshAgentFactor, sshAgentKek, sshAgentMessage, type AgentKeyRef, type SshAgentFactor } from '../../src/unlock/ssh-agent.js';
 import {
-  enrollPassphrase,
-  newSshAgentFactor,
   newVaultId,
   parseKeyring,
-  passphraseKek,
-  passphraseKeks,
   readKeyring,
   sealKeyring,
-  sshAgentKek,
-  sshAgentMessage,
   unwrapMasterKey,
   withFactorAdded,
   withFactorRemoved,
   withFactorReplaced,
   writeKeyring,
-  type AgentKeyRef,
   type EnrolledFactor,
   type Factor,
   type FactorKeks,
   type Keyring,
-  type PassphraseFactor,
   type Policy,
-  type SshAgentFactor,
 } from '../../src/vault/keyring.js';
 import { vaultPaths, type VaultPaths } from '../../src/vault/paths.js';
 import { Vault } from '../../src/vault/vault.js';

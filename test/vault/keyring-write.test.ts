@@ -6,7 +6,8 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { KeyholdError } from '../../src/errors.js';
-import { enrollPassphrase, newVaultId, readKeyring, sealKeyring, withFactorAdded, writeKeyring, type Keyring } from '../../src/vault/keyring.js';
+import { enrollPassphrase } from '../../src/unlock/passphrase.js';
+import { newVaultId, readKeyring, sealKeyring, withFactorAdded, writeKeyring, type Keyring } from '../../src/vault/keyring.js';
 
 const dir = mkdtempSync(join(tmpdir(), 'keyhold-keyring-write-'));
 afterAll(() => rmSync(dir, { recursive: true, force: true }));

@@ -5,19 +5,18 @@ import { chmodSync, existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, 
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { EXIT, formatError, KeyholdError } from '../../src/errors.js';
+import { enrollPassphrase, type PassphraseFactor } from '../../src/unlock/passphrase.js';
 import {
-  enrollPassphrase,
   MAX_KEYRING_BYTES,
   newVaultId,
   parseKeyring,
   serializeKeyring,
-  passphraseFactor,
   readKeyring,
-  unwrapWithPassphrase,
+  sealKeyring,
   writeKeyring,
   type Keyring,
-  type PassphraseFactor,
 } from '../../src/vault/keyring.js';
+import { unwrapWithPassphrase } from '../../src/unlock/prove.js';
 import { vaultPaths } from '../../src/vault/paths.js';
 import { Vault } from '../../src/vault/vault.js';
 
@@ -33,6 +32,16 @@ beforeAll(() => {
 afterAll(() => {
   rmSync(dir, { recursive: true, force: true });
 });
+
+/** A passphrase factor already wrapping `masterKey` (policy `any`). */
+async function passphraseFactor(vaultId: string, masterKey: Buffer, passphrase: Buffer, cost: typeof COST): Promise<PassphraseFactor> {
+  const enrolled = await enrollPassphrase(passphrase, cost);
+  try {
+    return sealKeyring(vaultId, 'any', [enrolled], masterKey).factors[0] as PassphraseFactor;
+  } finally {
+    enrolled.kek.fill(0);
+  }
+}
 
 async function makeKeyring(passphrases: string[] = [PASS]): Promise<{ keyring: Keyring; masterKey: Buffer }> {
   const masterKey = randomBytes(32);

@@ -9,7 +9,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { deniedBecause, deniedVariable, formatExport, selectVariables, shellQuoteBytes, type SecretSelection } from '../../src/cli/env.js';
 import { EXIT, KeyholdError } from '../../src/errors.js';
-import { enrollPassphrase } from '../../src/vault/keyring.js';
+import { enrollPassphrase } from '../../src/unlock/passphrase.js';
 import { vaultPaths, type VaultPaths } from '../../src/vault/paths.js';
 import { MAX_SECRET_BYTES, Vault, type SecretValue } from '../../src/vault/vault.js';
 

@@ -7,7 +7,8 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { formatError, KeyholdError } from '../../src/errors.js';
 import { KeyCache } from '../../src/vault/key-cache.js';
-import { parseKeyring, unwrapWithPassphrase } from '../../src/vault/keyring.js';
+import { parseKeyring } from '../../src/vault/keyring.js';
+import { unwrapWithPassphrase } from '../../src/unlock/prove.js';
 import { vaultPaths, type VaultPaths } from '../../src/vault/paths.js';
 import { Vault } from '../../src/vault/vault.js';
 

@@ -2,22 +2,63 @@
 // stored challenge; the KEK is derived from the signature, so the key never leaves the agent and no
 // secret is stored on the server. Only deterministic signatures can work: ed25519, and RSA with
 // PKCS#1 v1.5 (always rsa-sha2-512 here). ECDSA signatures are randomized and are refused.
+import { hkdfSync, randomBytes } from 'node:crypto';
+import * as v from 'valibot';
 import { readCapped } from '../read-capped.js';
 import { AgentClient, AgentClientError } from '../agent-client.js';
 import type { Identity } from '../agent-protocol/messages.js';
-import { blobKeyType, fingerprint, publicKeyFromBlob } from '../agent-protocol/public-key.js';
+import { blobKeyType, fingerprint, FINGERPRINT_PATTERN, publicKeyFromBlob } from '../agent-protocol/public-key.js';
 import { parseSignatureBlob, SIGN_FLAG_RSA_SHA2_512, verifySsh } from '../agent-protocol/signature.js';
 import { EXIT, KeyholdError, notFound, usageError } from '../errors.js';
-import {
-  newSshAgentFactor,
-  sshAgentKek,
-  sshAgentMessage,
-  type AgentKeyRef,
-  type EnrolledFactor,
-  type FactorKeks,
-  type Keyring,
-  type SshAgentFactor,
-} from './keyring.js';
+import { isCanonicalBase64, newFactorId, type EnrolledFactor, type FactorBase, type FactorKeks, type FactorKind, type Unsealed } from './factor-kind.js';
+
+/** The SSH key a factor asks the agent to sign with. */
+export interface AgentKeyRef {
+  type: 'ssh-ed25519' | 'ssh-rsa';
+  fingerprint: string;
+  /** The public key blob, base64. */
+  blob: string;
+}
+
+export interface SshAgentFactor extends FactorBase {
+  type: 'ssh-agent';
+  key: AgentKeyRef;
+  /** Random bytes (base64) that go into the message the agent signs. */
+  challenge: string;
+  kdf: { name: 'hkdf-sha256'; info: typeof SSH_AGENT_KDF_INFO };
+}
+
+export const SSH_AGENT_KDF_INFO = 'keyhold-ssh-agent-factor-v1';
+const SSH_AGENT_MESSAGE_PREFIX = 'keyhold-unlock-v1';
+export const SSH_AGENT_ID_PREFIX = 'sa';
+
+/**
+ * What the agent signs for an ssh-agent factor: domain-separated, so it is neither an SSH
+ * userauth request nor an SSHSIG blob, and bound to this vault and factor.
+ */
+export function sshAgentMessage(vaultId: string, factorId: string, challenge: string): Buffer {
+  return Buffer.concat([
+    Buffer.from(`${SSH_AGENT_MESSAGE_PREFIX}\0${vaultId}\0${factorId}\0`),
+    Buffer.from(challenge, 'base64'),
+  ]);
+}
+
+/** KEK = HKDF-SHA256(signature, salt = vault id, info = versioned label + factor id). */
+export function sshAgentKek(vaultId: string, factorId: string, signature: Buffer): Buffer {
+  return Buffer.from(hkdfSync('sha256', signature, Buffer.from(vaultId), `${SSH_AGENT_KDF_INFO}\0${factorId}`, 32));
+}
+
+/** A new ssh-agent factor's public part; its KEK comes from the agent's signature over the challenge. */
+export function newSshAgentFactor(key: AgentKeyRef, id = newFactorId(SSH_AGENT_ID_PREFIX)): Unsealed<SshAgentFactor> {
+  return {
+    id,
+    type: 'ssh-agent',
+    created: new Date().toISOString(),
+    key,
+    challenge: randomBytes(32).toString('base64'),
+    kdf: { name: 'hkdf-sha256', info: SSH_AGENT_KDF_INFO },
+  };
+}
 
 const ELIGIBLE_TYPES = new Set(['ssh-ed25519', 'ssh-rsa']);
 
@@ -122,7 +163,7 @@ function safeType(blob: Buffer): string {
  * Enrolls the key named by `spec` in the agent at `socketPath`: signs the new factor's message
  * twice and refuses unless both signatures are the same (a deterministic signer).
  */
-export async function enrollSshAgent(vaultId: string, socketPath: string | undefined, spec: string | undefined): Promise<EnrolledFactor> {
+export async function enrollSshAgent(vaultId: string, socketPath: string | undefined, spec: string | undefined): Promise<EnrolledFactor<SshAgentFactor>> {
   const wanted = spec === undefined ? undefined : parseKeySpec(spec);
   if (wanted?.blob) refuseIneligible(blobKeyType(wanted.blob));
   return withAgent(socketPath, async (agent) => {
@@ -156,31 +197,81 @@ export async function enrollSshAgent(vaultId: string, socketPath: string | undef
 }
 
 /**
- * KEKs for the vault's ssh-agent factors whose key the agent holds. With `required`, exit 4
- * naming the enrolled keys when the agent holds none of them.
+ * KEKs for `factors` whose key the agent holds. With `required`, exit 4 naming the enrolled keys
+ * when the agent holds none of them; without, an agent we cannot reach is a source that does not
+ * apply (one that misbehaves is still an error).
  */
-export async function sshAgentKeks(keyring: Keyring, socketPath: string | undefined, required: boolean): Promise<FactorKeks> {
-  const factors = keyring.factors.filter((f): f is SshAgentFactor => f.type === 'ssh-agent');
+async function sshAgentKeks(vaultId: string, factors: SshAgentFactor[], socketPath: string | undefined, required: boolean): Promise<FactorKeks> {
   const keks: FactorKeks = new Map();
-  if (factors.length === 0) {
-    if (required) throw new KeyholdError('this vault has no ssh-agent factor', 'enroll one with `keyhold factor add ssh-agent --key FP`', EXIT.DENIED);
-    return keks;
+  if (factors.length === 0 || (!required && !socketPath)) return keks;
+  try {
+    return await withAgent(socketPath, async (agent) => {
+      const held = new Set((await agent.identities()).map((i) => i.keyBlob.toString('base64')));
+      for (const factor of factors) {
+        if (!held.has(factor.key.blob)) continue;
+        const signature = await signChallenge(agent, vaultId, factor);
+        keks.set(factor.id, sshAgentKek(vaultId, factor.id, signature));
+        signature.fill(0);
+      }
+      if (keks.size === 0 && required) {
+        throw new KeyholdError(
+          `the SSH agent holds none of this vault's enrolled keys (${factors.map((f) => f.key.fingerprint).join(', ')})`,
+          'forward the agent that holds it (ssh -A), or ssh-add it',
+          EXIT.DENIED,
+        );
+      }
+      return keks;
+    });
+  } catch (err) {
+    if (!required && err instanceof KeyholdError && err.exitCode === EXIT.LOCKED) return new Map();
+    throw err;
   }
-  return withAgent(socketPath, async (agent) => {
-    const held = new Set((await agent.identities()).map((i) => i.keyBlob.toString('base64')));
-    for (const factor of factors) {
-      if (!held.has(factor.key.blob)) continue;
-      const signature = await signChallenge(agent, keyring.vault_id, factor);
-      keks.set(factor.id, sshAgentKek(keyring.vault_id, factor.id, signature));
-      signature.fill(0);
-    }
-    if (keks.size === 0 && required) {
-      throw new KeyholdError(
-        `the SSH agent holds none of this vault's enrolled keys (${factors.map((f) => f.key.fingerprint).join(', ')})`,
-        'forward the agent that holds it (ssh -A), or ssh-add it',
-        EXIT.DENIED,
-      );
-    }
-    return keks;
-  });
 }
+
+/** The fingerprint and type are derived data: they must describe the blob the agent is asked for. */
+function describesBlob(key: AgentKeyRef): boolean {
+  const blob = Buffer.from(key.blob, 'base64');
+  try {
+    return blobKeyType(blob) === key.type && fingerprint(blob) === key.fingerprint;
+  } catch {
+    return false;
+  }
+}
+
+const agentKeySchema = v.pipe(
+  v.object({
+    type: v.picklist(['ssh-ed25519', 'ssh-rsa']),
+    fingerprint: v.pipe(v.string(), v.regex(FINGERPRINT_PATTERN)),
+    blob: v.pipe(v.string(), v.maxLength(4096), v.check((s) => isCanonicalBase64(s))),
+  }),
+  v.check(describesBlob),
+);
+
+export const sshAgentKind: FactorKind<SshAgentFactor> = {
+  type: 'ssh-agent',
+  idPrefix: SSH_AGENT_ID_PREFIX,
+  summary: 'an ed25519 or RSA key in the agent at SSH_AUTH_SOCK (e.g. forwarded with ssh -A)',
+  source: 'an SSH agent (SSH_AUTH_SOCK, or ssh -A) holding an enrolled key',
+  fields: {
+    key: agentKeySchema,
+    challenge: v.pipe(v.string(), v.check((s) => isCanonicalBase64(s, 32))),
+    kdf: v.object({ name: v.literal('hkdf-sha256'), info: v.literal(SSH_AGENT_KDF_INFO) }),
+  },
+  addOptions: {
+    key: { type: 'string', describe: 'ssh-agent: the key, as SHA256:fingerprint or a .pub file' },
+  },
+  describe: (factor) => `${factor.id} (ssh-agent ${factor.key.fingerprint})`,
+  details: (factor) => ({ column: `${factor.key.fingerprint} (${factor.key.type})`, json: { key_type: factor.key.type, fingerprint: factor.key.fingerprint } }),
+  async enroll(context) {
+    const enrolled = await enrollSshAgent(context.vaultId, context.env.SSH_AUTH_SOCK || undefined, context.options.key as string | undefined);
+    const existing = context.keyring?.factors.find(
+      (f) => f.type === sshAgentKind.type && (f as SshAgentFactor).key.fingerprint === enrolled.factor.key.fingerprint,
+    );
+    if (existing) {
+      enrolled.kek.fill(0);
+      throw new KeyholdError(`${enrolled.factor.key.fingerprint} is already enrolled as ${existing.id}`, 'nothing was changed');
+    }
+    return enrolled;
+  },
+  prove: (factors, context) => sshAgentKeks(context.keyring.vault_id, factors, context.env.SSH_AUTH_SOCK || undefined, context.required),
+};
