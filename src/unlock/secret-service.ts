@@ -12,10 +12,11 @@ import { hkdfSync, randomBytes } from 'node:crypto';
 import * as v from 'valibot';
 import { KeyholdError } from '../errors.js';
 import { SecretServiceError, withSecretService, type SecretAttributes } from '../platform/secret-service.js';
-import type { EnrolledFactor, FactorBase, FactorKeks, FactorKind } from './factor-kind.js';
+import { newFactorId, type EnrolledFactor, type FactorBase, type FactorKeks, type FactorKind } from './factor-kind.js';
 
 export const SECRET_SERVICE_KDF_INFO = 'keyhold-secret-service-factor-v1';
 const SECRET_BYTES = 32;
+export const SECRET_SERVICE_ID_PREFIX = 'ss';
 
 export interface SecretServiceFactor extends FactorBase {
   type: 'secret-service';
@@ -44,7 +45,7 @@ function isAbsence(err: unknown): err is SecretServiceError {
 
 export const secretServiceKind: FactorKind<SecretServiceFactor> = {
   type: 'secret-service',
-  idPrefix: 'ss',
+  idPrefix: SECRET_SERVICE_ID_PREFIX,
   summary: "a random key kept in the desktop's Secret Service (GNOME Keyring, KWallet, KeePassXC) default collection",
   source: 'the Secret Service (an unlocked desktop keyring on DBUS_SESSION_BUS_ADDRESS)',
   fields: { collection: v.literal('default') },
@@ -55,7 +56,7 @@ export const secretServiceKind: FactorKind<SecretServiceFactor> = {
   details: (factor) => ({ column: `Secret Service ${factor.collection} collection`, json: { collection: factor.collection } }),
 
   async enroll(context): Promise<EnrolledFactor<SecretServiceFactor>> {
-    const id = `ss-${randomBytes(4).toString('hex')}`;
+    const id = newFactorId(SECRET_SERVICE_ID_PREFIX);
     const secret = randomBytes(SECRET_BYTES);
     try {
       await withSecretService({ env: context.env }, (client) =>

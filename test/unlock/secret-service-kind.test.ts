@@ -6,6 +6,7 @@ import * as v from 'valibot';
 import { EXIT, KeyholdError } from '../../src/errors.js';
 import { newVaultId, type Keyring } from '../../src/vault/keyring.js';
 import type { ProveContext } from '../../src/unlock/factor-kind.js';
+import { FACTOR_KINDS, unsealedFactorSchemaOf } from '../../src/unlock/kinds.js';
 import { secretServiceKind, type SecretServiceFactor } from '../../src/unlock/secret-service.js';
 import { startGnomeKeyring, startSessionBus, stopAllSecretServices, type GnomeKeyringHandle } from '../helpers/secret-service.js';
 
@@ -31,6 +32,12 @@ it('stores nothing but the collection, and the schema holds it to that', () => {
   expect(v.is(schema, { collection: 'login' })).toBe(false);
   expect(v.is(schema, {})).toBe(false);
   expect(secretServiceKind.idPrefix).toBe('ss');
+  // Listed, so the key file's schema takes such a factor (and holds it to its prefix and fields).
+  expect(FACTOR_KINDS).toContain(secretServiceKind);
+  const factor = { id: 'ss-0123abcd', type: 'secret-service', created: new Date().toISOString(), collection: 'default' };
+  expect(v.is(unsealedFactorSchemaOf(), factor)).toBe(true);
+  expect(v.is(unsealedFactorSchemaOf(), { ...factor, id: 'pp-0123abcd' })).toBe(false);
+  expect(v.is(unsealedFactorSchemaOf(), { ...factor, collection: 'login' })).toBe(false);
 });
 
 describe('against gnome-keyring-daemon', () => {
