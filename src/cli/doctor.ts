@@ -412,7 +412,7 @@ async function checkSecretService(): Promise<CheckResult> {
     return note(
       check,
       'org.freedesktop.secrets answers on the session bus, but its default collection is locked: a secret-service factor cannot unlock keyhold until it is unlocked',
-      'log in to the desktop session, or `gnome-keyring-daemon --unlock` (password on stdin)',
+      'log in to the desktop session, or `gnome-keyring-daemon --unlock`, which reads its password on stdin',
     );
   }
   if (presence.defaultCollection === 'none') return note(check, 'org.freedesktop.secrets answers on the session bus, but it has no default collection (optional)');

@@ -44,7 +44,7 @@ export const DEFAULT_TIMEOUT_MS = 3000;
 
 export type SecretServiceFailure = 'no-bus' | 'no-provider' | 'timeout' | 'locked' | 'missing' | 'refused';
 
-const LOCKED_HINT = 'log in to the desktop session, or unlock the login keyring with `gnome-keyring-daemon --unlock` (password on stdin), then retry';
+const LOCKED_HINT = 'log in to the desktop session, or unlock the login keyring with `gnome-keyring-daemon --unlock`, which reads its password on stdin; then retry';
 
 /**
  * Why the Secret Service could not do what was asked. `no-bus`, `no-provider` and `timeout` exit 3
@@ -81,7 +81,7 @@ export function sessionBusSocket(env: NodeJS.ProcessEnv): string {
     throw new SecretServiceError(
       'no-bus',
       'no Secret Service: DBUS_SESSION_BUS_ADDRESS is not set',
-      'run keyhold inside the desktop session (or under `dbus-run-session` with gnome-keyring-daemon), or use another factor',
+      'run keyhold inside the desktop session, or under `dbus-run-session` with a Secret Service such as gnome-keyring-daemon; or use another factor',
     );
   }
   for (const entry of address.split(';')) {
@@ -302,7 +302,7 @@ export class SecretServiceClient {
       tail.fill(0);
       return secret;
     } catch {
-      throw new SecretServiceError('refused', 'the Secret Service returned a secret that does not decrypt in this session', 'check the provider (gnome-keyring-daemon, KeePassXC...)');
+      throw new SecretServiceError('refused', 'the Secret Service returned a secret that does not decrypt in this session', 'check the Secret Service provider: gnome-keyring-daemon, KWallet, KeePassXC');
     } finally {
       value.fill(0);
     }
@@ -401,7 +401,7 @@ class Caller {
       return new SecretServiceError(
         'no-provider',
         'no Secret Service on the session bus (nothing provides org.freedesktop.secrets)',
-        'start gnome-keyring-daemon, KWallet or KeePassXC (with its Secret Service integration), or use another factor',
+        'start gnome-keyring-daemon, KWallet, or KeePassXC with its Secret Service integration; or use another factor',
       );
     }
     if (name === 'org.freedesktop.Secret.Error.IsLocked') return lockedError();
@@ -409,7 +409,7 @@ class Caller {
       return new SecretServiceError('missing', `the Secret Service has no such object (${call})`);
     }
     // The provider's own words can be anything: keep the error's name, which is an identifier.
-    return new SecretServiceError('refused', `the Secret Service refused ${call}: ${name || err.message.slice(0, 120)}`, 'check the provider (gnome-keyring-daemon, KeePassXC...)');
+    return new SecretServiceError('refused', `the Secret Service refused ${call}: ${name || err.message.slice(0, 120)}`, 'check the Secret Service provider: gnome-keyring-daemon, KWallet, KeePassXC');
   }
 }
 
