@@ -7,8 +7,9 @@
 // or provider that does not answer is an error within a few seconds, never a hang.
 //
 // The secret crosses the bus encrypted when the provider offers dh-ietf1024-sha256-aes128-cbc-pkcs7
-// (every provider named above does), else in a `plain` session; either way only this uid's session
-// bus carries it. Secrets are Buffers the caller owns; the copies made here are zeroed.
+// (GNOME Keyring and KeePassXC do), else in a `plain` session; either way only this uid's session
+// bus carries it. Secrets are Buffers the caller owns; the copies made here are zeroed (not those
+// inside dbus-native's message buffers: with the DH session they hold only ciphertext).
 import { createCipheriv, createDecipheriv, createDiffieHellman, hkdfSync, randomBytes } from 'node:crypto';
 import dbus from 'dbus-native';
 import { EXIT, KeyholdError, type ExitCode } from '../errors.js';
@@ -59,6 +60,8 @@ export class SecretServiceError extends KeyholdError {
     message: string,
     hint?: string,
     exitCode: ExitCode = reason === 'no-bus' || reason === 'no-provider' || reason === 'timeout' ? EXIT.LOCKED : EXIT.DENIED,
+    /** The D-Bus error name of a `refused` call. */
+    readonly dbusName?: string,
   ) {
     super(message, hint, exitCode);
   }
@@ -409,7 +412,13 @@ class Caller {
       return new SecretServiceError('missing', `the Secret Service has no such object (${call})`);
     }
     // The provider's own words can be anything: keep the error's name, which is an identifier.
-    return new SecretServiceError('refused', `the Secret Service refused ${call}: ${name || err.message.slice(0, 120)}`, 'check the Secret Service provider: gnome-keyring-daemon, KWallet, KeePassXC');
+    return new SecretServiceError(
+      'refused',
+      `the Secret Service refused ${call}: ${name || err.message.slice(0, 120)}`,
+      'check the Secret Service provider: gnome-keyring-daemon, KWallet, KeePassXC',
+      EXIT.DENIED,
+      name || undefined,
+    );
   }
 }
 
@@ -450,7 +459,7 @@ async function openSession(call: Caller, algorithm: 'auto' | 'plain'): Promise<{
         shared.fill(0);
       }
     } catch (err) {
-      const notSupported = err instanceof SecretServiceError && err.reason === 'refused' && err.message.endsWith('org.freedesktop.DBus.Error.NotSupported');
+      const notSupported = err instanceof SecretServiceError && err.dbusName === 'org.freedesktop.DBus.Error.NotSupported';
       if (!notSupported) throw err;
     }
   }

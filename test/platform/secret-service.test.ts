@@ -6,6 +6,7 @@ import { createServer, type Server, type Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import dbus from 'dbus-native';
 import { EXIT } from '../../src/errors.js';
 import {
   DH_ALGORITHM,
@@ -95,6 +96,39 @@ describe('against gnome-keyring-daemon', () => {
       expect(`${error.message} ${error.hint}`).not.toContain(secret.toString('hex'));
     }
   });
+});
+
+it('falls back to a plain session when the provider answers NotSupported to the DH one', async () => {
+  // gnome-keyring offers DH; a provider without it is stood in for by one that has only
+  // OpenSession, on a real bus: enough to see the negotiation, nothing to store.
+  const bus = await startSessionBus();
+  const provider = dbus.createClient({ busAddress: bus.address, authMethods: ['EXTERNAL'] });
+  provider.connection.on('error', () => {});
+  const asked: string[] = [];
+  try {
+    const service = dbus.defineInterface({
+      name: 'org.freedesktop.Secret.Service',
+      methods: {
+        OpenSession: {
+          in: { algorithm: 's', input: 'v' },
+          out: { output: 'v', result: 'o' },
+          handler: ({ algorithm }: { algorithm: string }) => {
+            asked.push(algorithm);
+            if (algorithm !== 'plain') throw Object.assign(new Error('Algorithm is not supported'), { dbusName: 'org.freedesktop.DBus.Error.NotSupported' });
+            return { output: new dbus.Variant('s', ''), result: '/org/freedesktop/secrets/session/plain1' };
+          },
+        },
+      },
+    });
+    await provider.export('/org/freedesktop/secrets', service);
+    await provider.requestName('org.freedesktop.secrets', 0);
+    const algorithm = await withSecretService({ env: bus.env }, async (client) => client.algorithm);
+    expect(algorithm).toBe('plain');
+    expect(asked).toEqual([DH_ALGORITHM, 'plain']);
+  } finally {
+    provider.connection.stream.destroy();
+    await bus.stop();
+  }
 });
 
 it('no provider on the bus is exit 3', async () => {
