@@ -2,7 +2,6 @@
 // wrong and the command that fixes it. Read-only: it creates no runtime dir or vault, unlocks
 // nothing, and prints no secret (it reads the key file's metadata and the audit log's last time).
 // `keyhold doctor --unit` prints the systemd user unit with ExecStart set to this install.
-import { spawnSync } from 'node:child_process';
 import { accessSync, constants, existsSync, lstatSync, readdirSync, realpathSync, statSync } from 'node:fs';
 import { connect } from 'node:net';
 import { homedir } from 'node:os';
@@ -15,6 +14,7 @@ import { ControlClient } from '../control/client.js';
 import type { DaemonStatus } from '../control/protocol.js';
 import { remoteVaultApi } from '../control/remote-vault.js';
 import { EXIT, KeyholdError, oneLine, QuietExit } from '../errors.js';
+import { probeSecretService, SecretServiceError, type SecretServicePresence } from '../platform/secret-service.js';
 import { checkPrivateMode, readCapped } from '../read-capped.js';
 import { runtimeDir, scopesDir } from '../runtime-dir.js';
 import { checkDatabaseFile } from '../vault/database.js';
@@ -392,33 +392,31 @@ function checkUnits(): CheckResult[] {
 
 // ---- optional pieces of the desktop and kernel ----
 
-/** Whether `org.freedesktop.secrets` has an owner or can be activated, asked with gdbus or busctl. */
-function checkSecretService(): CheckResult {
+/**
+ * Whether `org.freedesktop.secrets` runs (and its default collection is unlocked, as the
+ * secret-service factor needs) or can be activated, asked over D-Bus by the factor's own client.
+ */
+async function checkSecretService(): Promise<CheckResult> {
   const check = 'secret service';
   if (!process.env.DBUS_SESSION_BUS_ADDRESS) return note(check, 'no session bus (DBUS_SESSION_BUS_ADDRESS is not set): no Secret Service here (optional)');
-  const asks: [program: string, args: (method: string, name?: string) => string[], yes: (out: string) => boolean][] = [
-    [
-      'gdbus',
-      (method, name) => ['call', '--session', '--timeout', '3', '--dest', 'org.freedesktop.DBus', '--object-path', '/org/freedesktop/DBus', '--method', `org.freedesktop.DBus.${method}`, ...(name ? [name] : [])],
-      (out) => /\btrue\b|'org\.freedesktop\.secrets'/.test(out),
-    ],
-    [
-      'busctl',
-      (method, name) => ['--user', '--timeout=3', 'call', 'org.freedesktop.DBus', '/org/freedesktop/DBus', 'org.freedesktop.DBus', method, ...(name ? ['s', name] : [])],
-      (out) => /^b true|"org\.freedesktop\.secrets"/.test(out.trim()),
-    ],
-  ];
-  for (const [program, args, yes] of asks) {
-    const ask = (method: string, name?: string) => spawnSync(program, args(method, name), { encoding: 'utf8', timeout: PROBE_TIMEOUT_MS + 1000, stdio: ['ignore', 'pipe', 'pipe'] });
-    const owner = ask('NameHasOwner', 'org.freedesktop.secrets');
-    if ((owner.error as NodeJS.ErrnoException | undefined)?.code === 'ENOENT') continue;
-    if (owner.status !== 0) return note(check, `the session bus does not answer ${program} (optional)`);
-    if (yes(owner.stdout)) return ok(check, 'org.freedesktop.secrets answers on the session bus');
-    const activatable = ask('ListActivatableNames');
-    if (activatable.status === 0 && yes(activatable.stdout)) return ok(check, 'org.freedesktop.secrets can be started on the session bus');
-    return note(check, 'no org.freedesktop.secrets on the session bus (optional: a keyring such as gnome-keyring or KeePassXC provides it)');
+  let presence: SecretServicePresence;
+  try {
+    presence = await probeSecretService({ env: process.env });
+  } catch (err) {
+    if (err instanceof SecretServiceError) return note(check, `${err.message} (optional)`);
+    throw err;
   }
-  return note(check, 'cannot check org.freedesktop.secrets: neither gdbus nor busctl is installed (optional)');
+  if (presence.provider === 'activatable') return ok(check, 'org.freedesktop.secrets can be started on the session bus');
+  if (presence.provider === 'absent') return note(check, 'no org.freedesktop.secrets on the session bus (optional: a keyring such as gnome-keyring or KeePassXC provides it)');
+  if (presence.defaultCollection === 'locked') {
+    return note(
+      check,
+      'org.freedesktop.secrets answers on the session bus, but its default collection is locked: a secret-service factor cannot unlock keyhold until it is unlocked',
+      'log in to the desktop session, or `gnome-keyring-daemon --unlock`, which reads its password on stdin',
+    );
+  }
+  if (presence.defaultCollection === 'none') return note(check, 'org.freedesktop.secrets answers on the session bus, but it has no default collection (optional)');
+  return ok(check, 'org.freedesktop.secrets answers on the session bus');
 }
 
 function checkKernelKeyring(): CheckResult {
@@ -484,7 +482,7 @@ export async function runChecks(args: GlobalArgs & { config?: string | undefined
       ...scopeResults,
       sockResult,
       ...checkUnits(),
-      checkSecretService(),
+      await checkSecretService(),
       checkKernelKeyring(),
       checkClock(paths),
     ];

@@ -3,9 +3,10 @@
 import * as v from 'valibot';
 import type { FactorBase, FactorKind, FactorOf, Unsealed } from './factor-kind.js';
 import { passphraseKind } from './passphrase.js';
+import { secretServiceKind } from './secret-service.js';
 import { sshAgentKind } from './ssh-agent.js';
 
-export const FACTOR_KINDS = [passphraseKind, sshAgentKind] as const;
+export const FACTOR_KINDS = [passphraseKind, sshAgentKind, secretServiceKind] as const;
 
 export type Factor = FactorOf<(typeof FACTOR_KINDS)[number]>;
 export type FactorType = Factor['type'];

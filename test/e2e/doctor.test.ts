@@ -6,6 +6,7 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { initVault, keyhold, KEYHOLD_BIN, keyholdOk, makeKeyholdEnv, startServe, stopAllServes, waitFor, type KeyholdEnv } from '../helpers/keyhold.js';
+import { startGnomeKeyring, stopAllSecretServices } from '../helpers/secret-service.js';
 import { startSshAgent, stopAllSshAgents } from '../helpers/ssh-agent.js';
 
 let k: KeyholdEnv | undefined;
@@ -13,6 +14,7 @@ const children: ChildProcess[] = [];
 afterEach(async () => {
   await stopAllServes();
   await stopAllSshAgents();
+  await stopAllSecretServices();
   for (const child of children.splice(0)) child.kill('SIGKILL');
   k?.cleanup();
   k = undefined;
@@ -277,6 +279,18 @@ describe('keyhold doctor', () => {
       if (withSecrets) expect(lines(result.stdout, '✔', 'secret service')).toEqual(['✔ secret service: org.freedesktop.secrets can be started on the session bus']);
       else expect(lines(result.stdout, '•', 'secret service')[0]).toContain('no org.freedesktop.secrets on the session bus');
     }
+  });
+
+  it('Secret Service: a running gnome-keyring is ✔ while its default collection is unlocked, a note naming the lock once locked', async () => {
+    k = makeKeyholdEnv('keyhold-doctor-');
+    initVault(k);
+    const keyring = await startGnomeKeyring();
+    const unlocked = doctor(k, [], { DBUS_SESSION_BUS_ADDRESS: keyring.address });
+    expect(lines(unlocked.stdout, '✔', 'secret service')).toEqual(['✔ secret service: org.freedesktop.secrets answers on the session bus']);
+    await keyring.lockDefaultCollection();
+    const locked = doctor(k, [], { DBUS_SESSION_BUS_ADDRESS: keyring.address });
+    expect(lines(locked.stdout, '✘', 'secret service')).toEqual([]);
+    expect(lines(locked.stdout, '•', 'secret service')[0]).toMatch(/default collection is locked.*gnome-keyring-daemon --unlock/);
   });
 
   it('--unit prints the contrib unit with an absolute ExecStart that is this install', () => {

@@ -15,8 +15,10 @@ const BIN = fileURLToPath(new URL('../../bin/keyhold', import.meta.url));
 /** The quoted choices yargs prints for an option or positional, in order. */
 function helpChoices(args: string[], name: string): string[] {
   const help = execFileSync(process.execPath, [BIN, ...args, '--help'], { encoding: 'utf8', env: { ...process.env, COLUMNS: '400' } });
-  const line = help.split('\n').find((l) => l.trimStart().startsWith(name));
-  const choices = /\[choices: ([^\]]*)\]/.exec(line ?? '')?.[1];
+  const lines = help.split('\n');
+  const at = lines.findIndex((l) => l.trimStart().startsWith(name));
+  // yargs wraps at its own width: a long choices list goes on the option's next line.
+  const choices = /\[choices: ([^\]]*)\]/.exec(at < 0 ? '' : lines.slice(at, at + 2).join(' '))?.[1];
   if (!choices) throw new Error(`no choices for ${name} in: ${help}`);
   return choices.split(', ').map((c) => JSON.parse(c) as string);
 }

@@ -240,7 +240,7 @@ describe('key file validation', () => {
   });
 
   const withKdf = (kdf: Record<string, unknown>) =>
-    JSON.stringify({ ...keyring, factors: [{ ...keyring.factors[0]!, kdf: { ...keyring.factors[0]!.kdf, ...kdf } }] });
+    JSON.stringify({ ...keyring, factors: [{ ...keyring.factors[0]!, kdf: { ...(keyring.factors[0] as PassphraseFactor).kdf, ...kdf } }] });
 
   it('scrypt parameters out of bounds are malformed, and refused without deriving (fast)', async () => {
     for (const kdf of [

@@ -1,0 +1,126 @@
+// End-to-end: the secret-service unlock factor against a real gnome-keyring-daemon on a private
+// session bus, through the real CLI and daemon (bin/keyhold). Enroll, lock keyhold, unlock with no
+// passphrase source and no terminal (no prompt); a locked keyring is exit 4 naming it, no provider
+// is exit 3; `factor rm` deletes the item from the keyring.
+import { readFileSync } from 'node:fs';
+import { afterEach, describe, expect, it } from 'vitest';
+import { keyhold, keyholdOk, makeKeyholdEnv, startServe, stopAllServes, stopBackgroundDaemon, type KeyholdEnv, type RunResult } from '../helpers/keyhold.js';
+import { startGnomeKeyring, stopAllSecretServices, type GnomeKeyringHandle } from '../helpers/secret-service.js';
+import { agentFingerprints } from '../helpers/ssh-agent.js';
+
+const envs: KeyholdEnv[] = [];
+
+afterEach(async () => {
+  await stopAllServes();
+  await Promise.all(envs.map((k) => stopBackgroundDaemon(k.runtime)));
+  await stopAllSecretServices();
+  for (const k of envs.splice(0)) k.cleanup();
+}, 30_000);
+
+interface FactorJson {
+  id: string;
+  type: string;
+  policy: string;
+  collection?: string;
+}
+
+/** A fresh vault location whose keyhold processes see `keyring`'s session bus. */
+function freshEnv(keyring: GnomeKeyringHandle): KeyholdEnv {
+  const k = makeKeyholdEnv('keyhold-e2e-secret-service-');
+  envs.push(k);
+  k.env.DBUS_SESSION_BUS_ADDRESS = keyring.address;
+  return k;
+}
+
+/** No passphrase source (no file, credential, KEYHOLD_PASSPHRASE) and no SSH agent: only the keyring. */
+function keyringOnly(k: KeyholdEnv): KeyholdEnv {
+  const env: NodeJS.ProcessEnv = { ...k.env };
+  for (const name of ['KEYHOLD_PASSPHRASE_FILE', 'KEYHOLD_PASSPHRASE', 'CREDENTIALS_DIRECTORY', 'SSH_AUTH_SOCK']) delete env[name];
+  return { ...k, env };
+}
+
+function expectCode(r: RunResult, code: number, what: string): void {
+  expect(r.status, `${what}: exit ${r.status}\nstdout: ${r.stdout}\nstderr: ${r.stderr}`).toBe(code);
+}
+
+function statusCode(k: KeyholdEnv): number | null {
+  return keyhold(keyringOnly(k), ['status', '--quiet']).status;
+}
+
+function vaultId(k: KeyholdEnv): string {
+  return (JSON.parse(readFileSync(`${k.vault}.keys`, 'utf8')) as { vault_id: string }).vault_id;
+}
+
+/** `init` with a passphrase file, then `factor add secret-service`; checks the item is in the keyring. */
+async function enroll(keyring: GnomeKeyringHandle): Promise<{ k: KeyholdEnv; factor: FactorJson }> {
+  const k = freshEnv(keyring);
+  keyholdOk(k, ['init', '--passphrase-file', k.passFile]);
+  const factor = JSON.parse(keyholdOk(k, ['factor', 'add', 'secret-service', '--json'])) as FactorJson;
+  expect(factor).toMatchObject({ type: 'secret-service', policy: 'any', collection: 'default' });
+  expect(factor.id).toMatch(/^ss-[0-9a-f]{8}$/);
+  expect(await keyring.countItems({ application: 'keyhold', vault: vaultId(k), factor: factor.id })).toBe(1);
+  return { k, factor };
+}
+
+describe('secret-service factor', () => {
+  it('enroll, lock keyhold, unlock with no prompt; keyring locked → 4; no provider → 3', async () => {
+    const keyring = await startGnomeKeyring();
+    const { k, factor } = await enroll(keyring);
+
+    const list = keyholdOk(keyringOnly(k), ['factor', 'list']);
+    const row = list.split('\n').find((line) => line.startsWith(factor.id));
+    expect(row, list).toMatch(/secret-service .*Secret Service default collection/);
+    // vault.db.keys names the collection and nothing secret.
+    const stored = (JSON.parse(readFileSync(`${k.vault}.keys`, 'utf8')) as { factors: Array<Record<string, unknown>> }).factors.find((f) => f.id === factor.id)!;
+    expect(Object.keys(stored).sort()).toEqual(['collection', 'created', 'id', 'type', 'wrap']);
+
+    const vaultKey = (JSON.parse(keyholdOk(k, ['key', 'generate', 'web', '--json'])) as { fingerprint: string }).fingerprint;
+    const serve = await startServe(k, ['--locked']);
+    expect(statusCode(k)).toBe(3);
+
+    const s = keyringOnly(k);
+    // stdin is a pipe, not a terminal: a prompt would fail, so success means none was needed.
+    const unlocked = keyhold(s, ['unlock']);
+    expectCode(unlocked, 0, 'unlock with only the keyring');
+    expect(unlocked.stderr).toMatch(/unlocked/);
+    expect(unlocked.stderr).not.toMatch(/passphrase:/i);
+    expect(statusCode(k)).toBe(0);
+    expect(agentFingerprints(serve.socket('web'))).toEqual([vaultKey]);
+
+    expectCode(keyhold(s, ['lock']), 0, 'lock');
+    expect(statusCode(k)).toBe(3);
+    expectCode(keyhold(s, ['unlock', '--factor', 'secret-service']), 0, 'unlock --factor secret-service');
+    expect(statusCode(k)).toBe(0);
+    expectCode(keyhold(s, ['lock']), 0, 'lock');
+
+    // The desktop locks its keyring: keyhold says so (4) at once, and stays locked.
+    await keyring.lockDefaultCollection();
+    const started = Date.now();
+    const refused = keyhold(s, ['unlock', '--factor', 'secret-service']);
+    expectCode(refused, 4, 'unlock --factor secret-service, keyring locked');
+    expect(refused.stderr).toMatch(/^keyhold: .*keyring is locked.*gnome-keyring-daemon --unlock/);
+    expect(refused.stderr.trim().split('\n')).toHaveLength(1);
+    expect(Date.now() - started).toBeLessThan(10_000);
+    expect(statusCode(k)).toBe(3);
+    // Without --factor the locked keyring is not a source: nothing else is either (3).
+    expectCode(keyhold(s, ['unlock']), 3, 'unlock, keyring locked, no other source');
+
+    // No Secret Service on the bus at all: 3.
+    await keyring.stopKeyring();
+    const absent = keyhold(s, ['unlock', '--factor', 'secret-service']);
+    expectCode(absent, 3, 'unlock --factor secret-service, no provider');
+    expect(absent.stderr).toMatch(/no Secret Service on the session bus/);
+    expect(statusCode(k)).toBe(3);
+    // The passphrase still unlocks.
+    expectCode(keyhold(k, ['unlock']), 0, 'unlock with the passphrase file');
+  });
+
+  it('factor rm deletes the item from the keyring', async () => {
+    const keyring = await startGnomeKeyring();
+    const { k, factor } = await enroll(keyring);
+    const attributes = { application: 'keyhold', vault: vaultId(k), factor: factor.id };
+    expectCode(keyhold(k, ['factor', 'rm', factor.id]), 0, 'factor rm');
+    expect(await keyring.countItems(attributes)).toBe(0);
+    expect((JSON.parse(keyholdOk(k, ['factor', 'list', '--json'])) as FactorJson[]).map((f) => f.type)).toEqual(['passphrase']);
+  });
+});
