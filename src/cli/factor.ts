@@ -43,11 +43,18 @@ export function factorCommand(yargs: Argv<GlobalArgs>) {
           }
           const keyring = readKeyring(vaultPaths(args.vault).keys);
           const options = Object.fromEntries(Object.keys(kind.addOptions).map((name) => [name, values[name]]));
-          const factor = await withVault(args, async (api) =>
-            api.addFactor(
-              (await kind.enroll({ vaultId: keyring.vault_id, keyring, env: process.env, options, passphraseFile: args['passphrase-file'] })) as EnrolledFactor,
-            ),
-          );
+          const factor = await withVault(args, async (api) => {
+            const enrolled = (await kind.enroll({ vaultId: keyring.vault_id, keyring, env: process.env, options, passphraseFile: args['passphrase-file'] })) as EnrolledFactor;
+            try {
+              return await api.addFactor(enrolled);
+            } catch (err) {
+              // What the kind kept outside the key file (a keyring item) would unlock nothing.
+              await kind.forget?.(enrolled.factor as Factor, { vaultId: keyring.vault_id, env: process.env });
+              throw err;
+            } finally {
+              enrolled.kek.fill(0);
+            }
+          });
           report(args, factor, keyring.policy, 'added');
         },
       )

@@ -53,6 +53,8 @@ export interface ProveContext {
   required: boolean;
   /** Extra sources to name when nothing applies (for the exit-3 message). */
   alternatives?: string[] | undefined;
+  /** Where a kind notes why its source did not apply (a locked keyring), for that message too. */
+  notApplied?: string[] | undefined;
 }
 
 export interface FactorKind<F extends FactorBase = FactorBase> {

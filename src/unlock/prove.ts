@@ -25,12 +25,14 @@ function factorsOf(keyring: Keyring, kind: FactorKind<Factor>): Factor[] {
 }
 
 export async function collectKeks(keyring: Keyring, request: UnlockRequest): Promise<FactorKeks> {
+  const notApplied: string[] = [];
   const context = (required: boolean): ProveContext => ({
     keyring,
     env: request.env ?? process.env,
     passphraseFile: request.file,
     required,
     alternatives: request.alternatives,
+    notApplied,
   });
   const present = kinds.filter((kind) => factorsOf(keyring, kind).length > 0);
 
@@ -75,8 +77,12 @@ export async function collectKeks(keyring: Keyring, request: UnlockRequest): Pro
   }
   const asking = present.find((kind) => kind.noSource);
   const others = present.filter((kind) => kind !== asking).map((kind) => kind.source);
-  if (asking) throw asking.noSource!(context(false), others);
-  throw new KeyholdError('no unlock factor available', `this vault unlocks with ${others.join(' or ')}`, EXIT.LOCKED);
+  const none = asking
+    ? asking.noSource!(context(false), others)
+    : new KeyholdError('no unlock factor available', `this vault unlocks with ${others.join(' or ')}`, EXIT.LOCKED);
+  if (notApplied.length === 0) throw none;
+  // Say why a source that is there did not count (a locked keyring), not just that none did.
+  throw new KeyholdError(`${none.message} (${notApplied.join('; ')})`, none instanceof KeyholdError ? none.hint : undefined, EXIT.LOCKED);
 }
 
 /** Tries every passphrase factor; exit 4 when none accepts the passphrase. */

@@ -111,6 +111,7 @@ export const secretServiceKind: FactorKind<SecretServiceFactor> = {
     }
     // `any` needs one factor, `all` needs each of them.
     const short = context.keyring.policy === 'all' ? keks.size < factors.length : keks.size === 0;
+    if (!context.required && keks.size === 0 && failures[0]) context.notApplied?.push(`secret-service: ${failures[0].message}`);
     if (context.required && short && failures[0]) {
       for (const kek of keks.values()) kek.fill(0);
       const first = failures[0];

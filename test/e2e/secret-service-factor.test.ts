@@ -7,6 +7,9 @@ import { afterEach, describe, expect, it } from 'vitest';
 import { keyhold, keyholdOk, makeKeyholdEnv, startServe, stopAllServes, stopBackgroundDaemon, type KeyholdEnv, type RunResult } from '../helpers/keyhold.js';
 import { startGnomeKeyring, stopAllSecretServices, type GnomeKeyringHandle } from '../helpers/secret-service.js';
 import { agentFingerprints } from '../helpers/ssh-agent.js';
+import { enrollPassphrase } from '../../src/unlock/passphrase.js';
+import { vaultPaths } from '../../src/vault/paths.js';
+import { Vault } from '../../src/vault/vault.js';
 
 const envs: KeyholdEnv[] = [];
 
@@ -103,7 +106,10 @@ describe('secret-service factor', () => {
     expect(Date.now() - started).toBeLessThan(10_000);
     expect(statusCode(k)).toBe(3);
     // Without --factor the locked keyring is not a source: nothing else is either (3).
-    expectCode(keyhold(s, ['unlock']), 3, 'unlock, keyring locked, no other source');
+    const noSource = keyhold(s, ['unlock']);
+    expectCode(noSource, 3, 'unlock, keyring locked, no other source');
+    // ...and says why the keyring did not count, on the one error line.
+    expect(noSource.stderr).toMatch(/^keyhold: no passphrase source \(secret-service: .*locked.*\) \(use one of: .*Secret Service/);
 
     // No Secret Service on the bus at all: 3.
     await keyring.stopKeyring();
@@ -122,5 +128,19 @@ describe('secret-service factor', () => {
     expectCode(keyhold(k, ['factor', 'rm', factor.id]), 0, 'factor rm');
     expect(await keyring.countItems(attributes)).toBe(0);
     expect((JSON.parse(keyholdOk(k, ['factor', 'list', '--json'])) as FactorJson[]).map((f) => f.type)).toEqual(['passphrase']);
+  });
+
+  it('a factor add that fails after the item is stored takes the item out again', async () => {
+    const keyring = await startGnomeKeyring();
+    const k = freshEnv(keyring);
+    // 64 factors is the most a key file holds, so writing a 65th is refused after enrolment.
+    const passphrase = Buffer.from(readFileSync(k.passFile, 'utf8').replace(/\r?\n$/, ''));
+    const enrolled = [];
+    for (let i = 0; i < 64; i++) enrolled.push(await enrollPassphrase(passphrase, { log2n: 14, r: 1, p: 1 }));
+    Vault.createWithFactors(vaultPaths(k.vault), 'any', enrolled).close();
+    const refused = keyhold(k, ['factor', 'add', 'secret-service']);
+    expectCode(refused, 1, 'factor add secret-service as a 65th factor');
+    expect(refused.stderr).toMatch(/^keyhold: refusing to write a vault key file/);
+    expect(await keyring.countItems({ application: 'keyhold', vault: vaultId(k) })).toBe(0);
   });
 });
