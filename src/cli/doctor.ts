@@ -19,6 +19,8 @@ import { checkPrivateMode, readCapped } from '../read-capped.js';
 import { runtimeDir, scopesDir } from '../runtime-dir.js';
 import { checkDatabaseFile } from '../vault/database.js';
 import { readKeyring, type Keyring } from '../vault/keyring.js';
+import { describeKey, describeKeyError, searchUserKey } from '../platform/kernel-keyring.js';
+import { rememberedKeyDescription } from '../daemon/remembered-unlock.js';
 import { vaultPaths, type VaultPaths } from '../vault/paths.js';
 import { SCOPE_PATTERN, type ScopeSummary } from '../vault/vault.js';
 import { printJson, type GlobalArgs } from './common.js';
@@ -419,10 +421,36 @@ async function checkSecretService(): Promise<CheckResult> {
   return ok(check, 'org.freedesktop.secrets answers on the session bus');
 }
 
-function checkKernelKeyring(): CheckResult {
-  // /proc/keys exists when the kernel has keyrings (CONFIG_KEYS); reading its presence changes nothing.
-  if (existsSync('/proc/keys')) return ok('kernel keyring', 'available (/proc/keys)');
-  return note('kernel keyring', 'not available in this kernel or container (optional)');
+/** The kernel keyring `unlock --remember` needs, and this vault's remembered unlock if one is held. */
+function checkKernelKeyring(keyring: Keyring | null): CheckResult {
+  const check = 'kernel keyring';
+  const description = rememberedKeyDescription(keyring?.vault_id ?? 'doctor-probe');
+  // A search reads no payload and changes nothing; ENOKEY means keyrings work and hold no such key.
+  const found = searchUserKey(description);
+  if (!found.ok && (found.code === 'ENOSYS' || found.code === 'EPERM' || found.code === 'UNSUPPORTED_ARCH' || found.code === 'NO_LIBC')) {
+    return note(check, `${describeKeyError(found.code)}: unlock --remember cannot work here (optional)`);
+  }
+  if (!keyring || !found.ok) return ok(check, 'available; no remembered unlock for this vault');
+  const described = describeKey(found.value);
+  const groupOrOther = described.ok ? described.value.permissions & 0xffff : 0;
+  if (groupOrOther !== 0) {
+    return wrong(check, `the remembered unlock ${description} (key ${found.value}) grants group or other access`, 'keyhold lock (removes it), then unlock --remember again');
+  }
+  return ok(check, `a remembered unlock is held (${description}, key ${found.value}): a restarted daemon comes back unlocked until it expires or keyhold lock`);
+}
+
+/** Where the running daemon keeps its master key and KEKs. */
+function checkMemory(daemon: DaemonState): CheckResult[] {
+  const memory = daemon.status?.memory;
+  if (!memory) return [];
+  if (memory === 'secret') return [ok('memory', 'keys in memfd_secret memory')];
+  return [
+    note(
+      'memory',
+      `keys in ${memory} memory, not memfd_secret (the daemon's log says why)`,
+      memory === 'plain' ? 'raise RLIMIT_MEMLOCK (LimitMEMLOCK= in the unit, ulimit -l)' : 'a kernel with memfd_secret (Linux 5.14+, secretmem enabled)',
+    ),
+  ];
 }
 
 /** The time of the audit log's last line; the log is in the clear except its MACs. */
@@ -483,7 +511,8 @@ export async function runChecks(args: GlobalArgs & { config?: string | undefined
       sockResult,
       ...checkUnits(),
       await checkSecretService(),
-      checkKernelKeyring(),
+      checkKernelKeyring(keyring),
+      ...checkMemory(daemon),
       checkClock(paths),
     ];
   } finally {

@@ -89,6 +89,8 @@ describe('keyhold doctor', () => {
     }
     expect(lines(result.stdout, '✔', 'SSH_AUTH_SOCK')[0]).toContain('keyhold scope web: 1 identity');
     expect(lines(result.stdout, '✔', 'daemon')[0]).toContain('unlocked');
+    expect(lines(result.stdout, '✔', 'memory')).toEqual(['✔ memory: keys in memfd_secret memory']);
+    expect(lines(result.stdout, '✔', 'kernel keyring')).toEqual(['✔ kernel keyring: available; no remembered unlock for this vault']);
     // No session bus: a note, not a failure.
     expect(lines(result.stdout, '•', 'secret service')).toHaveLength(1);
     expect(result.stdout).not.toContain(env.passphrase);
@@ -252,6 +254,21 @@ describe('keyhold doctor', () => {
     expect(locked.status, locked.stdout).toBe(0);
     expect(lines(locked.stdout, '•', 'daemon')).toEqual([`• daemon: running (pid ${serve.proc.pid}), locked; try: keyhold unlock`]);
     expect(lines(locked.stdout, '•', 'scopes')[0]).toContain('needs an unlocked daemon');
+  });
+
+  it('a remembered unlock (unlock --remember) is named while the kernel holds it, and gone after lock', async () => {
+    k = makeKeyholdEnv('keyhold-doctor-');
+    initVault(k);
+    await startServe(k, ['--locked']);
+    keyholdOk(k, ['unlock', '--remember', '1m']);
+    try {
+      const held = lines(doctor(k).stdout, '✔', 'kernel keyring');
+      expect(held).toHaveLength(1);
+      expect(held[0]).toMatch(/a remembered unlock is held \(keyhold:[A-Za-z0-9_-]{22}, key \d+\)/);
+    } finally {
+      keyholdOk(k, ['lock']);
+    }
+    expect(lines(doctor(k).stdout, '✔', 'kernel keyring')).toEqual(['✔ kernel keyring: available; no remembered unlock for this vault']);
   });
 
   it("a clock earlier than the vault's last audit line: ✘", () => {
