@@ -13,6 +13,10 @@ import {
   addUserKey,
   describeKeyError,
   KEY_PERM,
+  KEY_SPEC_PROCESS_KEYRING,
+  KEY_SPEC_USER_KEYRING,
+  linkKey,
+  unlinkKey,
   possessorPerm,
   readKey,
   removeKey,
@@ -101,14 +105,23 @@ export class RememberedKey {
       // A key of this name left behind (another permission set, a planted one) is not updated in
       // place: it goes, and ours is made afresh with the permissions below.
       this.forget();
-      const added = addUserKey(this.description, payload);
+      // Made in this process's own keyring, which it always possesses, and only then linked into
+      // the user keyring: a daemon whose session keyring does not link @u (systemd's
+      // KeyringMode=private, as the shipped units have) does not possess a key it adds to @u
+      // directly, and could then neither set its permissions nor its timeout (EACCES).
+      const added = addUserKey(this.description, payload, KEY_SPEC_PROCESS_KEYRING);
       if (!added.ok) throw cannotRemember(added.code);
       const serial = added.value;
-      const permitted = setKeyPermissions(serial, REMEMBERED_KEY_PERMISSIONS);
-      const timed = permitted.ok ? setKeyTimeout(serial, Math.min(MAX_TIMEOUT_SECONDS, Math.max(1, seconds))) : permitted;
-      if (!timed.ok) {
-        removeKey(serial);
-        throw cannotRemember(timed.code);
+      try {
+        const permitted = setKeyPermissions(serial, REMEMBERED_KEY_PERMISSIONS);
+        const timed = permitted.ok ? setKeyTimeout(serial, Math.min(MAX_TIMEOUT_SECONDS, Math.max(1, seconds))) : permitted;
+        const linked = timed.ok ? linkKey(serial, KEY_SPEC_USER_KEYRING) : timed;
+        if (!linked.ok) {
+          removeKey(serial, KEY_SPEC_PROCESS_KEYRING);
+          throw cannotRemember(linked.code);
+        }
+      } finally {
+        unlinkKey(serial, KEY_SPEC_PROCESS_KEYRING);
       }
     } finally {
       payload.fill(0);

@@ -12,11 +12,13 @@ const SYSCALLS: Partial<Record<NodeJS.Architecture, { addKey: number; keyctl: nu
 };
 
 /** The special keyring ids of keyctl(2). */
+export const KEY_SPEC_PROCESS_KEYRING = -2;
 export const KEY_SPEC_USER_KEYRING = -4;
 
 const KEYCTL_REVOKE = 3;
 const KEYCTL_SETPERM = 5;
 const KEYCTL_DESCRIBE = 6;
+const KEYCTL_LINK = 8;
 const KEYCTL_UNLINK = 9;
 const KEYCTL_SEARCH = 10;
 const KEYCTL_READ = 11;
@@ -137,6 +139,18 @@ const keyctl = (operation: number, ...typedArgs: unknown[]) => invoke('keyctl', 
  */
 export function addUserKey(description: string, payload: Buffer, keyring = KEY_SPEC_USER_KEYRING): KeyResult<number> {
   return invoke('addKey', ['const char *', 'user', 'const char *', description, 'const uint8_t *', payload, 'size_t', payload.length, 'int', keyring]);
+}
+
+/** KEYCTL_LINK: `keyring` also holds the key (needs link on the key and write on the keyring). */
+export function linkKey(serial: number, keyring: number): KeyResult<void> {
+  const result = keyctl(KEYCTL_LINK, 'int', serial, 'int', keyring);
+  return result.ok ? { ok: true, value: undefined } : result;
+}
+
+/** KEYCTL_UNLINK: `keyring` no longer holds the key. */
+export function unlinkKey(serial: number, keyring: number): KeyResult<void> {
+  const result = keyctl(KEYCTL_UNLINK, 'int', serial, 'int', keyring);
+  return result.ok ? { ok: true, value: undefined } : result;
 }
 
 /** KEYCTL_SEARCH: the serial of the `user` key of that description reachable from `keyring`. */

@@ -105,14 +105,14 @@ async function kill9Daemon(v: Vault): Promise<void> {
  * `keyhold serve --locked` in a session keyring of its own (`keyctl session -` execs it): the
  * user keyring is not possessed there, as under systemd's KeyringMode=private.
  */
-async function serveInFreshSession(v: Vault): Promise<ChildProcess> {
+async function serveInFreshSession(v: Vault, expectRemembered = true): Promise<ChildProcess> {
   const child = spawn('keyctl', ['session', '-', process.execPath, KEYHOLD_BIN, 'serve', '--locked'], { env: v.bare.env, stdio: ['ignore', 'ignore', 'pipe'] });
   children.push(child);
   let stderr = '';
   child.stderr!.on('data', (d: Buffer) => (stderr += d.toString()));
   await waitFor(() => stderr.includes('keyhold daemon ready') || child.exitCode !== null, 15_000, 'keyhold serve in a fresh session');
   expect(child.exitCode, stderr).toBeNull();
-  expect(stderr).toContain('unlocked from the remembered unlock');
+  if (expectRemembered) expect(stderr).toContain('unlocked from the remembered unlock');
   return child;
 }
 
@@ -173,6 +173,23 @@ describe('remembered unlock through the kernel keyring', () => {
     const locked = keyhold(v.bare, ['lock']);
     expect(locked.status, locked.stderr).toBe(0);
     expect(listed(v)).toBe(false);
+    expect(findKey(v)).toBeNull();
+  });
+
+  it('a daemon in a session keyring of its own (as under the shipped units) stores the key too, not only reads it', async () => {
+    const v = freshVault();
+    const first = await serveInFreshSession(v, false);
+    const unlocked = keyhold(v.k, ['unlock', '--remember', '1m']);
+    expect(unlocked.status, unlocked.stderr).toBe(0);
+    const serial = findKey(v);
+    expect(serial).not.toBeNull();
+    const permissions = parseInt(keyctl(['rdescribe', serial!]).stdout.split(';')[3]!, 16);
+    expect(permissions & 0xffff).toBe(0);
+    first.kill('SIGKILL');
+    await waitFor(() => first.exitCode !== null || first.signalCode !== null, 5000, 'the killed daemon to be gone');
+    await serveInFreshSession(v);
+    expect(status(v.bare).code).toBe(0);
+    expect(keyhold(v.bare, ['lock']).status).toBe(0);
     expect(findKey(v)).toBeNull();
   });
 
