@@ -221,6 +221,27 @@ function wantsCsh(args: { c?: boolean | undefined; s?: boolean | undefined }): b
   return (process.env.SHELL ?? '').endsWith('csh');
 }
 
+/**
+ * `lock` and `stop` revoke a remembered unlock even when no daemon runs (it crashed, or was
+ * killed): otherwise the next start would come back unlocked after the user asked to lock.
+ * Answers whether there was one to remove.
+ */
+function forgetRememberedWithoutDaemon(vaultId: string, json: boolean): boolean {
+  if (!new RememberedKey(vaultId).forget()) return false;
+  if (json) printJson({ running: false, locked: true, remembered_until: null });
+  else process.stderr.write('keyhold: no daemon was running; removed its remembered unlock from the kernel keyring, so a restart starts locked\n');
+  return true;
+}
+
+/** The vault id of the vault in use, or null when there is none to read (stop needs no vault). */
+function vaultIdIfAny(vault: string | undefined): string | null {
+  try {
+    return readKeyring(vaultPaths(vault).keys).vault_id;
+  } catch {
+    return null;
+  }
+}
+
 export function lockCommand(yargs: Argv<GlobalArgs>) {
   return yargs.command(
     'lock',
@@ -229,7 +250,10 @@ export function lockCommand(yargs: Argv<GlobalArgs>) {
     async (args) => {
       const keyring = readKeyring(vaultPaths(args.vault).keys);
       const daemon = await connectDaemon(runtimeDir(), keyring);
-      if (!daemon) throw new KeyholdError('no daemon is running', 'nothing to lock', EXIT.LOCKED);
+      if (!daemon) {
+        if (!forgetRememberedWithoutDaemon(keyring.vault_id, Boolean(args.json))) throw new KeyholdError('no daemon is running', 'nothing to lock', EXIT.LOCKED);
+        return;
+      }
       let status: DaemonStatus;
       try {
         status = await daemon.client.call<DaemonStatus>({ op: 'lock' });
@@ -296,7 +320,13 @@ export function stopCommand(yargs: Argv<GlobalArgs>) {
     async (args) => {
       const runtime = runtimeDir();
       const client = await ControlClient.connect(runtime);
-      if (!client) throw new KeyholdError(`no daemon is running in ${runtime}`, 'nothing to stop', EXIT.LOCKED);
+      if (!client) {
+        const vaultId = vaultIdIfAny(args.vault);
+        if (vaultId === null || !forgetRememberedWithoutDaemon(vaultId, Boolean(args.json))) {
+          throw new KeyholdError(`no daemon is running in ${runtime}`, 'nothing to stop', EXIT.LOCKED);
+        }
+        return;
+      }
       let pid: number;
       try {
         ({ pid } = await client.call<{ pid: number }>({ op: 'stop' }));

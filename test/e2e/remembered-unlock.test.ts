@@ -206,6 +206,25 @@ describe('remembered unlock through the kernel keyring', () => {
     expect(findKey(v)).toBeNull();
   });
 
+  it('after a crash, `keyhold lock` or `keyhold stop` with no daemon running still takes the key out', async () => {
+    for (const command of ['lock', 'stop']) {
+      const v = freshVault();
+      keyholdOk(v.k, ['unlock', '--remember', '1m']);
+      await kill9Daemon(v);
+      expect(listed(v)).toBe(true);
+      const revoked = keyhold(v.bare, [command]);
+      expect(revoked.status, `${command}: ${revoked.stderr}`).toBe(0);
+      expect(revoked.stderr).toContain('removed its remembered unlock');
+      expect(findKey(v)).toBeNull();
+      // Nothing left to revoke: as before, no daemon is exit 3.
+      expect(keyhold(v.bare, [command]).status).toBe(3);
+      // And a start comes back locked.
+      await startServe(v.bare, ['--locked']);
+      expect(status(v.bare).code).toBe(3);
+      await stopAllServes();
+    }
+  });
+
   it('the idle lock takes the key out too, or a restart would undo it', async () => {
     const v = freshVault();
     keyholdOk(v.k, ['unlock', '--remember', '1m', '--idle', '1s']);
