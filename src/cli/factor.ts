@@ -21,6 +21,15 @@ function report(args: GlobalArgs, factor: Factor, policy: string, verb: string):
 
 const kinds = FACTOR_KINDS as unknown as readonly FactorKind[];
 
+/** Whether the key file holds the factor (true when it cannot tell: keeping an item is the safe side). */
+function factorInKeyFile(vault: string | undefined, factorId: string): boolean {
+  try {
+    return readKeyring(vaultPaths(vault).keys).factors.some((f) => f.id === factorId);
+  } catch {
+    return true;
+  }
+}
+
 /** Every kind's `factor add` options, each named as belonging to its kind. */
 const addOptions: [string, Options, FactorKind][] = kinds.flatMap((kind) => Object.entries(kind.addOptions).map(([name, option]) => [name, option, kind] as [string, Options, FactorKind]));
 
@@ -48,8 +57,12 @@ export function factorCommand(yargs: Argv<GlobalArgs>) {
             try {
               return await api.addFactor(enrolled);
             } catch (err) {
-              // What the kind kept outside the key file (a keyring item) would unlock nothing.
-              await kind.forget?.(enrolled.factor as Factor, { vaultId: keyring.vault_id, env: process.env });
+              // What the kind kept outside the key file (a keyring item) unlocks nothing unless the
+              // factor made it into the file after all (an error after the commit: a failing audit,
+              // a daemon killed before its reply); then it is the factor's only key.
+              if (!factorInKeyFile(args.vault, enrolled.factor.id)) {
+                await kind.forget?.(enrolled.factor as Factor, { vaultId: keyring.vault_id, env: process.env });
+              }
               throw err;
             } finally {
               enrolled.kek.fill(0);
