@@ -162,6 +162,10 @@ describe('keyhold.service under a real systemd user manager', () => {
     expect(existsSync(socket), `${manager!.systemctl(['status', 'keyhold.service']).stdout}\n${daemonLog()}`).toBe(true);
     expect(daemonLog()).toContain('vault unlocked');
     expect(daemonLog()).not.toContain(passphrase);
+    // The unit's system call filter lets memfd_secret through: the keys are in secret memory.
+    const status = run(process.execPath, [KEYHOLD_BIN, 'status', '--json'], { ...cli, KEYHOLD_RUNTIME_DIR: runtime });
+    expect(status.status, status.stderr).toBe(0);
+    expect((JSON.parse(status.stdout) as { memory: string }).memory, daemonLog()).toBe('secret');
 
     // RuntimeDirectoryMode=0700 and UMask=0077, as ensurePrivateDir wants them.
     const mode = run('stat', ['-c', '%a', runtime]).stdout.trim();
