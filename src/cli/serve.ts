@@ -13,7 +13,7 @@ import { vaultPaths } from '../vault/paths.js';
 import { existsSync } from 'node:fs';
 import type { AuditPeer } from '../audit/audit-log.js';
 import type { GlobalArgs } from './common.js';
-import { collectKeks } from '../unlock/prove.js';
+import { collectKeks, NoUnlockSourceError } from '../unlock/prove.js';
 
 /**
  * The last line of defence: a fault that no handler caught is logged and the daemon goes on
@@ -107,7 +107,7 @@ export function serveCommand(yargs: Argv<GlobalArgs>) {
           try {
             return await collectKeks(keyring, { file: args['passphrase-file'] });
           } catch (err) {
-            if (err instanceof KeyholdError && err.exitCode === EXIT.LOCKED) {
+            if (err instanceof NoUnlockSourceError || (err instanceof KeyholdError && err.exitCode === EXIT.LOCKED)) {
               log.info('no unlock source: starting locked; unlock with `keyhold unlock`');
               return null;
             }

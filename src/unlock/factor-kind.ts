@@ -53,8 +53,11 @@ export interface ProveContext {
   required: boolean;
   /** Extra sources to name when nothing applies (for the exit-3 message). */
   alternatives?: string[] | undefined;
-  /** Where a kind notes why its source did not apply (a locked keyring), for that message too. */
-  notApplied?: string[] | undefined;
+  /**
+   * Where a kind notes why its source, though there, did not apply (a locked keyring), for that
+   * message too; `refused` when it said no (exit 4 if nothing else could apply) rather than was absent.
+   */
+  notApplied?: { reason: string; refused: boolean }[] | undefined;
 }
 
 export interface FactorKind<F extends FactorBase = FactorBase> {

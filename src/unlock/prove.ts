@@ -24,8 +24,11 @@ function factorsOf(keyring: Keyring, kind: FactorKind<Factor>): Factor[] {
   return keyring.factors.filter((f) => f.type === kind.type);
 }
 
+/** Nothing proved anything: a daemon starting up starts locked on this, whatever its exit code. */
+export class NoUnlockSourceError extends KeyholdError {}
+
 export async function collectKeks(keyring: Keyring, request: UnlockRequest): Promise<FactorKeks> {
-  const notApplied: string[] = [];
+  const notApplied: { reason: string; refused: boolean }[] = [];
   const context = (required: boolean): ProveContext => ({
     keyring,
     env: request.env ?? process.env,
@@ -81,8 +84,14 @@ export async function collectKeks(keyring: Keyring, request: UnlockRequest): Pro
     ? asking.noSource!(context(false), others)
     : new KeyholdError('no unlock factor available', `this vault unlocks with ${others.join(' or ')}`, EXIT.LOCKED);
   if (notApplied.length === 0) throw none;
-  // Say why a source that is there did not count (a locked keyring), not just that none did.
-  throw new KeyholdError(`${none.message} (${notApplied.join('; ')})`, none instanceof KeyholdError ? none.hint : undefined, EXIT.LOCKED);
+  // Say why a source that is there did not count (a locked keyring), not just that none did; when
+  // every source refused and no prompt could have helped, that is a refusal (4), not an absence.
+  const refused = notApplied.every((n) => n.refused) && !present.some((kind) => kind.ask);
+  throw new NoUnlockSourceError(
+    `${none.message} (${notApplied.map((n) => n.reason).join('; ')})`,
+    none instanceof KeyholdError ? none.hint : undefined,
+    refused ? EXIT.DENIED : EXIT.LOCKED,
+  );
 }
 
 /** Tries every passphrase factor; exit 4 when none accepts the passphrase. */

@@ -10,7 +10,7 @@
 // said no (locked, no such item).
 import { hkdfSync, randomBytes } from 'node:crypto';
 import * as v from 'valibot';
-import { KeyholdError } from '../errors.js';
+import { EXIT, KeyholdError } from '../errors.js';
 import { SecretServiceError, withSecretService, type SecretAttributes } from '../platform/secret-service.js';
 import { newFactorId, type EnrolledFactor, type FactorBase, type FactorKeks, type FactorKind } from './factor-kind.js';
 
@@ -103,15 +103,19 @@ export const secretServiceKind: FactorKind<SecretServiceFactor> = {
         }
       });
     } catch (err) {
-      if (!isAbsence(err)) {
+      // Under policy any (not required) a provider that answers oddly is one source that did not
+      // apply: the passphrase prompt still comes after it.
+      if (!isAbsence(err) && (context.required || !(err instanceof SecretServiceError))) {
         for (const kek of keks.values()) kek.fill(0);
         throw err;
       }
-      failures.push(err);
+      failures.push(err as SecretServiceError);
     }
     // `any` needs one factor, `all` needs each of them.
     const short = context.keyring.policy === 'all' ? keks.size < factors.length : keks.size === 0;
-    if (!context.required && keks.size === 0 && failures[0]) context.notApplied?.push(`secret-service: ${failures[0].message}`);
+    if (!context.required && keks.size === 0 && failures[0]) {
+      context.notApplied?.push({ reason: `secret-service: ${failures[0].message}`, refused: failures[0].exitCode === EXIT.DENIED });
+    }
     if (context.required && short && failures[0]) {
       for (const kek of keks.values()) kek.fill(0);
       const first = failures[0];

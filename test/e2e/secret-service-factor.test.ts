@@ -130,6 +130,22 @@ describe('secret-service factor', () => {
     expect((JSON.parse(keyholdOk(k, ['factor', 'list', '--json'])) as FactorJson[]).map((f) => f.type)).toEqual(['passphrase']);
   });
 
+  it('a vault whose only factor is the keyring: a locked keyring is a refusal (4) for plain unlock too; serve starts locked', async () => {
+    const keyring = await startGnomeKeyring();
+    const { k } = await enroll(keyring);
+    const passphraseId = (JSON.parse(keyholdOk(k, ['factor', 'list', '--json'])) as FactorJson[]).find((f) => f.type === 'passphrase')!.id;
+    keyholdOk(k, ['factor', 'rm', passphraseId]);
+    const s = keyringOnly(k);
+    await keyring.lockDefaultCollection();
+    const refused = keyhold(s, ['unlock']);
+    expectCode(refused, 4, 'unlock, keyring locked, the keyring the only factor');
+    expect(refused.stderr).toMatch(/^keyhold: no unlock factor available \(secret-service: .*locked/);
+    // A daemon starting up (systemd) does not fail on it: it starts locked and waits.
+    const serve = await startServe(s);
+    expect(statusCode(k)).toBe(3);
+    expect(serve.stderr()).toContain('starting locked');
+  });
+
   it('a factor add that fails after the item is stored takes the item out again', async () => {
     const keyring = await startGnomeKeyring();
     const k = freshEnv(keyring);
