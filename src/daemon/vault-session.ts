@@ -10,7 +10,8 @@ import { MAX_PENDING_EVENTS, auditUnavailable, type AuditEvent, type AuditFailur
 import { KeyCache } from '../vault/key-cache.js';
 import type { CompiledPolicy } from '../policy/compile.js';
 import { NO_POLICY_COMPILED, PolicyCache } from '../policy/policy-cache.js';
-import { readKeyring, type FactorKeks } from '../vault/keyring.js';
+import { readKeyring, type FactorKeks, type Keyring } from '../vault/keyring.js';
+import { VaultKeyMismatchError } from '../vault/database.js';
 import type { VaultPaths } from '../vault/paths.js';
 import { Vault } from '../vault/vault.js';
 import { encodeRemembered, type RememberedKey } from './remembered-unlock.js';
@@ -255,11 +256,20 @@ export class VaultSession {
     }
     const { session, masterKey } = found;
     let vault: Vault;
+    let keyring: Keyring | undefined;
     try {
-      const keyring = readKeyring(this.paths.keys);
+      keyring = readKeyring(this.paths.keys);
       if (keyring.vault_id !== this.vaultId) throw new KeyholdError(`${this.paths.keys} now belongs to another vault`);
       vault = Vault.openWithMasterKey(this.paths, keyring, masterKey);
     } catch (err) {
+      // A fault that says nothing about the key (a busy disk, no file descriptors, an unreadable
+      // key file) keeps it: the next start can still come back unlocked. Only a key that does not
+      // open this vault, or a vault that is another one now, is taken out.
+      const wrongKey = err instanceof VaultKeyMismatchError || (keyring !== undefined && keyring.vault_id !== this.vaultId);
+      if (!wrongKey) {
+        this.log.warn({ err: (err as Error).message, key: this.remembered.description }, 'cannot open the vault with the remembered unlock now: starting locked; the remembered unlock is kept');
+        return false;
+      }
       this.remembered.forget();
       this.log.warn({ err: (err as Error).message, key: this.remembered.description }, 'the remembered unlock in the kernel keyring does not open this vault: removed; starting locked');
       void this.record({ event: 'unlock-failed', reason: 'the remembered unlock does not open this vault', names: [REMEMBERED_FACTOR], peer: thisProcess() });

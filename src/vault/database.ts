@@ -147,6 +147,9 @@ function keyPragma(masterKey: Buffer): string {
   return `key = "x'${masterKey.toString('hex')}'"`;
 }
 
+/** The database does not open under this master key (or is no keyhold vault at all). */
+export class VaultKeyMismatchError extends KeyholdError {}
+
 /**
  * Opens (or, with `create`, creates) the vault database. A wrong key or a file that is not a
  * keyhold vault is reported without a stack trace and without touching the file.
@@ -175,9 +178,15 @@ export function openDatabase(path: string, masterKey: Buffer, options: { create?
     if (!options.create && !db.prepare(`SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'`).get()) {
       throw new Error('no schema');
     }
-  } catch {
+  } catch (err) {
     db.close();
-    throw new KeyholdError(
+    const code = (err as { code?: string }).code;
+    // Anything but "this is not a database under that key" (a busy or failing disk, no file
+    // descriptors) says nothing about the key, and must not be taken for a wrong one.
+    if (code !== undefined && code !== 'SQLITE_NOTADB' && code !== 'SQLITE_CORRUPT') {
+      throw new KeyholdError(`cannot read ${path}: ${(err as Error).message}`, 'try again; check the disk and the process limits');
+    }
+    throw new VaultKeyMismatchError(
       `${path} is not a keyhold vault or does not match its key file`,
       'check --vault, or restore vault.db and vault.db.keys together from a backup',
     );

@@ -6,7 +6,7 @@
 import { afterEach, describe, expect, it } from 'vitest';
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { readFileSync } from 'node:fs';
+import { chmodSync, readFileSync } from 'node:fs';
 import {
   daemonPid,
   initVault,
@@ -223,6 +223,22 @@ describe('remembered unlock through the kernel keyring', () => {
       expect(status(v.bare).code).toBe(3);
       await stopAllServes();
     }
+  });
+
+  it('a restart that cannot open the vault for a reason other than the key (a vault file open to others) starts locked and keeps the key', async () => {
+    const v = freshVault();
+    keyholdOk(v.k, ['unlock', '--remember', '1m']);
+    await kill9Daemon(v);
+    chmodSync(v.k.vault, 0o644);
+    const refused = await startServe(v.bare, ['--locked']);
+    expect(status(v.bare).code).toBe(3);
+    expect(refused.stderr()).toContain('the remembered unlock is kept');
+    expect(findKey(v)).not.toBeNull();
+    await stopAllServes();
+    chmodSync(v.k.vault, 0o600);
+    await startServe(v.bare, ['--locked']);
+    expect(status(v.bare).code).toBe(0);
+    keyholdOk(v.bare, ['lock']);
   });
 
   it('the idle lock takes the key out too, or a restart would undo it', async () => {
