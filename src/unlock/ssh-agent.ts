@@ -223,7 +223,10 @@ async function sshAgentKeks(vaultId: string, factors: SshAgentFactor[], socketPa
       return keks;
     });
   } catch (err) {
-    if (!required && err instanceof KeyholdError && err.exitCode === EXIT.LOCKED) return new Map();
+    // The KEKs of keys signed before the agent failed are dropped with the rest.
+    for (const kek of keks.values()) kek.fill(0);
+    keks.clear();
+    if (!required && err instanceof KeyholdError && err.exitCode === EXIT.LOCKED) return keks;
     throw err;
   }
 }
