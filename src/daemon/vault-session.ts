@@ -220,7 +220,7 @@ export class VaultSession {
         throw err;
       }
     }
-    this.begin(vault, { names: factors, lockAt, idleMs, rememberedUntil }, actor);
+    this.begin(vault, { names: factors, unlockedAt: now, lockAt, idleMs, rememberedUntil }, actor);
   }
 
   /** Keeps the unlock in the kernel keyring until `rememberedUntil` (never past the session's own deadline). */
@@ -291,7 +291,7 @@ export class VaultSession {
   /** Serves `vault`, just opened: the audit events kept while locked are written, the caches filled, the timers armed. */
   private begin(
     vault: Vault,
-    session: { names: string[]; lockAt: number | null; idleMs: number | null; rememberedUntil: number | null },
+    session: { names: string[]; unlockedAt?: number; lockAt: number | null; idleMs: number | null; rememberedUntil: number | null },
     actor?: AuditPeer,
   ): void {
     vault.serveAudit(this.log);
@@ -312,7 +312,8 @@ export class VaultSession {
       throw err;
     }
     const { lockAt, idleMs, rememberedUntil } = session;
-    const now = Date.now();
+    // The clock the deadlines were set from, so lock_at - unlocked_at is exactly the --ttl.
+    const now = session.unlockedAt ?? Date.now();
     this.current = {
       vault,
       keys,
