@@ -375,6 +375,11 @@ export class VaultSession {
 
   status(sockets: string[]): DaemonStatus {
     const current = this.current;
+    // The kernel key may be gone without this daemon knowing: expired, or taken out by a `lock`
+    // or `stop` of another daemon of the same vault (it is named by the vault). Asked, not assumed.
+    if (current?.rememberedUntil != null && (current.rememberedUntil <= Date.now() || !this.remembered?.present())) {
+      current.rememberedUntil = null;
+    }
     const idleLockAt = current?.idleMs != null ? this.lastActivity + current.idleMs : null;
     return {
       pid: process.pid,

@@ -241,6 +241,14 @@ describe('remembered unlock through the kernel keyring', () => {
     keyholdOk(v.bare, ['lock']);
   });
 
+  it('status stops promising a remembered unlock once the kernel key is gone (taken out by another process)', async () => {
+    const v = freshVault();
+    keyholdOk(v.k, ['unlock', '--remember', '1m']);
+    expect(status(v.bare).json.remembered_until).toEqual(expect.any(String));
+    expect(keyctl(['invalidate', findKey(v)!]).status).toBe(0);
+    expect(status(v.bare).json).toMatchObject({ locked: false, remembered_until: null });
+  });
+
   it('the idle lock takes the key out too, or a restart would undo it', async () => {
     const v = freshVault();
     keyholdOk(v.k, ['unlock', '--remember', '1m', '--idle', '1s']);
