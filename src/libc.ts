@@ -17,11 +17,26 @@ interface Libc {
   flock: (fd: number, operation: number) => number;
 }
 
+let library: ReturnType<typeof koffi.load> | null = null;
+let variadicSyscall: ((number: number, ...typedArgs: unknown[]) => number | bigint) | null = null;
+
+/** libc, loaded once for every module that binds its own calls (this one, kernel keyring, secret memory). Throws when it cannot be loaded. */
+export function libcLibrary(): ReturnType<typeof koffi.load> {
+  library ??= koffi.load('libc.so.6');
+  return library;
+}
+
+/** syscall(2), variadic: each argument is given as a koffi type name and a value. */
+export function libcSyscall(): (number: number, ...typedArgs: unknown[]) => number | bigint {
+  variadicSyscall ??= libcLibrary().func('long syscall(long number, ...)') as (number: number, ...typedArgs: unknown[]) => number | bigint;
+  return variadicSyscall;
+}
+
 let libc: Libc | null = null;
 
 function load(): Libc {
   if (libc) return libc;
-  const lib = koffi.load('libc.so.6');
+  const lib = libcLibrary();
   libc = {
     execve: lib.func('int execve(const uint8_t *path, void **argv, void **envp)'),
     fcntl: lib.func('int fcntl(int, int, int)'),

@@ -4,6 +4,7 @@
 // Every call answers with a result, never a throw: a kernel without keyrings (ENOSYS), a seccomp
 // filter (EPERM, Docker's default profile), a key gone, expired or revoked are outcomes to handle.
 import koffi from 'koffi';
+import { libcSyscall } from '../libc.js';
 
 /** add_key and keyctl by architecture (the generic table is aarch64's; x86_64 has its own). */
 const SYSCALLS: Partial<Record<NodeJS.Architecture, { addKey: number; keyctl: number }>> = {
@@ -102,8 +103,7 @@ function load() {
   const numbers = SYSCALLS[process.arch];
   if (!numbers) return (loaded = 'UNSUPPORTED_ARCH');
   try {
-    const lib = koffi.load('libc.so.6');
-    loaded = { call: lib.func('long syscall(long number, ...)') as Syscall, numbers };
+    loaded = { call: libcSyscall(), numbers };
   } catch {
     loaded = 'NO_LIBC';
   }

@@ -7,6 +7,7 @@
 // many slots share; a page is mapped once and kept for the life of the process, so a view can
 // never outlive its memory. Freeing a slot zeroes it.
 import koffi from 'koffi';
+import { libcLibrary, libcSyscall } from '../libc.js';
 
 export type MemoryKind = 'secret' | 'locked' | 'plain';
 
@@ -51,9 +52,9 @@ let calls: MemoryCalls | null = null;
 
 function load(): MemoryCalls {
   if (calls) return calls;
-  const lib = koffi.load('libc.so.6');
+  const lib = libcLibrary();
   calls = {
-    syscall: lib.func('long syscall(long, ...)'),
+    syscall: libcSyscall(),
     ftruncate: lib.func('int ftruncate(int, int64_t)'),
     close: lib.func('int close(int)'),
     mmap: lib.func('void *mmap(void *, size_t, int, int, int, int64_t)'),

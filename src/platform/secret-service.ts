@@ -140,21 +140,11 @@ export class SecretServiceClient {
   static async open(options: SecretServiceOptions = {}): Promise<SecretServiceClient> {
     const env = options.env ?? process.env;
     const timeoutMs = options.timeoutMs ?? DEFAULT_TIMEOUT_MS;
-    const socket = sessionBusSocket(env);
-    let lastError: Error | undefined;
-    const bus = dbus.createClient({ socket, authMethods: ['EXTERNAL'], plainValues: true, variants: 'plain', ayBuffer: true });
-    // Without listeners these would be thrown as uncaught exceptions; the failed call reports them.
-    bus.connection.on('error', (err: Error) => {
-      lastError = err;
-    });
-    bus.connection.on('handlerError', (err: Error) => {
-      lastError = err;
-      bus.connection.stream.destroy();
-    });
-    const call = new Caller(bus, timeoutMs, () => lastError);
+    const { bus, lastError } = connectSessionBus(sessionBusSocket(env), true);
+    const call = new Caller(bus, timeoutMs, lastError);
     try {
       const { path, key } = await openSession(call, options.algorithm ?? 'auto');
-      return new SecretServiceClient(bus, timeoutMs, () => lastError, path, key);
+      return new SecretServiceClient(bus, timeoutMs, lastError, path, key);
     } catch (err) {
       bus.connection.stream.destroy();
       throw err;
@@ -326,17 +316,8 @@ export interface SecretServicePresence {
  */
 export async function probeSecretService(options: SecretServiceOptions = {}): Promise<SecretServicePresence> {
   const timeoutMs = options.timeoutMs ?? DEFAULT_TIMEOUT_MS;
-  const socket = sessionBusSocket(options.env ?? process.env);
-  let lastError: Error | undefined;
-  const bus = dbus.createClient({ socket, authMethods: ['EXTERNAL'], plainValues: true, variants: 'plain' });
-  bus.connection.on('error', (err: Error) => {
-    lastError = err;
-  });
-  bus.connection.on('handlerError', (err: Error) => {
-    lastError = err;
-    bus.connection.stream.destroy();
-  });
-  const call = new Caller(bus, timeoutMs, () => lastError);
+  const { bus, lastError } = connectSessionBus(sessionBusSocket(options.env ?? process.env), false);
+  const call = new Caller(bus, timeoutMs, lastError);
   const busCall = <T>(member: string, signature: string, body: unknown[]) =>
     call.invoke<T>('/org/freedesktop/DBus', 'org.freedesktop.DBus', member, signature, body, 'org.freedesktop.DBus');
   try {
@@ -351,6 +332,21 @@ export async function probeSecretService(options: SecretServiceOptions = {}): Pr
   } finally {
     bus.connection.stream.destroy();
   }
+}
+
+/** A connection to the session bus at `socket`, and the last error its connection reported. */
+function connectSessionBus(socket: string, ayBuffer: boolean): { bus: Bus; lastError: () => Error | undefined } {
+  let lastError: Error | undefined;
+  const bus = dbus.createClient({ socket, authMethods: ['EXTERNAL'], plainValues: true, variants: 'plain', ...(ayBuffer ? { ayBuffer: true } : {}) });
+  // Without listeners these would be thrown as uncaught exceptions; the failed call reports them.
+  bus.connection.on('error', (err: Error) => {
+    lastError = err;
+  });
+  bus.connection.on('handlerError', (err: Error) => {
+    lastError = err;
+    bus.connection.stream.destroy();
+  });
+  return { bus, lastError: () => lastError };
 }
 
 /** Opens a client, runs `fn`, and closes it however `fn` ends. */
