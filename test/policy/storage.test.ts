@@ -1,37 +1,23 @@
 // Policies in the vault: stored and checked again there, versioned with the counter, compiled once
 // per version by the PolicyCache, and a vault from before policies migrates on open.
-import { afterAll, afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import Database from 'better-sqlite3-multiple-ciphers';
-import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { readFileSync } from 'node:fs';
 import { EXIT, KeyholdError } from '../../src/errors.js';
 import { NO_POLICY_COMPILED, PolicyCache } from '../../src/policy/policy-cache.js';
 import type { PolicyDocument } from '../../src/policy/policy.js';
 import { parseKeyring } from '../../src/vault/keyring.js';
 import { unwrapWithPassphrase } from '../../src/unlock/prove.js';
-import { vaultPaths, type VaultPaths } from '../../src/vault/paths.js';
 import { SCHEMA_VERSION } from '../../src/vault/database.js';
 import { Vault } from '../../src/vault/vault.js';
 import { localVaultApi } from '../../src/vault/api.js';
 import { parseControlRequest } from '../../src/control/requests.js';
+import { tempVaults } from '../helpers/temp-vaults.js';
 
-process.env.KEYHOLD_KDF_LOG2N = '14';
 const PASS = 'policy storage passphrase';
 const pass = async () => Buffer.from(PASS);
 
-const root = mkdtempSync(join(tmpdir(), 'keyhold-policy-storage-'));
-afterAll(() => rmSync(root, { recursive: true, force: true }));
-
-let paths: VaultPaths;
-let open: Vault[] = [];
-beforeEach(() => {
-  paths = vaultPaths(join(mkdtempSync(join(root, 'v-')), 'vault.db'));
-});
-afterEach(() => {
-  for (const v of open) if (v.isOpen) v.close();
-  open = [];
-});
+const vaults = tempVaults('keyhold-policy-storage-');
 
 const FP = 'SHA256:' + 'A'.repeat(43);
 const gitOnly: PolicyDocument = {
@@ -53,8 +39,8 @@ function exitOf(fn: () => unknown): number | undefined {
 }
 
 async function rawDb(): Promise<Database.Database> {
-  const masterKey = await unwrapWithPassphrase(parseKeyring(readFileSync(paths.keys, 'utf8')), Buffer.from(PASS));
-  const db = new Database(paths.db);
+  const masterKey = await unwrapWithPassphrase(parseKeyring(readFileSync(vaults.paths.keys, 'utf8')), Buffer.from(PASS));
+  const db = new Database(vaults.paths.db);
   db.pragma(`cipher = 'sqlcipher'`);
   db.pragma('legacy = 4');
   db.pragma(`key = "x'${masterKey.toString('hex')}'"`);
@@ -63,9 +49,9 @@ async function rawDb(): Promise<Database.Database> {
 
 describe('policies in the vault', () => {
   it('set, get, replace, list, remove; each change moves the version seen by another connection', async () => {
-    const a = await Vault.create(paths, Buffer.from(PASS));
-    const b = await Vault.open(paths, pass);
-    open.push(a, b);
+    const a = await Vault.create(vaults.paths, Buffer.from(PASS));
+    const b = await Vault.open(vaults.paths, pass);
+    vaults.closeAfter(a, b);
     const v0 = b.observedVersion();
     const set = a.setPolicy('web', gitOnly, 'default = "deny"\n');
     expect(set).toMatchObject({ scope: 'web', document: gitOnly, source: 'default = "deny"\n' });
@@ -90,8 +76,8 @@ describe('policies in the vault', () => {
   });
 
   it('refuses a document the schema or the rules refuse (exit 2), whoever sends it, and stores nothing', async () => {
-    const a = await Vault.create(paths, Buffer.from(PASS));
-    open.push(a);
+    const a = await Vault.create(vaults.paths, Buffer.from(PASS));
+    vaults.closeAfter(a);
     const bad: unknown[] = [
       { default: 'maybe', rules: [] },
       { default: 'deny', rules: [{ action: 'allow', purpose: 'ssh-login', namespaces: ['git'] }] },
@@ -116,14 +102,14 @@ describe('policies in the vault', () => {
   });
 
   it('VaultApi audits policy-set and policy-removed; the control schema takes a document and refuses a bad one', async () => {
-    const a = await Vault.create(paths, Buffer.from(PASS));
-    open.push(a);
+    const a = await Vault.create(vaults.paths, Buffer.from(PASS));
+    vaults.closeAfter(a);
     const api = localVaultApi(a, { kind: 'process', pid: process.pid, uid: process.getuid!(), exe: null });
     await api.setPolicy('web', gitOnly, 'src');
     expect((await api.getPolicy('web')).document).toEqual(gitOnly);
     await api.removePolicy('web');
     a.close();
-    const log = readFileSync(paths.audit, 'utf8').trim().split('\n').map((l) => JSON.parse(l) as Record<string, unknown>);
+    const log = readFileSync(vaults.paths.audit, 'utf8').trim().split('\n').map((l) => JSON.parse(l) as Record<string, unknown>);
     expect(log.filter((e) => String(e.event).startsWith('policy-')).map((e) => [e.event, e.scope, e.rules])).toEqual([
       ['policy-set', 'web', 2],
       ['policy-removed', 'web', undefined],
@@ -135,7 +121,7 @@ describe('policies in the vault', () => {
   });
 
   it('a vault at schema 3 (before policies) migrates when opened, and keeps its keys', async () => {
-    const a = await Vault.create(paths, Buffer.from(PASS));
+    const a = await Vault.create(vaults.paths, Buffer.from(PASS));
     const { fingerprint } = a.addKey('web', (await import('node:crypto')).generateKeyPairSync('ed25519').privateKey, 'old');
     a.close();
     const db = await rawDb();
@@ -144,8 +130,8 @@ describe('policies in the vault', () => {
     db.exec('ALTER TABLE key_scopes DROP COLUMN expires_at; ALTER TABLE key_scopes DROP COLUMN confirm; ALTER TABLE key_scopes DROP COLUMN destinations');
     db.pragma('user_version = 3');
     db.close();
-    const b = await Vault.open(paths, pass);
-    open.push(b);
+    const b = await Vault.open(vaults.paths, pass);
+    vaults.closeAfter(b);
     expect(b.listKeys().map((k) => k.fingerprint)).toEqual([fingerprint]);
     b.setPolicy('web', gitOnly, '');
     expect(b.getPolicy('web').document).toEqual(gitOnly);
@@ -157,9 +143,9 @@ describe('policies in the vault', () => {
 
 describe('PolicyCache', () => {
   it('compiles once per version; a scope without a policy is the shared inactive NO_POLICY', async () => {
-    const a = await Vault.create(paths, Buffer.from(PASS));
-    const b = await Vault.open(paths, pass);
-    open.push(a, b);
+    const a = await Vault.create(vaults.paths, Buffer.from(PASS));
+    const b = await Vault.open(vaults.paths, pass);
+    vaults.closeAfter(a, b);
     const cache = new PolicyCache(a);
     expect(cache.refresh()).toBe(true);
     expect(cache.refresh()).toBe(false);
@@ -183,8 +169,8 @@ describe('PolicyCache', () => {
   });
 
   it('a damaged stored row fails closed (deny everything) and is reported by problems()', async () => {
-    const a = await Vault.create(paths, Buffer.from(PASS));
-    open.push(a);
+    const a = await Vault.create(vaults.paths, Buffer.from(PASS));
+    vaults.closeAfter(a);
     a.setPolicy('web', gitOnly, '');
     a.setPolicy('ops', { default: 'allow', rules: [] }, '');
     const db = await rawDb();
@@ -206,8 +192,8 @@ describe('PolicyCache', () => {
   });
 
   it('keeps what it has when the vault cannot be read', async () => {
-    const a = await Vault.create(paths, Buffer.from(PASS));
-    open.push(a);
+    const a = await Vault.create(vaults.paths, Buffer.from(PASS));
+    vaults.closeAfter(a);
     a.setPolicy('web', gitOnly, '');
     let version = a.version();
     const cache = new PolicyCache(a, () => version);
@@ -220,7 +206,7 @@ describe('PolicyCache', () => {
   });
 
   it('refuses every scope until the policies could be read once (fail closed, not "no policy")', async () => {
-    const a = await Vault.create(paths, Buffer.from(PASS));
+    const a = await Vault.create(vaults.paths, Buffer.from(PASS));
     a.setPolicy('web', gitOnly, '');
     const cache = new PolicyCache(a, () => 1);
     a.close(); // the first read fails

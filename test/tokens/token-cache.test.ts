@@ -1,36 +1,24 @@
 // The daemon's token cache over a Vault opened directly: lookup by the presented token, expiry,
 // and revocations / new tokens written by another Vault instance (another process, in real life).
-import { afterAll, afterEach, beforeEach, describe, expect, it, vi } from 'vitest';
-import { mkdtempSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { afterEach, describe, expect, it, vi } from 'vitest';
 import { TokenCache } from '../../src/tokens/token-cache.js';
 import { mintToken, tokenHash } from '../../src/tokens/tokens.js';
-import { vaultPaths, type VaultPaths } from '../../src/vault/paths.js';
 import { Vault } from '../../src/vault/vault.js';
+import { tempVaults } from '../helpers/temp-vaults.js';
 
-process.env.KEYHOLD_KDF_LOG2N = '14';
 const PASS = 'token cache unit passphrase';
 
-const root = mkdtempSync(join(tmpdir(), 'keyhold-token-cache-'));
-afterAll(() => rmSync(root, { recursive: true, force: true }));
+const vaults = tempVaults('keyhold-token-cache-');
 
-let paths: VaultPaths;
-let open: Vault[] = [];
-beforeEach(() => {
-  paths = vaultPaths(join(mkdtempSync(join(root, 'v-')), 'vault.db'));
-});
 afterEach(() => {
   vi.restoreAllMocks();
-  for (const v of open) v.close();
-  open = [];
 });
 
 /** The daemon's connection and a CLI's connection to the same vault file. */
 async function daemonAndCli(): Promise<[Vault, Vault]> {
-  const daemon = await Vault.create(paths, Buffer.from(PASS));
-  const cli = await Vault.open(paths, async () => Buffer.from(PASS));
-  open.push(daemon, cli);
+  const daemon = await Vault.create(vaults.paths, Buffer.from(PASS));
+  const cli = await Vault.open(vaults.paths, async () => Buffer.from(PASS));
+  vaults.closeAfter(daemon, cli);
   return [daemon, cli];
 }
 
@@ -153,7 +141,7 @@ describe('TokenCache and revocation by another Vault instance', () => {
     const cache = new TokenCache(daemon);
     const { token, record } = cli.issueToken('web', '', null);
     expect(cache.lookup(Buffer.from(token))).not.toBeNull();
-    const third = await Vault.open(paths, async () => Buffer.from(PASS));
+    const third = await Vault.open(vaults.paths, async () => Buffer.from(PASS));
     third.revokeToken(record.id);
     third.close();
     expect(cache.lookup(Buffer.from(token))).toBeNull();

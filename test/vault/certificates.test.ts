@@ -2,38 +2,30 @@
 // listed apart from the key's plain assignment, removed alone, deleted with their key; a
 // certificate that does not verify or certifies another key is refused; the key cache maps a
 // certificate blob to the same parsed key as the plain blob, parsed once per vault version.
-import { afterAll, afterEach, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { execFileSync } from 'node:child_process';
 import { generateKeyPairSync, type KeyObject } from 'node:crypto';
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { mkdtempSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { authorizedKeyLine, describeKey } from '../../src/agent-protocol/public-key.js';
 import { KeyholdError } from '../../src/errors.js';
 import { SCHEMA_VERSION } from '../../src/vault/database.js';
 import { KeyCache } from '../../src/vault/key-cache.js';
-import { vaultPaths } from '../../src/vault/paths.js';
 import { Vault } from '../../src/vault/vault.js';
 import { NO_CONSTRAINTS, storedConstraints } from '../../src/policy/ssh-add-constraints.js';
 import { signCertificate } from '../helpers/certificates.js';
+import { tempVaults } from '../helpers/temp-vaults.js';
 
-process.env.KEYHOLD_KDF_LOG2N = '14';
 const PASS = 'vault certificate passphrase';
-const root = mkdtempSync(join(tmpdir(), 'keyhold-vault-certs-'));
-afterAll(() => rmSync(root, { recursive: true, force: true }));
-let open: Vault[] = [];
-afterEach(() => {
-  for (const v of open) v.close();
-  open = [];
-});
+const vaults = tempVaults('keyhold-vault-certs-');
 
 async function newVault(): Promise<Vault> {
-  const vault = await Vault.create(vaultPaths(join(mkdtempSync(join(root, 'v-')), 'vault.db')), Buffer.from(PASS));
-  open.push(vault);
+  const vault = await Vault.create(vaults.newPaths(), Buffer.from(PASS));
+  vaults.closeAfter(vault);
   return vault;
 }
 
-const caDir = mkdtempSync(join(root, 'ca-'));
+const caDir = mkdtempSync(join(vaults.root, 'ca-'));
 execFileSync('ssh-keygen', ['-q', '-t', 'ed25519', '-N', '', '-f', join(caDir, 'ca')]);
 
 /** A certificate of `key` by the test CA, made by ssh-keygen. */

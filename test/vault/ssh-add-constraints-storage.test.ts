@@ -1,39 +1,25 @@
 // ssh-add's constraints as the vault keeps them: with the assignment (schema 5), replaced by a
 // re-add, dropped by unassign, swept when their lifetime ends, compiled by the key cache.
-import { afterAll, afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import Database from 'better-sqlite3-multiple-ciphers';
 import { generateKeyPairSync } from 'node:crypto';
-import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { readFileSync } from 'node:fs';
 import { parseKeyring } from '../../src/vault/keyring.js';
 import { unwrapWithPassphrase } from '../../src/unlock/prove.js';
-import { vaultPaths, type VaultPaths } from '../../src/vault/paths.js';
 import { Vault } from '../../src/vault/vault.js';
 import { KeyCache } from '../../src/vault/key-cache.js';
 import { SCHEMA_VERSION } from '../../src/vault/database.js';
 import { describeKey } from '../../src/agent-protocol/public-key.js';
 import { storedConstraints, NO_CONSTRAINTS } from '../../src/policy/ssh-add-constraints.js';
+import { tempVaults } from '../helpers/temp-vaults.js';
 
-process.env.KEYHOLD_KDF_LOG2N = '14';
 const PASS = 'constraints storage passphrase';
 const pass = async () => Buffer.from(PASS);
-const root = mkdtempSync(join(tmpdir(), 'keyhold-constraints-storage-'));
-afterAll(() => rmSync(root, { recursive: true, force: true }));
-
-let paths: VaultPaths;
-let open: Vault[] = [];
-beforeEach(() => {
-  paths = vaultPaths(join(mkdtempSync(join(root, 'v-')), 'vault.db'));
-});
-afterEach(() => {
-  for (const v of open) if (v.isOpen) v.close();
-  open = [];
-});
+const vaults = tempVaults('keyhold-constraints-storage-');
 
 async function rawDb(): Promise<Database.Database> {
-  const masterKey = await unwrapWithPassphrase(parseKeyring(readFileSync(paths.keys, 'utf8')), Buffer.from(PASS));
-  const db = new Database(paths.db);
+  const masterKey = await unwrapWithPassphrase(parseKeyring(readFileSync(vaults.paths.keys, 'utf8')), Buffer.from(PASS));
+  const db = new Database(vaults.paths.db);
   db.pragma(`cipher = 'sqlcipher'`);
   db.pragma('legacy = 4');
   db.pragma(`key = "x'${masterKey.toString('hex')}'"`);
@@ -41,8 +27,8 @@ async function rawDb(): Promise<Database.Database> {
 }
 
 async function created(): Promise<Vault> {
-  const vault = await Vault.create(paths, Buffer.from(PASS));
-  open.push(vault);
+  const vault = await Vault.create(vaults.paths, Buffer.from(PASS));
+  vaults.closeAfter(vault);
   return vault;
 }
 
@@ -65,8 +51,8 @@ describe('ssh-add constraints in the vault', () => {
     db.exec('DROP TABLE certificates');
     db.pragma('user_version = 4');
     db.close();
-    const b = await Vault.open(paths, pass);
-    open.push(b);
+    const b = await Vault.open(vaults.paths, pass);
+    vaults.closeAfter(b);
     expect(b.listKeys('web').map((k) => k.fingerprint)).toEqual([fingerprint]);
     expect(b.scopeConstraints('web')).toEqual([]);
     const check = await rawDb();

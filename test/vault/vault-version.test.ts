@@ -1,38 +1,24 @@
 // The version counter seen across connections, and the key cache rebuilt only when it moves.
-import { afterAll, afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import Database from 'better-sqlite3-multiple-ciphers';
 import { generateKeyPairSync } from 'node:crypto';
-import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { readFileSync } from 'node:fs';
 import { formatError, KeyholdError } from '../../src/errors.js';
 import { KeyCache } from '../../src/vault/key-cache.js';
 import { parseKeyring } from '../../src/vault/keyring.js';
 import { unwrapWithPassphrase } from '../../src/unlock/prove.js';
-import { vaultPaths, type VaultPaths } from '../../src/vault/paths.js';
 import { Vault } from '../../src/vault/vault.js';
+import { tempVaults } from '../helpers/temp-vaults.js';
 
-process.env.KEYHOLD_KDF_LOG2N = '14';
 const PASS = 'vault unit passphrase';
 const pass = async () => Buffer.from(PASS);
 
-const root = mkdtempSync(join(tmpdir(), 'keyhold-vault-unit-'));
-afterAll(() => rmSync(root, { recursive: true, force: true }));
-
-let paths: VaultPaths;
-let open: Vault[] = [];
-beforeEach(() => {
-  paths = vaultPaths(join(mkdtempSync(join(root, 'v-')), 'vault.db'));
-});
-afterEach(() => {
-  for (const v of open) v.close();
-  open = [];
-});
+const vaults = tempVaults('keyhold-vault-unit-');
 
 async function twoConnections(): Promise<[Vault, Vault]> {
-  const a = await Vault.create(paths, Buffer.from(PASS));
-  const b = await Vault.open(paths, pass);
-  open.push(a, b);
+  const a = await Vault.create(vaults.paths, Buffer.from(PASS));
+  const b = await Vault.open(vaults.paths, pass);
+  vaults.closeAfter(a, b);
   return [a, b];
 }
 
@@ -94,8 +80,8 @@ describe('Vault.observedVersion', () => {
     a.addKey('web', ed25519(), 'k');
     a.addKey('web', ed25519(), 'k2');
     const v = a.observedVersion();
-    const c = await Vault.open(paths, pass);
-    open.push(c);
+    const c = await Vault.open(vaults.paths, pass);
+    vaults.closeAfter(c);
     expect(c.observedVersion()).toBe(v);
     expect(c.version()).toBe(v);
   });
@@ -169,10 +155,10 @@ describe('KeyCache.refresh', () => {
 
 describe('vault versions on disk', () => {
   it('a database schema newer than this keyhold is refused with an error naming an upgrade', async () => {
-    const v = await Vault.create(paths, Buffer.from(PASS));
+    const v = await Vault.create(vaults.paths, Buffer.from(PASS));
     v.close();
-    const masterKey = await unwrapWithPassphrase(parseKeyring(readFileSync(paths.keys, 'utf8')), Buffer.from(PASS));
-    const db = new Database(paths.db);
+    const masterKey = await unwrapWithPassphrase(parseKeyring(readFileSync(vaults.paths.keys, 'utf8')), Buffer.from(PASS));
+    const db = new Database(vaults.paths.db);
     db.pragma(`cipher = 'sqlcipher'`);
     db.pragma('legacy = 4');
     db.pragma(`key = "x'${masterKey.toString('hex')}'"`);
@@ -180,7 +166,7 @@ describe('vault versions on disk', () => {
     db.close();
     let err: unknown;
     try {
-      open.push(await Vault.open(paths, pass));
+      vaults.closeAfter(await Vault.open(vaults.paths, pass));
     } catch (e) {
       err = e;
     }
@@ -189,16 +175,16 @@ describe('vault versions on disk', () => {
   });
 
   it('a key file of an unknown version is refused by Vault.open naming an upgrade', async () => {
-    const v = await Vault.create(paths, Buffer.from(PASS));
+    const v = await Vault.create(vaults.paths, Buffer.from(PASS));
     v.close();
     const { writeFileSync } = await import('node:fs');
-    const doc = JSON.parse(readFileSync(paths.keys, 'utf8'));
-    writeFileSync(paths.keys, JSON.stringify({ ...doc, version: 2 }));
+    const doc = JSON.parse(readFileSync(vaults.paths.keys, 'utf8'));
+    writeFileSync(vaults.paths.keys, JSON.stringify({ ...doc, version: 2 }));
     let asked = false;
     let err: unknown;
     try {
-      open.push(
-        await Vault.open(paths, async () => {
+      vaults.closeAfter(
+        await Vault.open(vaults.paths, async () => {
           asked = true;
           return Buffer.from(PASS);
         }),
