@@ -32,6 +32,14 @@ function describeApprover(by: unknown): string | null {
   return channel;
 }
 
+/** `"ID" serial N`, from an entry's certificate object. */
+function describeCertificate(certificate: unknown): string | null {
+  if (typeof certificate !== 'object' || certificate === null) return null;
+  const { key_id: keyId, serial } = certificate as { key_id?: unknown; serial?: unknown };
+  if (typeof keyId !== 'string') return null;
+  return `${JSON.stringify(keyId)}${typeof serial === 'string' ? ` serial ${serial}` : ''}`;
+}
+
 /** One line per entry, like a log: time, event, then what it concerns. */
 function humanLine(entry: AuditEntry): string {
   const parts = [entry.time, String(entry.seq).padStart(6), entry.event];
@@ -56,6 +64,11 @@ function humanLine(entry: AuditEntry): string {
     if (typeof constraints.lifetime_s === 'number') parts.push(`lifetime=${constraints.lifetime_s}s`);
     if (Array.isArray(constraints.hosts)) parts.push(`hosts=${JSON.stringify(constraints.hosts.map(String).join(','))}`);
   }
+  // A certificate (ssh-add'ed, or the host's in a session-bind) by its key id and serial, as sshd logs it.
+  const certificate = describeCertificate(entry.certificate);
+  if (certificate) parts.push(`cert=${certificate}`);
+  const hostCertificate = describeCertificate(entry.host_certificate);
+  if (hostCertificate) parts.push(`host-cert=${hostCertificate}`);
   const approved = describeApprover(entry.approved_by);
   if (approved) parts.push(`approved-by=${approved}`);
   const denied = describeApprover(entry.denied_by);

@@ -124,6 +124,8 @@ describe('ssh-add and certificates', () => {
     const table = keyholdOk(k, ['key', 'list']);
     expect(table).toContain(`${keys.rsa!.fingerprint} in web: user certificate "cert-rsa" serial 13 for ${PRINCIPAL}`);
     expect(auditLines(k).some((line) => line.includes('"certificate-added"') && line.includes('"key_id":"cert-ecdsa"'))).toBe(true);
+    // audit tail names the certificate too, as sshd's log does: key id and serial.
+    expect(keyholdOk(k, ['audit', 'tail', '-n', '50'])).toMatch(/ certificate-added scope=web SHA256:\S+ cert="cert-ecdsa" serial 12/);
   }, 60_000);
 
   it('a login with -oCertificateFile to an sshd trusting the CA (cert-authority,principals=) works (ssh signs with the plain key beside it)', async () => {
