@@ -104,7 +104,13 @@ export async function startServe(k: KeyholdEnv, args: string[] = [], env: NodeJS
       running.delete(handle);
       if (proc.exitCode === null && proc.signalCode === null) {
         proc.kill('SIGTERM');
-        const timer = setTimeout(() => proc.kill('SIGKILL'), 5000);
+        // A stop closes the vault (audit fsync, WAL checkpoint): on a CI machine busy with two test
+        // files' daemons and builds that once took over 5 s. A daemon that needs the SIGKILL says
+        // where it stood, for the test that then fails on its exit code.
+        const timer = setTimeout(() => {
+          console.error(`keyhold serve (pid ${proc.pid}) did not stop within 15 s of SIGTERM; its log ends:\n${stderr.split('\n').slice(-8).join('\n')}`);
+          proc.kill('SIGKILL');
+        }, 15_000);
         const code = await exited;
         clearTimeout(timer);
         return code;
