@@ -2,7 +2,7 @@
 // wrong and the command that fixes it. Read-only: it creates no runtime dir or vault, unlocks
 // nothing, and prints no secret (it reads the key file's metadata and the audit log's last time).
 // `keyhold doctor --unit` prints the systemd user unit with ExecStart set to this install.
-import { accessSync, constants, existsSync, lstatSync, readdirSync, realpathSync, statSync } from 'node:fs';
+import { accessSync, constants, lstatSync, readdirSync, realpathSync, statSync } from 'node:fs';
 import { connect } from 'node:net';
 import { homedir } from 'node:os';
 import { basename, dirname, join, resolve } from 'node:path';
@@ -551,7 +551,7 @@ export function unitForThisInstall(): string {
 export function doctorCommand(yargs: Argv<GlobalArgs>) {
   return yargs.command(
     'doctor',
-    'check the daemon, runtime dir, vault file modes, SSH_AUTH_SOCK, scopes, config, systemd unit and clock; say what to fix (exit 1 when something is wrong)',
+    'check the daemon, runtime dir, vault file modes, SSH_AUTH_SOCK, scopes, config, systemd unit, Secret Service, kernel keyring, key memory and clock; say what to fix (exit 1 when something is wrong)',
     (c) =>
       c
         .option('unit', { type: 'boolean', describe: 'print the systemd user unit with ExecStart set to this install, and exit' })
