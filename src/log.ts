@@ -2,8 +2,9 @@
 // the caller's (serve's --log-level), KEYHOLD_LOG_LEVEL, the caller's default (the config file's
 // log_level), info.
 import pino, { type Logger } from 'pino';
-import pretty from 'pino-pretty';
+import type PinoPretty from 'pino-pretty';
 import { writeSync } from 'node:fs';
+import { createRequire } from 'node:module';
 import { usageError } from './errors.js';
 
 export const LOG_LEVELS = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'] as const;
@@ -24,7 +25,12 @@ export function createLogger(env: NodeJS.ProcessEnv = process.env, defaultLevel 
     level = requested && isLogLevel(requested) ? requested : defaultLevel;
   }
   const options = { level, base: { pid: process.pid }, name: 'keyhold' };
-  if (process.stderr.isTTY) return pino(options, pretty({ destination: 2, sync: true, colorize: true }));
+  if (process.stderr.isTTY) {
+    // Loaded only for a terminal: every CLI call creates a logger, and pino-pretty's load is a
+    // good part of a short command's start-up.
+    const pretty = createRequire(import.meta.url)('pino-pretty') as typeof PinoPretty;
+    return pino(options, pretty({ destination: 2, sync: true, colorize: true }));
+  }
   return pino(options, forgivingStderr());
 }
 

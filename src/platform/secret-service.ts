@@ -11,8 +11,15 @@
 // bus carries it. Secrets are Buffers the caller owns; the copies made here are zeroed (not those
 // inside dbus-native's message buffers: with the DH session they hold only ciphertext).
 import { createCipheriv, createDecipheriv, createDiffieHellman, hkdfSync, randomBytes } from 'node:crypto';
-import dbus from 'dbus-native';
+import type DbusNative from 'dbus-native';
+import { createRequire } from 'node:module';
 import { EXIT, KeyholdError, type ExitCode } from '../errors.js';
+
+let loadedDbus: typeof DbusNative | undefined;
+/** dbus-native (and its XML parser) loads on first use: most commands never talk D-Bus. */
+function dbusNative(): typeof DbusNative {
+  return (loadedDbus ??= createRequire(import.meta.url)('dbus-native') as typeof DbusNative);
+}
 
 export const SECRET_SERVICE_BUS_NAME = 'org.freedesktop.secrets';
 export const SECRET_SERVICE_PATH = '/org/freedesktop/secrets';
@@ -118,7 +125,7 @@ function unescapeAddressValue(value: string): string {
   }
 }
 
-type Bus = ReturnType<typeof dbus.createClient>;
+type Bus = ReturnType<typeof DbusNative.createClient>;
 
 /** One connection and one open session; `withSecretService` closes both. */
 export class SecretServiceClient {
@@ -160,8 +167,8 @@ export class SecretServiceClient {
     const collection = await this.defaultCollection();
     if (await this.isLocked(collection, COLLECTION_IFACE)) throw lockedError();
     const properties = [
-      [`${ITEM_IFACE}.Label`, new dbus.Variant('s', label)],
-      [`${ITEM_IFACE}.Attributes`, new dbus.Variant('a{ss}', Object.entries(attributes))],
+      [`${ITEM_IFACE}.Label`, new (dbusNative().Variant)('s', label)],
+      [`${ITEM_IFACE}.Attributes`, new (dbusNative().Variant)('a{ss}', Object.entries(attributes))],
     ];
     const encoded = this.encode(secret);
     try {
@@ -337,7 +344,7 @@ export async function probeSecretService(options: SecretServiceOptions = {}): Pr
 /** A connection to the session bus at `socket`, and the last error its connection reported. */
 function connectSessionBus(socket: string, ayBuffer: boolean): { bus: Bus; lastError: () => Error | undefined } {
   let lastError: Error | undefined;
-  const bus = dbus.createClient({ socket, authMethods: ['EXTERNAL'], plainValues: true, variants: 'plain', ...(ayBuffer ? { ayBuffer: true } : {}) });
+  const bus = dbusNative().createClient({ socket, authMethods: ['EXTERNAL'], plainValues: true, variants: 'plain', ...(ayBuffer ? { ayBuffer: true } : {}) });
   // Without listeners these would be thrown as uncaught exceptions; the failed call reports them.
   bus.connection.on('error', (err: Error) => {
     lastError = err;
@@ -440,7 +447,7 @@ async function openSession(call: Caller, algorithm: 'auto' | 'plain'): Promise<{
     try {
       const [theirs, path] = await call.invoke<[Buffer, string]>(SECRET_SERVICE_PATH, SERVICE_IFACE, 'OpenSession', 'sv', [
         DH_ALGORITHM,
-        new dbus.Variant('ay', ours),
+        new (dbusNative().Variant)('ay', ours),
       ]);
       if (!Buffer.isBuffer(theirs)) throw new SecretServiceError('refused', 'the Secret Service answered OpenSession without a public key');
       let shared: Buffer;
@@ -459,6 +466,6 @@ async function openSession(call: Caller, algorithm: 'auto' | 'plain'): Promise<{
       if (!notSupported) throw err;
     }
   }
-  const [, path] = await call.invoke<[unknown, string]>(SECRET_SERVICE_PATH, SERVICE_IFACE, 'OpenSession', 'sv', ['plain', new dbus.Variant('s', '')]);
+  const [, path] = await call.invoke<[unknown, string]>(SECRET_SERVICE_PATH, SERVICE_IFACE, 'OpenSession', 'sv', ['plain', new (dbusNative().Variant)('s', '')]);
   return { path, key: null };
 }

@@ -2,7 +2,8 @@
 // PKCS#8 DER the vault stores. Everything ends up as a node:crypto KeyObject.
 import { createPrivateKey, createPublicKey, generateKeyPair, sign, verify, type KeyObject } from 'node:crypto';
 import { promisify } from 'node:util';
-import sshpk from 'sshpk';
+import type Sshpk from 'sshpk';
+import { createRequire } from 'node:module';
 import { curveBySshType, describeKey, type PublicKeyInfo } from '../agent-protocol/public-key.js';
 import { WireReader } from '../agent-protocol/wire.js';
 import { fromBigInt, modInverse, toBigInt } from '../agent-protocol/bignum.js';
@@ -149,8 +150,10 @@ function isEncryptedPem(text: string): boolean {
 }
 
 function parseOpenSsh(bytes: Buffer, name: string, passphrase?: Buffer): ParsedKeyFile {
-  let parsed: sshpk.PrivateKey;
+  let parsed: Sshpk.PrivateKey;
   try {
+    // sshpk (and its crypto dependencies) loads only for an OpenSSH key file.
+    const sshpk = createRequire(import.meta.url)('sshpk') as typeof Sshpk;
     parsed = sshpk.parsePrivateKey(bytes, 'openssh', passphrase ? { passphrase } : undefined);
   } catch (err) {
     const errName = (err as Error).name;
