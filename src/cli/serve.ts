@@ -1,6 +1,5 @@
 import type { Argv } from 'yargs';
 import type { Logger } from 'pino';
-import { startDaemon } from '../daemon/daemon.js';
 import { parseDuration, parseOpenSshDuration } from '../duration.js';
 import { EXIT, KeyholdError, usageError } from '../errors.js';
 import { createLogger, envLogLevel, LOG_LEVELS } from '../log.js';
@@ -96,6 +95,8 @@ export function serveCommand(yargs: Argv<GlobalArgs>) {
       if (config.offlineGraceMs !== undefined) {
         log.debug({ offline_grace_ms: config.offlineGraceMs }, 'offline_grace is for PostgreSQL vaults (planned): no effect on this vault');
       }
+      // The daemon's modules load only here: every other command starts without them.
+      const { startDaemon } = await import('../daemon/daemon.js');
       const daemon = await startDaemon({
         paths,
         vaultId: keyring.vault_id,
