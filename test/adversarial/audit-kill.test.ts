@@ -53,7 +53,9 @@ describe('kill -9 of the daemon under signing load', () => {
     for (let round = 0; round < 3; round++) {
       const serve = await startServe(k);
       const load = new SigningLoad(serve.socket('web'), 24, 4, `r${round}`);
-      await sleep(400 + Math.random() * 1200);
+      // Under way first (a loaded machine may take a while to connect 24 clients), then a random moment.
+      await waitFor(() => load.received.size > 100, 20_000, 'the load to sign');
+      await sleep(Math.random() * 1200);
       await kill9(serve.proc.pid!);
       await load.stop();
       await serve.stop();

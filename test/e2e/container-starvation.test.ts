@@ -7,13 +7,17 @@ import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { DEFAULT_TOKEN_LIMITS } from '../../src/signer/token-limits.js';
-import { initVault, keyhold, keyholdOk, makeKeyholdEnv, startServe, stopAllServes, type KeyholdEnv, type ServeHandle } from '../helpers/keyhold.js';
+import { initVault, keyhold, keyholdOk, makeKeyholdEnv, startServe, stopAllServes, waitFor, type KeyholdEnv, type ServeHandle } from '../helpers/keyhold.js';
 import { freePort, identitiesFrame, parseIdentities, RawConn, tokenHandshake, u32, type Target } from '../helpers/raw-wire.js';
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
-/** What "served" means here: the first reply within this long after connecting (a correctness bound, not a timing claim). */
-const SERVED_WITHIN_MS = 1000;
+/**
+ * What "served" means here: the first reply within this long after connecting (a correctness
+ * bound, not a timing claim). A starved client waits for the 5 s handshake timeout and more; 1 s
+ * was within reach of one stall of a loaded CI machine.
+ */
+const SERVED_WITHIN_MS = 3000;
 
 let k: KeyholdEnv;
 let serve: ServeHandle;
@@ -335,8 +339,8 @@ describe('revocation and expiry end idle connections', () => {
     expect(await servedOnce(tcp('127.0.3.3'), t.token)).toBeLessThan(SERVED_WITHIN_MS);
   });
 
-  it('20 idle sessions of a 2 s token: closed when it expires, without another request', async () => {
-    const t = JSON.parse(keyholdOk(k, ['token', 'issue', 'web', '--subject', 'short', '--ttl', '2s', '--json'])) as IssuedToken & { expires: string };
+  it('20 idle sessions of a 5 s token: closed when it expires, without another request', async () => {
+    const t = JSON.parse(keyholdOk(k, ['token', 'issue', 'web', '--subject', 'short', '--ttl', '5s', '--json'])) as IssuedToken & { expires: string };
     const conns = await openSessions(t.token, 20, '127.0.3.2');
     try {
       const expiresAt = Date.parse(t.expires);
@@ -411,7 +415,7 @@ describe('memory bound', () => {
         conn.send(Buffer.concat([tokenHandshake(token.token), requests]));
         conns.push(conn);
       }
-      await sleep(1500);
+      await waitFor(() => conns.every((c) => c.closed), 10_000, 'the daemon to close the sessions that do not read').catch(() => {});
       const grown = rssOf(serve.proc.pid!) - before;
       const closed = conns.filter((c) => c.closed).length;
       console.log(`unread replies: ${conns.length} sessions asked for ${((conns.length * requests.length) / 5 / 2 ** 10).toFixed(0)} Ki identities answers; ${closed} closed by the daemon; RSS grew ${(grown / 2 ** 20).toFixed(0)} MiB`);

@@ -251,7 +251,8 @@ describe('remembered unlock through the kernel keyring', () => {
 
   it('the idle lock takes the key out too, or a restart would undo it', async () => {
     const v = freshVault();
-    keyholdOk(v.k, ['unlock', '--remember', '1m', '--idle', '1s']);
+    // 3 s: the listing below must come before the idle lock, on a loaded machine too.
+    keyholdOk(v.k, ['unlock', '--remember', '1m', '--idle', '3s']);
     expect(listed(v)).toBe(true);
     await waitFor(() => status(v.bare).code === 3, 10_000, 'the idle lock');
     expect(listed(v)).toBe(false);

@@ -92,7 +92,8 @@ describe('against gnome-keyring-daemon', () => {
       expect(error.exitCode).toBe(EXIT.DENIED);
       expect(error.message).toMatch(/keyring is locked/);
       expect(error.hint).toContain('gnome-keyring-daemon --unlock');
-      expect(ms).toBeLessThan(1500);
+      // Answered, not timed out: under the client's 3 s deadline (the reason says which, too).
+      expect(ms).toBeLessThan(2900);
       expect(`${error.message} ${error.hint}`).not.toContain(secret.toString('hex'));
     }
   });
@@ -138,7 +139,7 @@ it('no provider on the bus is exit 3', async () => {
     expect(error.reason).toBe('no-provider');
     expect(error.exitCode).toBe(EXIT.LOCKED);
     expect(error.message).toContain('org.freedesktop.secrets');
-    expect(ms).toBeLessThan(1500);
+    expect(ms).toBeLessThan(2900);
   } finally {
     await bus.stop();
   }
@@ -178,7 +179,7 @@ it('a bus that accepts and never answers is a timeout within the deadline, and t
     expect(error.exitCode).toBe(EXIT.LOCKED);
     expect(error.message).toMatch(/did not answer .* within 0\.5 s/);
     expect(ms).toBeGreaterThanOrEqual(450);
-    expect(ms).toBeLessThan(2500);
+    expect(ms).toBeLessThan(4000);
     await new Promise((r) => setTimeout(r, 100));
     expect(connections.length).toBe(1);
     expect(closed).toBe(1);
