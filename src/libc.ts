@@ -1,5 +1,12 @@
 // The few libc calls node does not expose: SO_PEERCRED, prctl and setrlimit (Linux).
-import koffi from 'koffi';
+import type * as Koffi from 'koffi';
+import { createRequire } from 'node:module';
+
+let koffiModule: typeof Koffi | undefined;
+/** koffi, loaded on first use: most CLI commands make no libc call, and its load is a good part of their start-up. */
+export function koffi(): typeof Koffi {
+  return (koffiModule ??= createRequire(import.meta.url)('koffi') as typeof Koffi);
+}
 
 const SOL_SOCKET = 1;
 const SO_PEERCRED = 17;
@@ -17,12 +24,12 @@ interface Libc {
   flock: (fd: number, operation: number) => number;
 }
 
-let library: ReturnType<typeof koffi.load> | null = null;
+let library: ReturnType<typeof Koffi.load> | null = null;
 let variadicSyscall: ((number: number, ...typedArgs: unknown[]) => number | bigint) | null = null;
 
 /** libc, loaded once for every module that binds its own calls (this one, kernel keyring, secret memory). Throws when it cannot be loaded. */
-export function libcLibrary(): ReturnType<typeof koffi.load> {
-  library ??= koffi.load('libc.so.6');
+export function libcLibrary(): ReturnType<typeof Koffi.load> {
+  library ??= koffi().load('libc.so.6');
   return library;
 }
 
@@ -113,6 +120,6 @@ export function execReplacing(path: string, argv: Buffer[], env: Buffer[]): stri
   calls.signal(SIGXFSZ, null);
   calls.sigprocmask(SIG_SETMASK, Buffer.alloc(128), null);
   calls.execve(cString(path), [...argv.map(cString), null], [...env.map(cString), null]);
-  const errno = koffi.errno();
+  const errno = koffi().errno();
   return ({ 2: 'ENOENT', 13: 'EACCES', 8: 'ENOEXEC', 20: 'ENOTDIR', 7: 'E2BIG', 26: 'ETXTBSY' } as Record<number, string>)[errno] ?? `errno ${errno}`;
 }

@@ -1,7 +1,7 @@
 // pino to stderr: JSON, or human-readable when stderr is a terminal. Level, first that is set:
 // the caller's (serve's --log-level), KEYHOLD_LOG_LEVEL, the caller's default (the config file's
 // log_level), info.
-import pino, { type Logger } from 'pino';
+import type { Logger, pino as PinoFactory } from 'pino';
 import type PinoPretty from 'pino-pretty';
 import { writeSync } from 'node:fs';
 import { createRequire } from 'node:module';
@@ -25,10 +25,12 @@ export function createLogger(env: NodeJS.ProcessEnv = process.env, defaultLevel 
     level = requested && isLogLevel(requested) ? requested : defaultLevel;
   }
   const options = { level, base: { pid: process.pid }, name: 'keyhold' };
+  // Loaded here, not at import: only serve and bridge log, and loading pino (and pino-pretty, for
+  // a terminal) is a good part of every other command's start-up.
+  const require = createRequire(import.meta.url);
+  const pino = require('pino') as typeof PinoFactory;
   if (process.stderr.isTTY) {
-    // Loaded only for a terminal: every CLI call creates a logger, and pino-pretty's load is a
-    // good part of a short command's start-up.
-    const pretty = createRequire(import.meta.url)('pino-pretty') as typeof PinoPretty;
+    const pretty = require('pino-pretty') as typeof PinoPretty;
     return pino(options, pretty({ destination: 2, sync: true, colorize: true }));
   }
   return pino(options, forgivingStderr());

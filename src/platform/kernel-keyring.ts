@@ -3,8 +3,7 @@
 // crosses a pipe, an argv or another process, and reading it back needs no child either.
 // Every call answers with a result, never a throw: a kernel without keyrings (ENOSYS), a seccomp
 // filter (EPERM, Docker's default profile), a key gone, expired or revoked are outcomes to handle.
-import koffi from 'koffi';
-import { libcSyscall } from '../libc.js';
+import { koffi, libcSyscall } from '../libc.js';
 
 /** add_key and keyctl by architecture (the generic table is aarch64's; x86_64 has its own). */
 const SYSCALLS: Partial<Record<NodeJS.Architecture, { addKey: number; keyctl: number }>> = {
@@ -125,7 +124,7 @@ function invoke(which: 'addKey' | 'keyctl', args: unknown[]): KeyResult<number> 
     return failure('OTHER');
   }
   if (answer < 0) {
-    const errno = koffi.errno();
+    const errno = koffi().errno();
     return failure(ERRNO_NAMES[errno] ?? 'OTHER', errno);
   }
   return { ok: true, value: answer };

@@ -6,8 +6,7 @@
 // Buffers handed out are views (koffi.view: an external ArrayBuffer, no copy) into one page that
 // many slots share; a page is mapped once and kept for the life of the process, so a view can
 // never outlive its memory. Freeing a slot zeroes it.
-import koffi from 'koffi';
-import { libcLibrary, libcSyscall } from '../libc.js';
+import { koffi, libcLibrary, libcSyscall } from '../libc.js';
 
 export type MemoryKind = 'secret' | 'locked' | 'plain';
 
@@ -66,7 +65,7 @@ function load(): MemoryCalls {
 }
 
 const errnoName = () => {
-  const errno = koffi.errno();
+  const errno = koffi().errno();
   return ERRNO_NAMES[errno] ?? `errno ${errno}`;
 };
 
@@ -81,7 +80,7 @@ function failure(call: string, hints: Partial<Record<string, string>> = {}): Map
 const MEMLOCK_HINT = 'RLIMIT_MEMLOCK reached (raise LimitMEMLOCK= or ulimit -l)';
 
 function mapped(pointer: unknown): boolean {
-  return pointer !== null && koffi.address(pointer) !== MAP_FAILED;
+  return pointer !== null && koffi().address(pointer) !== MAP_FAILED;
 }
 
 /** A memfd_secret page: the fd can be closed once mapped (the mapping keeps the memory). */
@@ -218,8 +217,8 @@ export class SecretMemory {
       if (STRENGTH[kind] > STRENGTH[this.ceiling]) continue;
       try {
         const { pointer } = map();
-        const bytes = Buffer.from(koffi.view(pointer, CHUNK_BYTES));
-        return { kind, bytes, address: koffi.address(pointer), used: new Array<boolean>(SLOTS_PER_CHUNK).fill(false) };
+        const bytes = Buffer.from(koffi().view(pointer, CHUNK_BYTES));
+        return { kind, bytes, address: koffi().address(pointer), used: new Array<boolean>(SLOTS_PER_CHUNK).fill(false) };
       } catch (err) {
         // koffi itself failing (no libc.so.6, a runtime without external buffers) is a step down too.
         this.reasons.push(err instanceof MappingFailed ? err.message : `${kind} memory: ${(err as Error).message}`);
