@@ -105,6 +105,12 @@ export class KeyPassphraseNeeded extends KeyholdError {
 const wrongKeyPassphrase = (file: string) =>
   new KeyholdError(`wrong passphrase for ${file}`, 'check --key-passphrase-file', EXIT.DENIED);
 
+const legacyCipher = (file: string) =>
+  new KeyholdError(
+    `${file} is encrypted with a cipher OpenSSL 3 no longer offers (such as DES)`,
+    're-encrypt it with AES: `openssl pkey -provider legacy -provider default -aes256 -in FILE -out NEW`',
+  );
+
 const unreadable = (file: string) =>
   new KeyholdError(
     `${file} is not a private key keyhold can read`,
@@ -131,8 +137,11 @@ export function parsePrivateKeyFile(bytes: Buffer, name: string, passphrase?: Bu
       if (!passphrase && (code === 'ERR_MISSING_PASSPHRASE' || code === 'ERR_OSSL_CRYPTO_INTERRUPTED_OR_CANCELLED')) {
         throw new KeyPassphraseNeeded(name);
       }
+      // DES, RC2 and the like live in OpenSSL 3's legacy provider, which node does not load: this
+      // is the cipher, whatever the passphrase.
+      if (code === 'ERR_OSSL_EVP_UNSUPPORTED') throw legacyCipher(name);
       // A wrong passphrase passes CBC's padding check about one time in 256 and then fails in the
-      // ASN.1 parser instead: for an encrypted file, any failure with a passphrase is a wrong one.
+      // ASN.1 parser instead: for an encrypted file, any other failure with a passphrase is a wrong one.
       if (passphrase && isEncryptedPem(text)) throw wrongKeyPassphrase(name);
       throw unreadable(name);
     }
@@ -151,9 +160,9 @@ function isEncryptedPem(text: string): boolean {
 
 function parseOpenSsh(bytes: Buffer, name: string, passphrase?: Buffer): ParsedKeyFile {
   let parsed: Sshpk.PrivateKey;
+  // sshpk (and its crypto dependencies) loads only for an OpenSSH key file.
+  const sshpk = createRequire(import.meta.url)('sshpk') as typeof Sshpk;
   try {
-    // sshpk (and its crypto dependencies) loads only for an OpenSSH key file.
-    const sshpk = createRequire(import.meta.url)('sshpk') as typeof Sshpk;
     parsed = sshpk.parsePrivateKey(bytes, 'openssh', passphrase ? { passphrase } : undefined);
   } catch (err) {
     const errName = (err as Error).name;

@@ -307,7 +307,7 @@ describe('key import: corrupt key files → one-line error, nothing imported', (
       return { args: ['key', 'import', 'web', join(src, name)], codes };
     });
     jobs.push({ args: ['key', 'import', 'web', `${ed}.pub`], codes: [1] }); // the public half instead of the private key
-    // Encrypted keys with a wrong passphrase: 4 (or 1 in the rare case the wrong key still unpads).
+    // Encrypted keys with a wrong passphrase: 4, also in the rare case the wrong key still unpads.
     writeFileSync(join(src, 'right'), 'the right one\n');
     writeFileSync(join(src, 'wrong'), 'a wrong one\n');
     writeFileSync(join(src, 'p8.pem'), pemText);
@@ -315,7 +315,7 @@ describe('key import: corrupt key files → one-line error, nothing imported', (
     spawnSync('ssh-keygen', ['-q', '-t', 'rsa', '-b', '2048', '-m', 'PEM', '-N', 'the right one', '-f', join(src, 'pkcs1enc')], { stdio: 'ignore' });
     for (const f of ['p8enc.pem', 'pkcs1enc']) {
       expect(readFileSync(join(src, f), 'utf8')).toMatch(/ENCRYPTED/);
-      jobs.push({ args: ['key', 'import', 'web', join(src, f), '--key-passphrase-file', join(src, 'wrong')], codes: [1, 4] });
+      jobs.push({ args: ['key', 'import', 'web', join(src, f), '--key-passphrase-file', join(src, 'wrong')], codes: [4] });
     }
     const before = snapshot(join(k.dir, 'data'));
     const results = await pool(jobs, (j) => run(k.env, j.args));
@@ -323,7 +323,6 @@ describe('key import: corrupt key files → one-line error, nothing imported', (
       expectOneLineError(r, jobs[i]!.codes, show(jobs[i]!.args, r));
       expect(r.stdout).toBe('');
     });
-    expect(results.slice(-2).filter((r) => r.status === 4).length, 'wrong passphrases reported as such').toBeGreaterThanOrEqual(1);
     expect(snapshot(join(k.dir, 'data'))).toEqual(before);
   });
 

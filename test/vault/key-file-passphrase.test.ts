@@ -3,7 +3,11 @@
 // comes later, from the ASN.1 parser. Either way it is a wrong passphrase (exit 4), as OpenSSH's
 // ssh-keygen says, not "not a private key" (a CI run once hit that case with a random key).
 import { describe, expect, it } from 'vitest';
+import { execFileSync } from 'node:child_process';
 import { createPrivateKey, generateKeyPairSync, type KeyObject } from 'node:crypto';
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { EXIT, KeyholdError } from '../../src/errors.js';
 import { parsePrivateKeyFile } from '../../src/vault/key-material.js';
 
@@ -56,5 +60,23 @@ describe('key files: a wrong passphrase is always "wrong passphrase"', () => {
     const pem = rsa.export({ format: 'pem', type: 'pkcs1' }) as string;
     const damaged = pem.replace(/\n[A-Za-z0-9+/]{10}/, '\nAAAAAAAAAA');
     expect(refusal(damaged, Buffer.from('x')).message).toMatch(/not a private key keyhold can read/);
+  });
+});
+
+describe('key files: a cipher OpenSSL 3 keeps in its legacy provider', () => {
+  it('DES-encrypted PKCS#8 is refused as such, with the right passphrase or a wrong one, never as "wrong passphrase"', () => {
+    const dir = mkdtempSync(join(tmpdir(), 'keyhold-des-'));
+    try {
+      const file = join(dir, 'des.pem');
+      // The openssl tool can still write one when asked for the legacy provider (Debian ships it).
+      execFileSync('openssl', ['genpkey', '-provider', 'legacy', '-provider', 'default', '-algorithm', 'ed25519', '-des', '-pass', 'pass:right', '-out', file], { stdio: 'pipe' });
+      for (const passphrase of ['right', 'wrong']) {
+        const err = refusal(readFileSync(file, 'utf8'), Buffer.from(passphrase));
+        expect(err.message).toBe('key.pem is encrypted with a cipher OpenSSL 3 no longer offers (such as DES)');
+        expect(err.hint).toContain('-provider legacy');
+      }
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
   });
 });
