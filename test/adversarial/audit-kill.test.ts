@@ -54,7 +54,7 @@ describe('kill -9 of the daemon under signing load', () => {
       const serve = await startServe(k);
       const load = new SigningLoad(serve.socket('web'), 24, 4, `r${round}`);
       // Under way first (a loaded machine may take a while to connect 24 clients), then a random moment.
-      await waitFor(() => load.received.size > 100, 20_000, 'the load to sign');
+      await waitFor(() => load.received.size > 100, 10_000, 'the load to sign');
       await sleep(Math.random() * 1200);
       await kill9(serve.proc.pid!);
       await load.stop();

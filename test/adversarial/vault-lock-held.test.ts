@@ -138,13 +138,14 @@ describe('another process holds the vault write lock when an ssh-add -t lifetime
     execFileSync('ssh-keygen', ['-q', '-t', 'ed25519', '-N', '', '-C', 'expiring', '-f', keyFile], { stdio: 'ignore' });
     const fingerprint = execFileSync('ssh-keygen', ['-l', '-f', `${keyFile}.pub`], { encoding: 'utf8' }).split(' ')[1]!;
     const sshAdd = (args: string[]) => spawnSync('ssh-add', args, { env: { ...process.env, SSH_AUTH_SOCK: serve.socket('web') }, encoding: 'utf8', timeout: 15_000 });
-    const addedAt = Date.now();
     const added = sshAdd(['-t', '6', keyFile]);
     expect(added.status, added.stderr).toBe(0);
+    const addedAt = Date.now();
 
     // Held from before the expiry (the holder's start-up, scrypt included, must fit in the 6 s)
     // until after the first sweep has given up (10 s of waiting).
     const { released } = await holdWriteLock(k, 20_000);
+    expect(Date.now() - addedAt, 'the lock was taken before the expiry').toBeLessThan(5_500);
     await sleep(Math.max(0, addedAt + 6_500 - Date.now()));
     expect(sshAdd(['-l']).stdout, 'the expired key is hidden before the vault can be changed').not.toContain(fingerprint);
     await waitFor(() => serve.stderr().includes('could not remove keys whose ssh-add lifetime ended; retrying'), 20_000, 'the failed sweep to say so');
