@@ -1,12 +1,9 @@
 // The few libc calls node does not expose: SO_PEERCRED, prctl and setrlimit (Linux).
 import type * as Koffi from 'koffi';
-import { createRequire } from 'node:module';
+import { loadOnFirstUse } from './load-on-first-use.js';
 
-let koffiModule: typeof Koffi | undefined;
-/** koffi, loaded on first use: most CLI commands make no libc call, and its load is a good part of their start-up. */
-export function koffi(): typeof Koffi {
-  return (koffiModule ??= createRequire(import.meta.url)('koffi') as typeof Koffi);
-}
+/** koffi for every libc binding (this file, kernel keyring, secret memory): most commands make no libc call. */
+export const koffi = loadOnFirstUse<typeof Koffi>('koffi');
 
 const SOL_SOCKET = 1;
 const SO_PEERCRED = 17;

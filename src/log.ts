@@ -4,8 +4,12 @@
 import type { Logger, pino as PinoFactory } from 'pino';
 import type PinoPretty from 'pino-pretty';
 import { writeSync } from 'node:fs';
-import { createRequire } from 'node:module';
 import { usageError } from './errors.js';
+import { loadOnFirstUse } from './load-on-first-use.js';
+
+// Only serve and bridge log: every other command starts without pino (or pino-pretty, for a terminal).
+const pinoModule = loadOnFirstUse<typeof PinoFactory>('pino');
+const prettyModule = loadOnFirstUse<typeof PinoPretty>('pino-pretty');
 
 export const LOG_LEVELS = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'] as const;
 
@@ -25,14 +29,8 @@ export function createLogger(env: NodeJS.ProcessEnv = process.env, defaultLevel 
     level = requested && isLogLevel(requested) ? requested : defaultLevel;
   }
   const options = { level, base: { pid: process.pid }, name: 'keyhold' };
-  // Loaded here, not at import: only serve and bridge log, and loading pino (and pino-pretty, for
-  // a terminal) is a good part of every other command's start-up.
-  const require = createRequire(import.meta.url);
-  const pino = require('pino') as typeof PinoFactory;
-  if (process.stderr.isTTY) {
-    const pretty = require('pino-pretty') as typeof PinoPretty;
-    return pino(options, pretty({ destination: 2, sync: true, colorize: true }));
-  }
+  const pino = pinoModule();
+  if (process.stderr.isTTY) return pino(options, prettyModule()({ destination: 2, sync: true, colorize: true }));
   return pino(options, forgivingStderr());
 }
 

@@ -12,14 +12,11 @@
 // inside dbus-native's message buffers: with the DH session they hold only ciphertext).
 import { createCipheriv, createDecipheriv, createDiffieHellman, hkdfSync, randomBytes } from 'node:crypto';
 import type DbusNative from 'dbus-native';
-import { createRequire } from 'node:module';
 import { EXIT, KeyholdError, type ExitCode } from '../errors.js';
+import { loadOnFirstUse } from '../load-on-first-use.js';
 
-let loadedDbus: typeof DbusNative | undefined;
-/** dbus-native (and its XML parser) loads on first use: most commands never talk D-Bus. */
-function dbusNative(): typeof DbusNative {
-  return (loadedDbus ??= createRequire(import.meta.url)('dbus-native') as typeof DbusNative);
-}
+/** dbus-native and its XML parser: most commands never talk D-Bus. */
+const dbusNative = loadOnFirstUse<typeof DbusNative>('dbus-native');
 
 export const SECRET_SERVICE_BUS_NAME = 'org.freedesktop.secrets';
 export const SECRET_SERVICE_PATH = '/org/freedesktop/secrets';

@@ -3,7 +3,7 @@
 import { createPrivateKey, createPublicKey, generateKeyPair, sign, verify, type KeyObject } from 'node:crypto';
 import { promisify } from 'node:util';
 import type Sshpk from 'sshpk';
-import { createRequire } from 'node:module';
+import { loadOnFirstUse } from '../load-on-first-use.js';
 import { curveBySshType, describeKey, type PublicKeyInfo } from '../agent-protocol/public-key.js';
 import { WireReader } from '../agent-protocol/wire.js';
 import { fromBigInt, modInverse, toBigInt } from '../agent-protocol/bignum.js';
@@ -102,6 +102,9 @@ export class KeyPassphraseNeeded extends KeyholdError {
   }
 }
 
+/** sshpk and its crypto dependencies: needed only for an OpenSSH key file. */
+const sshpkModule = loadOnFirstUse<typeof Sshpk>('sshpk');
+
 const wrongKeyPassphrase = (file: string) =>
   new KeyholdError(`wrong passphrase for ${file}`, 'check --key-passphrase-file', EXIT.DENIED);
 
@@ -160,8 +163,7 @@ function isEncryptedPem(text: string): boolean {
 
 function parseOpenSsh(bytes: Buffer, name: string, passphrase?: Buffer): ParsedKeyFile {
   let parsed: Sshpk.PrivateKey;
-  // sshpk (and its crypto dependencies) loads only for an OpenSSH key file.
-  const sshpk = createRequire(import.meta.url)('sshpk') as typeof Sshpk;
+  const sshpk = sshpkModule();
   try {
     parsed = sshpk.parsePrivateKey(bytes, 'openssh', passphrase ? { passphrase } : undefined);
   } catch (err) {
